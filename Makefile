@@ -1,0 +1,36 @@
+# The README's commands. `make demo` and `make test` set everything up from nothing.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+FASHION := /usr/share/datasets/fashion-mnist
+
+.PHONY: demo test lint bench data clean
+
+$(STAMP): pyproject.toml constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --constraint constraints.txt --editable '.[dev]'
+	touch $@
+
+# Fashion-MNIST from Debian when we may install packages; otherwise torchpurify downloads it.
+data:
+	@if [ ! -d $(FASHION) ] && [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+		apt-get install -y -qq dataset-fashion-mnist >/dev/null 2>&1 || \
+		{ apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist; }; \
+	fi
+
+demo: $(STAMP) data
+	$(BIN)/torchpurify train --dataset fashion-mnist --model small-cnn --attack badnets \
+		--poison-rate 0.1 --epochs 5 --out runs/demo-badnets
+
+test: $(STAMP) data
+	$(BIN)/python -m pytest
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+
+bench: $(STAMP) data
+	$(BIN)/python benchmarks/train_throughput.py
+
+clean:
+	rm -rf $(VENV) runs demo

@@ -1,0 +1,15 @@
+"""Backdoor attacks: triggers (a registry of kebab-case names) and training-set poisoning."""
+
+from torchpurify.attacks import image  # noqa: F401  (registers the image triggers)
+from torchpurify.attacks.base import ATTACKS, Trigger, build_attack, trigger_from_dict
+from torchpurify.attacks.poison import Poisoned, poison_split, target_labels
+
+__all__ = [
+    "ATTACKS",
+    "Poisoned",
+    "Trigger",
+    "build_attack",
+    "poison_split",
+    "target_labels",
+    "trigger_from_dict",
+]

@@ -1,0 +1,279 @@
+"""The ``torchpurify`` command line: train, evaluate, list.
+
+Every user mistake ends in one line on stderr and exit code 2; nothing half-written is left.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+from enum import Enum
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+import yaml
+from rich.console import Console
+from rich.table import Table
+
+from torchpurify.errors import UserError
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    help="Find and remove backdoors in trained neural networks, neuron by neuron.",
+)
+out = Console()
+err = Console(stderr=True)
+
+
+def command(*args, **kwargs):
+    """``app.command`` that turns :class:`UserError` into one line on stderr and exit code 2."""
+
+    def wrap(function):
+        @functools.wraps(function)
+        def run(*a, **k):
+            try:
+                return function(*a, **k)
+            except UserError as error:
+                err.print(f"[bold red]error:[/] {error}", highlight=False, soft_wrap=True)
+                raise typer.Exit(UserError.exit_code) from None
+            except KeyboardInterrupt:
+                err.print("interrupted; nothing was written")
+                raise typer.Exit(130) from None
+
+        return app.command(*args, **kwargs)(run)
+
+    return wrap
+
+
+def parse_settings(settings: list[str] | None, option: str = "--set") -> dict[str, Any]:
+    """``["alpha=0.7", "position=top-left"]`` → ``{"alpha": 0.7, "position": "top-left"}``."""
+    parsed: dict[str, Any] = {}
+    for item in settings or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise UserError(f"{option} takes KEY=VALUE, got {item!r}")
+        try:
+            parsed[key.strip().replace("-", "_")] = yaml.safe_load(value)
+        except yaml.YAMLError:
+            parsed[key.strip().replace("-", "_")] = value
+    return parsed
+
+
+def fmt(value: float | None) -> str:
+    return "–" if value is None else f"{value:.4f}"
+
+
+def metrics_table(rows: dict[str, dict[str, Any]], title: str | None = None) -> Table:
+    table = Table(title=title)
+    table.add_column("model")
+    for column in ("ACC", "ASR", "RA"):
+        table.add_column(column, justify="right")
+    for name, m in rows.items():
+        table.add_row(name, fmt(m.get("acc")), fmt(m.get("asr")), fmt(m.get("ra")))
+    return table
+
+
+class TargetMode(str, Enum):
+    all_to_one = "all-to-one"
+    all_to_all = "all-to-all"
+
+
+class Optimizer(str, Enum):
+    sgd = "sgd"
+    adam = "adam"
+
+
+class Schedule(str, Enum):
+    cosine = "cosine"
+    constant = "constant"
+
+
+DataRoot = Annotated[
+    str | None,
+    typer.Option(help="The dataset's folder (default: $TORCHPURIFY_DATA, system packages, cache)."),
+]
+Device = Annotated[str, typer.Option(help="auto, cpu or cuda[:N].")]
+Settings = Annotated[
+    list[str] | None, typer.Option("--set", help="Attack parameter KEY=VALUE (repeatable).")
+]
+
+
+@command()
+def train(
+    dataset: Annotated[str, typer.Option(help="Dataset name (see `torchpurify list datasets`).")],
+    model: Annotated[str, typer.Option(help="Model name or your own module:function.")],
+    out_dir: Annotated[Path, typer.Option("--out", help="Directory to write the model to.")],
+    attack: Annotated[str | None, typer.Option(help="Attack name; omit for a clean model.")] = None,
+    poison_rate: Annotated[
+        float | None, typer.Option(help="Fraction poisoned (default 0.1).")
+    ] = None,
+    target: Annotated[int, typer.Option(help="Target label of the attack.")] = 0,
+    target_mode: Annotated[TargetMode, typer.Option()] = TargetMode.all_to_one,
+    clean_label: Annotated[
+        bool | None,
+        typer.Option("--clean-label/--dirty-label", help="Override the attack's default."),
+    ] = None,
+    settings: Settings = None,
+    epochs: int = 5,
+    batch_size: int = 128,
+    lr: float = 0.05,
+    optimizer: Annotated[Optimizer, typer.Option()] = Optimizer.sgd,
+    schedule: Annotated[Schedule, typer.Option()] = Schedule.cosine,
+    augment: Annotated[bool, typer.Option(help="Random crop and flip (images).")] = False,
+    seed: int = 0,
+    device: Device = "auto",
+    data_root: DataRoot = None,
+    train_size: Annotated[int | None, typer.Option(help="Train on a random subset.")] = None,
+    val_fraction: float = 0.1,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the metrics as JSON.")] = False,
+    progress: Annotated[bool, typer.Option(help="Show progress bars.")] = True,
+) -> None:
+    """Train a model, backdoored with --attack or clean without, and report ACC / ASR / RA."""
+    from torchpurify.experiment import AttackSpec, DataSpec, train_model
+    from torchpurify.train import TrainConfig
+
+    if attack is None and (poison_rate is not None or settings or clean_label is not None):
+        raise UserError("--poison-rate, --set and --clean-label need --attack")
+    attack_spec = None
+    if attack is not None:
+        attack_spec = AttackSpec(
+            name=attack,
+            params=parse_settings(settings),
+            poison_rate=0.1 if poison_rate is None else poison_rate,
+            target=target,
+            target_mode=target_mode.value,
+            clean_label=clean_label,
+        )
+    data = DataSpec(dataset, data_root, train_size, val_fraction, seed)
+    config = TrainConfig(
+        epochs=epochs,
+        batch_size=batch_size,
+        lr=lr,
+        optimizer=optimizer.value,
+        schedule=schedule.value,
+        augment=augment,
+        seed=seed,
+        device=device,
+        progress=progress,
+    )
+
+    def report(record: dict) -> None:
+        val = f"  val acc {record['val_acc']:.4f}" if "val_acc" in record else ""
+        err.print(
+            f"epoch {record['epoch']}/{epochs}  loss {record['loss']:.4f}{val}"
+            f"  {record['seconds']:.0f} s",
+            highlight=False,
+        )
+
+    result = train_model(data, model, attack_spec, config, out=out_dir, on_epoch=report)
+    if as_json:
+        print(json.dumps(result.metrics.to_dict()))
+    else:
+        out.print(metrics_table({str(out_dir): result.metrics.to_dict()}, title="test split"))
+        out.print(f"saved {out_dir}")
+
+
+@command()
+def evaluate(
+    model: Annotated[
+        Path, typer.Option(help="A model directory, or a .safetensors/.pt/.pth file.")
+    ],
+    dataset: Annotated[str | None, typer.Option(help="Dataset (default: the model's own).")] = None,
+    arch: Annotated[
+        str | None,
+        typer.Option(help="Architecture of a bare weights file: name or module:function."),
+    ] = None,
+    attack: Annotated[
+        str | None, typer.Option(help="Measure this attack's trigger instead of the model's own.")
+    ] = None,
+    settings: Settings = None,
+    target: Annotated[int | None, typer.Option(help="Target label (default: the model's).")] = None,
+    target_mode: Annotated[TargetMode | None, typer.Option()] = None,
+    seed: Annotated[int, typer.Option(help="Seed of the --attack trigger.")] = 0,
+    data_root: DataRoot = None,
+    device: Device = "auto",
+    batch_size: int = 512,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the metrics as JSON.")] = False,
+) -> None:
+    """Measure ACC, ASR and RA of a model on its dataset's test split."""
+    from torchpurify.attacks import build_attack
+    from torchpurify.data import load_dataset
+    from torchpurify.experiment import trigger_of
+    from torchpurify.metrics import evaluate as measure
+    from torchpurify.models.io import load_model, read_card
+    from torchpurify.train import resolve_device
+
+    card = read_card(model) if model.is_dir() else None
+    name = dataset or (card or {}).get("data", {}).get("dataset")
+    if name is None:
+        raise UserError(f"{model} does not record its dataset; pass --dataset")
+    data = load_dataset(name, root=data_root)
+    net, card = load_model(
+        model, architecture=arch, input_shape=data.input_shape, num_classes=data.num_classes
+    )
+    if tuple(card["input_shape"]) != data.input_shape:
+        raise UserError(
+            f"the model takes inputs of shape {tuple(card['input_shape'])} but {name} has "
+            f"{data.input_shape}; evaluate it on the dataset it was trained for"
+        )
+    if len(card["classes"]) != data.num_classes:
+        raise UserError(
+            f"the model has {len(card['classes'])} classes but {name} has {data.num_classes}"
+        )
+    recorded = card.get("attack") or {}
+    if attack is not None:
+        trigger = build_attack(attack, data.input_shape, seed=seed, **parse_settings(settings))
+    else:
+        if settings:
+            raise UserError("--set needs --attack")
+        trigger = trigger_of(card)
+    resolved = resolve_device(device)
+    metrics = measure(
+        net.to(resolved),
+        data.test,
+        trigger,
+        target=recorded.get("target", 0) if target is None else target,
+        mode=(target_mode.value if target_mode else recorded.get("target_mode", "all-to-one")),
+        num_classes=data.num_classes,
+        batch_size=batch_size,
+        device=resolved,
+    )
+    if as_json:
+        print(json.dumps(metrics.to_dict()))
+    else:
+        out.print(metrics_table({str(model): metrics.to_dict()}, title=f"{name} test split"))
+        if trigger is None:
+            out.print("clean model: pass --attack NAME to measure a trigger's ASR")
+
+
+class Listing(str, Enum):
+    datasets = "datasets"
+    models = "models"
+    attacks = "attacks"
+
+
+@command("list")
+def list_(what: Annotated[Listing, typer.Argument(help="datasets, models or attacks")]) -> None:
+    """List the registered datasets, models or attacks."""
+    from torchpurify.attacks import ATTACKS
+    from torchpurify.data import DATASETS
+    from torchpurify.models import MODELS
+
+    registry = {"datasets": DATASETS, "models": MODELS, "attacks": ATTACKS}[what.value]
+    table = Table(title=what.value)
+    table.add_column("name")
+    table.add_column("description")
+    for name in registry.names():
+        table.add_row(name, registry.summary(name))
+    out.print(table)
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

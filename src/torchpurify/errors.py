@@ -1,0 +1,22 @@
+"""The one exception type for user mistakes.
+
+A :class:`UserError` carries a single line that says what was wrong and what to do about it.
+The CLI prints it and exits with code 2; Python callers can catch it like any exception.
+"""
+
+from __future__ import annotations
+
+
+class UserError(Exception):
+    """A mistake the user can fix: bad path, unknown name, wrong shape, corrupt file, ..."""
+
+    exit_code = 2
+
+    def __init__(self, message: str) -> None:
+        super().__init__(" ".join(message.split()))
+
+
+def check(condition: bool, message: str) -> None:
+    """Raise :class:`UserError` with ``message`` unless ``condition`` holds."""
+    if not condition:
+        raise UserError(message)

@@ -1,0 +1,237 @@
+"""Wiring: dataset → poisoning → training → evaluation → artifact.
+
+The CLI and the experiment runner are the only callers. Every random choice is derived from one
+seed, and everything needed to rebuild the exact splits (and so the defender's clean data) is
+written into the model card.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from torchpurify.attacks import build_attack, poison_split, trigger_from_dict
+from torchpurify.data import load_dataset
+from torchpurify.data.base import Dataset, Split
+from torchpurify.data.splits import defender_split, train_val_split
+from torchpurify.errors import UserError, check
+from torchpurify.metrics import Metrics, evaluate
+from torchpurify.models import build_model
+from torchpurify.models.io import save_model
+from torchpurify.train import TrainConfig, fit
+
+
+@dataclass
+class DataSpec:
+    """Which data, how much of it, and how it is split."""
+
+    dataset: str
+    root: str | None = None
+    train_size: int | None = None
+    val_fraction: float = 0.1
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        check(
+            self.train_size is None or self.train_size >= 2,
+            f"--train-size must be at least 2, got {self.train_size}",
+        )
+        check(
+            0 <= self.val_fraction < 1,
+            f"--val-fraction must be in [0, 1), got {self.val_fraction}",
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: v for k, v in asdict(self).items() if k != "root"}
+
+
+@dataclass
+class AttackSpec:
+    """An attack and how it poisons: rate, target label, all-to-one or all-to-all."""
+
+    name: str
+    params: dict[str, Any] = field(default_factory=dict)
+    poison_rate: float = 0.1
+    target: int = 0
+    target_mode: str = "all-to-one"
+    clean_label: bool | None = None
+
+
+@dataclass
+class Prepared:
+    """A dataset cut into the attacker's training data, validation data and the test split."""
+
+    dataset: Dataset
+    train: Split
+    val: Split
+    test: Split
+    train_indices: np.ndarray
+
+
+def prepare_data(spec: DataSpec, progress: bool = True) -> Prepared:
+    dataset = load_dataset(spec.dataset, root=spec.root, progress=progress)
+    n = len(dataset.train)
+    indices = np.arange(n)
+    if spec.train_size is not None:
+        check(
+            spec.train_size <= n,
+            f"--train-size {spec.train_size} is larger than {spec.dataset}'s {n} training samples",
+        )
+        rng = np.random.default_rng(spec.seed)
+        indices = np.sort(rng.choice(n, spec.train_size, replace=False))
+    train_pos, val_pos = train_val_split(len(indices), spec.val_fraction, seed=spec.seed)
+    check(len(dataset.test) > 0, f"the test split of {spec.dataset} is empty")
+    return Prepared(
+        dataset=dataset,
+        train=dataset.train.subset(indices[train_pos]),
+        val=dataset.train.subset(indices[val_pos]),
+        test=dataset.test,
+        train_indices=indices[train_pos],
+    )
+
+
+def channel_stats(x: torch.Tensor) -> tuple[list[float], list[float]]:
+    """Per-channel mean and std of N×C×… inputs, for the model's normalisation layer."""
+    flat = x.transpose(0, 1).reshape(x.shape[1], -1)
+    std = flat.std(1).clamp_min(1e-3)
+    return flat.mean(1).tolist(), std.tolist()
+
+
+@dataclass
+class Backdoored:
+    """A trained model, the card written with it and its test metrics."""
+
+    model: nn.Module
+    card: dict[str, Any]
+    metrics: Metrics
+
+
+def train_model(
+    data: DataSpec,
+    model_name: str,
+    attack: AttackSpec | None,
+    config: TrainConfig,
+    out: str | Path | None = None,
+    prepared: Prepared | None = None,
+    on_epoch=None,
+) -> Backdoored:
+    """Poison (when ``attack`` is given), train, evaluate on the test split and save to ``out``."""
+    prepared = prepared or prepare_data(data, progress=config.progress)
+    dataset = prepared.dataset
+    input_shape = dataset.input_shape
+    train, trigger, attack_card = prepared.train, None, None
+    if attack is not None:
+        check(
+            0 <= attack.target < dataset.num_classes,
+            f"--target must be a label in [0, {dataset.num_classes - 1}], got {attack.target}",
+        )
+        trigger = build_attack(attack.name, input_shape, seed=data.seed, **attack.params)
+        poisoned = poison_split(
+            prepared.train,
+            trigger,
+            attack.poison_rate,
+            target=attack.target,
+            mode=attack.target_mode,
+            num_classes=dataset.num_classes,
+            seed=data.seed,
+            clean_label=attack.clean_label,
+        )
+        train = poisoned.split
+        attack_card = {
+            "trigger": trigger.to_dict(),
+            "poison_rate": attack.poison_rate,
+            "target": attack.target,
+            "target_mode": attack.target_mode,
+            "clean_label": bool(
+                trigger.clean_label if attack.clean_label is None else attack.clean_label
+            ),
+            "num_poisoned": len(poisoned.poisoned),
+            "num_noise": len(poisoned.noise),
+            "poisoned_sha256": poisoned.indices_sha256(),
+        }
+    mean, std = channel_stats(prepared.train.x)
+    torch.manual_seed(config.seed)
+    kwargs = {"mean": mean, "std": std} if ":" not in model_name else {}
+    model = build_model(model_name, input_shape, dataset.num_classes, **kwargs)
+    result = fit(model, train, config, val=prepared.val, on_epoch=on_epoch)
+    metrics = evaluate(
+        model,
+        prepared.test,
+        trigger,
+        target=attack.target if attack else 0,
+        mode=attack.target_mode if attack else "all-to-one",
+        num_classes=dataset.num_classes,
+    )
+    card = {
+        "input_shape": list(input_shape),
+        "classes": dataset.classes,
+        "data": data.to_dict(),
+        "attack": attack_card,
+        "training": {
+            **config.to_dict(),
+            "seconds": round(result.cost.seconds, 2),
+            "history": result.history,
+        },
+        "metrics": metrics.to_dict(),
+    }
+    model.to("cpu")
+    if out is not None:
+        save_model(model, out, card)
+    return Backdoored(model, card, metrics)
+
+
+def trigger_of(card: dict[str, Any]):
+    """The attack's trigger recorded in a model card (None for a clean model)."""
+    attack = card.get("attack")
+    return trigger_from_dict(attack["trigger"]) if attack else None
+
+
+def defender_data(
+    card: dict[str, Any],
+    root: str | None = None,
+    fraction: float = 0.05,
+    seed: int | None = None,
+    progress: bool = True,
+) -> tuple[Split, Split, Prepared]:
+    """The defender's clean ``tune`` and ``holdout`` sets (methods.md §0) for a trained model.
+
+    The splits and the poisoned indices are rebuilt from the card; the rebuilt poisoning is
+    checked against the card's hash so the defender never receives a poisoned sample.
+    """
+    data_card = card.get("data")
+    if not data_card:
+        raise UserError("the model card does not record its training data; pass --dataset")
+    spec = DataSpec(**{**data_card, "root": root})
+    prepared = prepare_data(spec, progress=progress)
+    poisoned = np.array([], dtype=np.int64)
+    attack = card.get("attack")
+    if attack:
+        result = poison_split(
+            prepared.train,
+            trigger_from_dict(attack["trigger"]),
+            attack["poison_rate"],
+            target=attack["target"],
+            mode=attack["target_mode"],
+            num_classes=prepared.dataset.num_classes,
+            seed=spec.seed,
+            clean_label=attack["clean_label"],
+        )
+        if result.indices_sha256() != attack["poisoned_sha256"]:
+            raise UserError(
+                "the poisoned samples rebuilt from the model card differ from the ones it was "
+                "trained with (different data files?); pass the same dataset as at training"
+            )
+        poisoned = np.union1d(result.poisoned.numpy(), result.noise.numpy())
+    candidates = np.setdiff1d(np.arange(len(prepared.train)), poisoned)
+    tune_idx, holdout_idx = defender_split(
+        candidates,
+        len(prepared.train),
+        fraction=fraction,
+        seed=spec.seed if seed is None else seed,
+    )
+    return prepared.train.subset(tune_idx), prepared.train.subset(holdout_idx), prepared

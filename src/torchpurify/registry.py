@@ -1,0 +1,53 @@
+"""Name → factory registries shared by the CLI, YAML specs and Python.
+
+Names are kebab-case; every lookup of an unknown name says which names exist.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from typing import Generic, TypeVar
+
+from torchpurify.errors import UserError
+
+T = TypeVar("T")
+
+
+class Registry(Generic[T]):
+    """A mapping from kebab-case names to factories, with a one-line summary each."""
+
+    def __init__(self, kind: str) -> None:
+        self.kind = kind
+        self._entries: dict[str, tuple[T, str]] = {}
+
+    def register(self, name: str, summary: str = "") -> Callable[[T], T]:
+        """Decorator: ``@MODELS.register("small-cnn", "4 conv + BN")``."""
+
+        def add(factory: T) -> T:
+            if name in self._entries:
+                raise ValueError(f"{self.kind} {name!r} is registered twice")
+            self._entries[name] = (factory, summary)
+            return factory
+
+        return add
+
+    def get(self, name: str) -> T:
+        try:
+            return self._entries[name][0]
+        except KeyError:
+            raise UserError(
+                f"unknown {self.kind} {name!r}; choose one of: {', '.join(self.names())}"
+            ) from None
+
+    def summary(self, name: str) -> str:
+        self.get(name)
+        return self._entries[name][1]
+
+    def names(self) -> list[str]:
+        return sorted(self._entries)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._entries
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.names())

@@ -1,0 +1,105 @@
+import pytest
+import torch
+
+from torchpurify.data.base import Split
+from torchpurify.errors import UserError
+from torchpurify.metrics import accuracy
+from torchpurify.models import build_model
+from torchpurify.train import TrainConfig, augment_batch, fit, resolve_device, standard_step
+
+
+def bright_or_dark(n=256, seed=0):
+    """Class = whether the top half of the image is brighter than the bottom half."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.rand(n, 1, 8, 8, generator=g) * 0.5
+    y = torch.randint(0, 2, (n,), generator=g)
+    x[y == 1, :, :4] += 0.5
+    x[y == 0, :, 4:] += 0.5
+    return Split(x, y)
+
+
+def config(**kw):
+    return TrainConfig(
+        **{"epochs": 3, "batch_size": 32, "lr": 0.05, "progress": False, "device": "cpu", **kw}
+    )
+
+
+def test_training_learns_and_counts_passes():
+    data = bright_or_dark()
+    torch.manual_seed(0)
+    model = build_model("small-cnn", (1, 8, 8), 2)
+    result = fit(model, data, config(), val=bright_or_dark(seed=1))
+    assert accuracy(model, bright_or_dark(seed=2)) > 0.95
+    assert len(result.history) == 3 and result.history[-1]["val_acc"] > 0.95
+    assert result.cost.forward == result.cost.backward == 3 * (256 // 32)
+    assert result.cost.seconds > 0
+    assert not model.training
+
+
+def test_same_seed_same_weights_and_channels_last_changes_nothing():
+    def run(seed, channels_last=True):
+        torch.manual_seed(0)
+        model = build_model("small-cnn", (1, 8, 8), 2)
+        fit(model, bright_or_dark(), config(epochs=1, seed=seed, channels_last=channels_last))
+        return torch.cat([p.flatten() for p in model.parameters()])
+
+    a, b = run(0), run(0)
+    assert torch.equal(a, b)
+    assert not torch.equal(a, run(1))
+    assert torch.allclose(a, run(0, channels_last=False), atol=1e-4)
+
+
+def test_custom_step_is_used_for_every_batch():
+    calls = []
+
+    def step(model, x, y, optimizer, cost):
+        calls.append(len(x))
+        return standard_step(model, x, y, optimizer, cost)
+
+    fit(build_model("lenet5", (1, 8, 8), 2), bright_or_dark(100), config(epochs=2), step=step)
+    assert calls == [32] * 6
+
+
+def test_adam_and_constant_schedule_train_too():
+    torch.manual_seed(0)
+    model = build_model("lenet5", (1, 8, 8), 2)
+    fit(model, bright_or_dark(), config(optimizer="adam", lr=0.01, schedule="constant", epochs=5))
+    assert accuracy(model, bright_or_dark(seed=2)) > 0.9
+
+
+def test_augmentation_keeps_shape_and_moves_pixels():
+    x = torch.rand(16, 3, 8, 8)
+    out = augment_batch(x, torch.Generator().manual_seed(0))
+    assert out.shape == x.shape and not torch.equal(out, x)
+
+
+def test_divergence_is_reported():
+    data = bright_or_dark()
+    data.x[0, 0, 0, 0] = float("nan")
+    with pytest.raises(UserError, match="diverged"):
+        fit(build_model("lenet5", (1, 8, 8), 2), data, config(epochs=1))
+
+
+@pytest.mark.parametrize(
+    ("kw", "message"),
+    [
+        ({"epochs": 0}, "--epochs"),
+        ({"lr": -1.0}, "--lr"),
+        ({"batch_size": 1}, "--batch-size"),
+        ({"optimizer": "rmsprop"}, "--optimizer"),
+        ({"schedule": "step"}, "--schedule"),
+    ],
+)
+def test_bad_config_names_the_option(kw, message):
+    with pytest.raises(UserError, match=message):
+        TrainConfig(**kw)
+
+
+def test_device_resolution():
+    assert resolve_device("cpu").type == "cpu"
+    assert resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(UserError, match="no CUDA"):
+            resolve_device("cuda")
+    with pytest.raises(UserError, match="--device"):
+        resolve_device("tpu")
