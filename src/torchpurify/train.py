@@ -91,7 +91,7 @@ class TrainConfig:
     weight_decay: float = 5e-4
     schedule: str = "cosine"
     augment: bool = False
-    channels_last: bool = True
+    channels_last: bool | None = None  # None: the model's own preference (see fit)
     seed: int = 0
     device: str = "auto"
     progress: bool = True
@@ -156,7 +156,11 @@ def fit(
     """
     check(len(data) >= 2, f"the training split has {len(data)} samples; it needs at least 2")
     device = resolve_device(config.device)
-    use_channels_last = config.channels_last and data.x.dim() == 4
+    # channels_last is faster for some CNNs on CPU and slower for others
+    # (benchmarks/train_throughput.py); models state a preference with a class attribute.
+    preferred = getattr(model, "channels_last", True)
+    wanted = preferred if config.channels_last is None else config.channels_last
+    use_channels_last = wanted and data.x.dim() == 4
     memory_format = torch.channels_last if use_channels_last else torch.contiguous_format
     model.to(device=device, memory_format=memory_format)
     optimizer = make_optimizer([p for p in model.parameters() if p.requires_grad], config)

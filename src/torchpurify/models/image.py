@@ -118,6 +118,8 @@ class PreActBlock(nn.Module):
 class PreActResNet18(nn.Module):
     """PreAct-ResNet18 as in BackdoorBench; the final BN + ReLU output is the neuron layer."""
 
+    channels_last = False  # 0.7× the contiguous speed on CPU (benchmarks/train_throughput.py)
+
     def __init__(self, input_shape, num_classes, mean=None, std=None) -> None:
         super().__init__()
         c, h, w = input_shape

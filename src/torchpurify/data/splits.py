@@ -1,0 +1,62 @@
+"""Deterministic index splits (methods.md §0): validation, and the defender's clean data.
+
+Every split is drawn from ``numpy.random.default_rng(seed)`` and returned sorted, so the same
+seed gives the same indices whatever order the inputs came in.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+from torchpurify.errors import UserError, check
+
+
+def train_val_split(
+    n: int, val_fraction: float = 0.1, seed: int = 0
+) -> tuple[np.ndarray, np.ndarray]:
+    """Split ``range(n)`` into sorted, disjoint train and validation indices (int64)."""
+    check(0 < val_fraction < 1, f"val_fraction must be in (0, 1), got {val_fraction}")
+    n_val = round(val_fraction * n)
+    check(
+        0 < n_val < n,
+        f"a validation fraction of {val_fraction} of {n} samples leaves an empty part; "
+        "use more samples or another val_fraction",
+    )
+    order = np.random.default_rng(seed).permutation(n)
+    return np.sort(order[n_val:]).astype(np.int64), np.sort(order[:n_val]).astype(np.int64)
+
+
+def defender_split(
+    candidates: Sequence[int] | np.ndarray,
+    n_train: int,
+    fraction: float = 0.05,
+    tune_fraction: float = 0.8,
+    seed: int = 0,
+) -> tuple[np.ndarray, np.ndarray]:
+    """The defender's clean ``(tune, holdout)`` indices into the training set.
+
+    Draws ``round(fraction * n_train)`` indices from ``candidates`` only — the training indices
+    that were not poisoned, so the defender never holds a poisoned sample — and splits them
+    ``tune_fraction`` / rest.
+    """
+    check(0 < fraction <= 1, f"defender fraction must be in (0, 1], got {fraction}")
+    check(0 < tune_fraction < 1, f"tune_fraction must be in (0, 1), got {tune_fraction}")
+    pool = np.unique(np.asarray(candidates, dtype=np.int64))
+    if len(pool) and (pool[0] < 0 or pool[-1] >= n_train):
+        raise UserError(f"candidate indices must lie in 0..{n_train - 1} (the training set)")
+    n_defender = round(fraction * n_train)
+    if n_defender > len(pool):
+        raise UserError(
+            f"the defender needs {n_defender} clean samples ({fraction} of {n_train}) but only "
+            f"{len(pool)} unpoisoned candidates exist; lower the defender fraction"
+        )
+    n_tune = round(tune_fraction * n_defender)
+    check(
+        0 < n_tune < n_defender,
+        f"{n_defender} defender samples split {tune_fraction} / {1 - tune_fraction:.2g} leave "
+        "tune or holdout empty; raise the defender fraction",
+    )
+    chosen = pool[np.random.default_rng(seed).permutation(len(pool))[:n_defender]]
+    return np.sort(chosen[:n_tune]), np.sort(chosen[n_tune:])

@@ -1,0 +1,54 @@
+"""Deterministic splits (methods.md §0): validation and the defender's clean tune/holdout."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from torchpurify.data.splits import defender_split, train_val_split
+from torchpurify.errors import UserError
+
+
+def test_train_val_split():
+    train, val = train_val_split(1000, val_fraction=0.1, seed=3)
+    assert train.dtype == val.dtype == np.int64 and len(val) == 100
+    assert (np.diff(train) > 0).all() and (np.diff(val) > 0).all()
+    assert np.array_equal(np.sort(np.concatenate([train, val])), np.arange(1000))
+    same = train_val_split(1000, val_fraction=0.1, seed=3)
+    assert np.array_equal(same[1], val)
+    assert not np.array_equal(train_val_split(1000, val_fraction=0.1, seed=4)[1], val)
+
+
+@pytest.mark.parametrize("n, fraction", [(1000, 0.0), (1000, 1.0), (3, 0.1)])
+def test_train_val_split_rejects(n, fraction):
+    with pytest.raises(UserError):
+        train_val_split(n, val_fraction=fraction)
+
+
+def test_defender_split_avoids_poisoned():
+    n_train = 2000
+    poisoned = np.random.default_rng(0).choice(n_train, 200, replace=False)
+    clean = np.setdiff1d(np.arange(n_train), poisoned)
+    tune, holdout = defender_split(clean, n_train, fraction=0.05, seed=1)
+    assert len(tune) == 80 and len(holdout) == 20
+    assert not np.intersect1d(tune, holdout).size
+    assert not np.isin(np.concatenate([tune, holdout]), poisoned).any()
+    again = defender_split(clean[::-1].copy(), n_train, fraction=0.05, seed=1)  # order-free
+    assert np.array_equal(again[0], tune) and np.array_equal(again[1], holdout)
+    other = defender_split(clean, n_train, fraction=0.05, seed=2)
+    assert not np.array_equal(other[0], tune)
+
+
+@pytest.mark.parametrize(
+    "candidates, fraction, message",
+    [
+        (range(100), 0.0, r"\(0, 1\]"),
+        (range(100), 1.5, r"\(0, 1\]"),
+        (range(10), 0.5, "only 10 unpoisoned"),
+        (range(100), 0.01, "empty"),
+        ([0, 5000], 0.01, "0..99"),
+    ],
+)
+def test_defender_split_rejects(candidates, fraction, message):
+    with pytest.raises(UserError, match=message):
+        defender_split(list(candidates), 100, fraction=fraction)
