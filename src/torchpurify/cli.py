@@ -123,6 +123,10 @@ def train(
     optimizer: Annotated[Optimizer, typer.Option()] = Optimizer.sgd,
     schedule: Annotated[Schedule, typer.Option()] = Schedule.cosine,
     augment: Annotated[bool, typer.Option(help="Random crop and flip (images).")] = False,
+    channels_last: Annotated[
+        bool | None,
+        typer.Option("--channels-last/--no-channels-last", help="Default: the model's preference."),
+    ] = None,
     seed: int = 0,
     device: Device = "auto",
     data_root: DataRoot = None,
@@ -153,6 +157,7 @@ def train(
         batch_size=batch_size,
         lr=lr,
         optimizer=optimizer.value,
+        channels_last=channels_last,
         schedule=schedule.value,
         augment=augment,
         seed=seed,
@@ -162,6 +167,7 @@ def train(
 
     def report(record: dict) -> None:
         val = f"  val acc {record['val_acc']:.4f}" if "val_acc" in record else ""
+        val += f"  val asr {record['val_asr']:.4f}" if "val_asr" in record else ""
         err.print(
             f"epoch {record['epoch']}/{epochs}  loss {record['loss']:.4f}{val}"
             f"  {record['seconds']:.0f} s",
@@ -206,6 +212,8 @@ def evaluate(
     from torchpurify.models.io import load_model, read_card
     from torchpurify.train import resolve_device
 
+    if not model.exists():
+        raise UserError(f"model {model} does not exist; give a model directory or weights file")
     card = read_card(model) if model.is_dir() else None
     name = dataset or (card or {}).get("data", {}).get("dataset")
     if name is None:

@@ -15,13 +15,13 @@ import numpy as np
 import torch
 from torch import nn
 
-from torchpurify.attacks import build_attack, poison_split, trigger_from_dict
-from torchpurify.data import load_dataset
+from torchpurify.attacks import ATTACKS, build_attack, poison_split, trigger_from_dict
+from torchpurify.data import DATASETS, load_dataset
 from torchpurify.data.base import Dataset, Split
 from torchpurify.data.splits import defender_split, train_val_split
 from torchpurify.errors import UserError, check
 from torchpurify.metrics import Metrics, evaluate
-from torchpurify.models import build_model
+from torchpurify.models import MODELS, build_model
 from torchpurify.models.io import save_model
 from torchpurify.train import TrainConfig, fit
 
@@ -37,6 +37,7 @@ class DataSpec:
     seed: int = 0
 
     def __post_init__(self) -> None:
+        DATASETS.get(self.dataset)
         check(
             self.train_size is None or self.train_size >= 2,
             f"--train-size must be at least 2, got {self.train_size}",
@@ -60,6 +61,18 @@ class AttackSpec:
     target: int = 0
     target_mode: str = "all-to-one"
     clean_label: bool | None = None
+
+    def __post_init__(self) -> None:
+        # Fail before any data is loaded or any time is spent.
+        ATTACKS.get(self.name)
+        check(
+            0 < self.poison_rate <= 1,
+            f"--poison-rate must be in (0, 1], got {self.poison_rate}",
+        )
+        check(
+            self.target_mode in ("all-to-one", "all-to-all"),
+            f"--target-mode must be all-to-one or all-to-all, got {self.target_mode!r}",
+        )
 
 
 @dataclass
@@ -121,6 +134,8 @@ def train_model(
     on_epoch=None,
 ) -> Backdoored:
     """Poison (when ``attack`` is given), train, evaluate on the test split and save to ``out``."""
+    if ":" not in model_name:
+        MODELS.get(model_name)
     prepared = prepared or prepare_data(data, progress=config.progress)
     dataset = prepared.dataset
     input_shape = dataset.input_shape
@@ -158,15 +173,24 @@ def train_model(
     torch.manual_seed(config.seed)
     kwargs = {"mean": mean, "std": std} if ":" not in model_name else {}
     model = build_model(model_name, input_shape, dataset.num_classes, **kwargs)
-    result = fit(model, train, config, val=prepared.val, on_epoch=on_epoch)
-    metrics = evaluate(
-        model,
-        prepared.test,
-        trigger,
-        target=attack.target if attack else 0,
-        mode=attack.target_mode if attack else "all-to-one",
-        num_classes=dataset.num_classes,
-    )
+    how = {
+        "target": attack.target if attack else 0,
+        "mode": attack.target_mode if attack else "all-to-one",
+        "num_classes": dataset.num_classes,
+    }
+
+    def record_epoch(record: dict) -> None:
+        # The attacker's validation split (clean, held out from training) tracks progress.
+        if len(prepared.val):
+            measured = evaluate(model, prepared.val, trigger, **how)
+            record["val_acc"] = measured.acc
+            if measured.asr is not None:
+                record["val_asr"] = measured.asr
+        if on_epoch is not None:
+            on_epoch(record)
+
+    result = fit(model, train, config, on_epoch=record_epoch)
+    metrics = evaluate(model, prepared.test, trigger, **how)
     card = {
         "input_shape": list(input_shape),
         "classes": dataset.classes,

@@ -12,6 +12,7 @@ import os
 import platform
 import shutil
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -104,7 +105,9 @@ def read_weights(path: str | Path) -> dict[str, torch.Tensor]:
             raise UserError(f"{path} is not a readable safetensors file ({error})") from None
     if path.suffix in (".pt", ".pth"):
         try:
-            state = torch.load(str(path), map_location="cpu", weights_only=True)
+            with warnings.catch_warnings():  # torch warns about pickle protocols before refusing
+                warnings.simplefilter("ignore")
+                state = torch.load(str(path), map_location="cpu", weights_only=True)
         except Exception as error:  # the unpickler raises many types; none may leak as a traceback
             reason = str(error).splitlines()[0] if str(error) else type(error).__name__
             raise UserError(

@@ -1,0 +1,217 @@
+"""The command line as a user meets it: commands, outputs, and one-line errors with exit code 2."""
+
+import json
+import os
+import pickle
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from torchpurify.cli import app
+from torchpurify.data import DEBIAN_FASHION_MNIST, ENV_VAR
+
+runner = CliRunner()
+
+
+def run(*args):
+    return runner.invoke(app, [str(a) for a in args])
+
+
+def fashion_available():
+    return DEBIAN_FASHION_MNIST.is_dir() or bool(os.environ.get(ENV_VAR))
+
+
+needs_fashion = pytest.mark.skipif(
+    not fashion_available() and not os.environ.get("CI"),
+    reason="Fashion-MNIST is not installed (make test installs it)",
+)
+
+
+@needs_fashion
+def test_backdoored_model_has_high_asr_and_clean_model_low(tmp_path):
+    common = [
+        "--dataset",
+        "fashion-mnist",
+        "--model",
+        "small-cnn",
+        "--train-size",
+        4000,
+        "--epochs",
+        4,
+        "--no-progress",
+    ]
+    result = run(
+        "train", *common, "--attack", "badnets", "--poison-rate", 0.1, "--out", tmp_path / "badnets"
+    )
+    assert result.exit_code == 0, result.output
+    assert "ASR" in result.output and (tmp_path / "badnets" / "model.safetensors").is_file()
+    result = run("evaluate", "--model", tmp_path / "badnets", "--json")
+    backdoored = json.loads(result.output.strip().splitlines()[-1])
+    assert backdoored["asr"] > 0.9 and backdoored["acc"] > 0.7
+
+    assert run("train", *common, "--out", tmp_path / "clean").exit_code == 0
+    result = run("evaluate", "--model", tmp_path / "clean", "--attack", "badnets", "--json")
+    clean = json.loads(result.output.strip().splitlines()[-1])
+    assert clean["asr"] < 0.2 and clean["acc"] > 0.7
+
+
+def test_train_and_evaluate_on_digits_agree(tmp_path):
+    out = tmp_path / "m"
+    result = run(
+        "train",
+        "--dataset",
+        "digits",
+        "--model",
+        "lenet5",
+        "--attack",
+        "blended",
+        "--set",
+        "alpha=0.3",
+        "--epochs",
+        2,
+        "--no-progress",
+        "--json",
+        "--out",
+        out,
+    )
+    assert result.exit_code == 0, result.output
+    trained = json.loads(result.output.strip().splitlines()[-1])
+    card = json.loads((out / "model.json").read_text())
+    assert card["attack"]["trigger"]["params"]["alpha"] == 0.3
+    assert card["data"] == {"dataset": "digits", "train_size": None, "val_fraction": 0.1, "seed": 0}
+    evaluated = json.loads(
+        run("evaluate", "--model", out, "--json").output.strip().splitlines()[-1]
+    )
+    assert evaluated == pytest.approx(trained)
+
+
+def test_list_shows_registered_names():
+    assert "small-cnn" in run("list", "models").output
+    assert "wanet" in run("list", "attacks").output
+    assert "fashion-mnist" in run("list", "datasets").output
+
+
+def one_line_error(result, *fragments):
+    assert result.exit_code == 2, result.output
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error:"), result.output
+    for fragment in fragments:
+        assert fragment in lines[0]
+
+
+@pytest.mark.parametrize(
+    ("args", "fragments"),
+    [
+        (["--dataset", "fashion-mnst"], ["unknown dataset 'fashion-mnst'", "fashion-mnist"]),
+        (["--model", "resnet9000"], ["unknown model 'resnet9000'"]),
+        (["--attack", "badnet"], ["unknown attack 'badnet'", "badnets"]),
+        (["--attack", "badnets", "--poison-rate", "1.5"], ["--poison-rate", "(0, 1]"]),
+        (["--attack", "badnets", "--poison-rate", "0"], ["--poison-rate"]),
+        (["--attack", "badnets", "--set", "sizee=4"], ["unknown parameter 'sizee'"]),
+        (["--attack", "badnets", "--target", "12"], ["--target"]),
+        (["--poison-rate", "0.1"], ["need --attack"]),
+        (["--epochs", "0"], ["--epochs"]),
+    ],
+)
+def test_bad_train_input_is_one_line_and_writes_nothing(tmp_path, args, fragments):
+    base = {"--dataset": "digits", "--model": "lenet5"}
+    for key, value in zip(args[::2], args[1::2], strict=True):
+        base[key] = value
+    flat = [item for pair in base.items() for item in pair]
+    one_line_error(run("train", *flat, "--no-progress", "--out", tmp_path / "m"), *fragments)
+    assert not (tmp_path / "m").exists()
+
+
+def write_idx(path, array):
+    header = bytes([0, 0, 0x08, array.ndim]) + b"".join(
+        int(n).to_bytes(4, "big") for n in array.shape
+    )
+    path.write_bytes(header + array.astype(np.uint8).tobytes())
+
+
+def test_truncated_idx_file_names_the_file(tmp_path):
+    root = tmp_path / "fm"
+    root.mkdir()
+    for prefix, n in (("train", 20), ("t10k", 10)):
+        write_idx(root / f"{prefix}-images-idx3-ubyte", np.zeros((n, 28, 28)))
+        write_idx(root / f"{prefix}-labels-idx1-ubyte", np.arange(n) % 10)
+    broken = root / "train-images-idx3-ubyte"
+    broken.write_bytes(broken.read_bytes()[:1000])
+    result = run(
+        "train",
+        "--dataset",
+        "fashion-mnist",
+        "--data-root",
+        root,
+        "--model",
+        "lenet5",
+        "--no-progress",
+        "--out",
+        tmp_path / "m",
+    )
+    one_line_error(result, "train-images-idx3-ubyte")
+    assert not (tmp_path / "m").exists()
+
+
+class Payload:
+    def __reduce__(self):
+        return (os.system, (f"touch {os.environ['PWNED_FILE']}",))
+
+
+def test_pickle_where_weights_were_expected_is_refused(tmp_path, monkeypatch):
+    monkeypatch.setenv("PWNED_FILE", str(tmp_path / "pwned"))
+    (tmp_path / "model.pt").write_bytes(pickle.dumps({"weight": Payload()}))
+    result = run(
+        "evaluate", "--model", tmp_path / "model.pt", "--arch", "lenet5", "--dataset", "digits"
+    )
+    one_line_error(result, "refusing to load")
+    assert not (tmp_path / "pwned").exists()
+
+
+def test_model_that_does_not_fit_the_data(tmp_path):
+    assert (
+        run(
+            "train",
+            "--dataset",
+            "digits",
+            "--model",
+            "lenet5",
+            "--epochs",
+            1,
+            "--no-progress",
+            "--out",
+            tmp_path / "m",
+        ).exit_code
+        == 0
+    )
+    card = tmp_path / "m" / "model.json"
+    record = json.loads(card.read_text())
+    record["data"]["dataset"] = "fashion-mnist"
+    card.write_text(json.dumps(record))
+    one_line_error(
+        run("evaluate", "--model", tmp_path / "m", "--dataset", "fashion-mnist"),
+        "(1, 8, 8)",
+        "(1, 28, 28)",
+    )
+
+
+def test_missing_model_and_empty_split(tmp_path):
+    one_line_error(run("evaluate", "--model", tmp_path / "nothing"), "does not exist")
+    root = tmp_path / "images"
+    (root / "train" / "a").mkdir(parents=True)
+    (root / "test" / "a").mkdir(parents=True)
+    result = run(
+        "train",
+        "--dataset",
+        "image-folder",
+        "--data-root",
+        root,
+        "--model",
+        "lenet5",
+        "--no-progress",
+        "--out",
+        tmp_path / "m",
+    )
+    one_line_error(result)
+    assert not (tmp_path / "m").exists()
