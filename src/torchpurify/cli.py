@@ -257,20 +257,96 @@ def evaluate(
             out.print("clean model: pass --attack NAME to measure a trigger's ASR")
 
 
+@command()
+def purify(
+    model: Annotated[Path, typer.Option(help="A model directory written by `torchpurify train`.")],
+    defense: Annotated[str, typer.Option(help="Defense name (see `torchpurify list defenses`).")],
+    out_dir: Annotated[
+        Path, typer.Option("--out", help="Directory to write the purified model to.")
+    ],
+    settings: Annotated[
+        list[str] | None,
+        typer.Option("--set", help="Defense hyper-parameter KEY=VALUE (repeatable)."),
+    ] = None,
+    defender_fraction: Annotated[
+        float,
+        typer.Option(help="Clean data the defender holds, as a fraction of the training set."),
+    ] = 0.05,
+    seed: Annotated[int, typer.Option(help="Seed of the defender's split and of the defense.")] = 0,
+    data_root: DataRoot = None,
+    device: Device = "auto",
+    as_json: Annotated[bool, typer.Option("--json", help="Print the results as JSON.")] = False,
+    progress: Annotated[bool, typer.Option(help="Show progress bars.")] = True,
+) -> None:
+    """Purify a model with a defense; print ACC, ASR and RA before and after, and DER."""
+    from torchpurify.defenses import build_defense
+    from torchpurify.experiment import purify_model
+    from torchpurify.models.io import load_model
+
+    if not model.is_dir():
+        raise UserError(
+            f"{model} is not a model directory; purify needs the model card written by "
+            "`torchpurify train` (it records the data the defender may use)"
+        )
+    chosen = build_defense(
+        defense, device=device, seed=seed, progress=progress, **parse_settings(settings)
+    )
+    net, card = load_model(model)
+    result = purify_model(
+        net, card, chosen, root=data_root, defender_fraction=defender_fraction, out=out_dir
+    )
+    record = result.card["defense"]
+    if as_json:
+        print(
+            json.dumps(
+                {
+                    k: record[k]
+                    for k in (
+                        "name",
+                        "before",
+                        "after",
+                        "der",
+                        "seconds",
+                        "forward_passes",
+                        "backward_passes",
+                    )
+                }
+            )
+        )
+        return
+    table = metrics_table(
+        {"before": result.before.to_dict(), f"after {chosen.name}": result.after.to_dict()},
+        title=f"{model} — test split",
+    )
+    out.print(table)
+    der_text = "–" if result.der is None else f"{result.der:.4f}"
+    out.print(
+        f"DER {der_text}   {record['seconds']:.1f} s   {record['forward_passes']} forward / "
+        f"{record['backward_passes']} backward passes   defender data: {record['tune_size']} tune, "
+        f"{record['holdout_size']} holdout"
+    )
+    out.print(f"saved {out_dir}")
+
+
 class Listing(str, Enum):
     datasets = "datasets"
     models = "models"
     attacks = "attacks"
+    defenses = "defenses"
 
 
 @command("list")
-def list_(what: Annotated[Listing, typer.Argument(help="datasets, models or attacks")]) -> None:
-    """List the registered datasets, models or attacks."""
+def list_(
+    what: Annotated[Listing, typer.Argument(help="datasets, models, attacks or defenses")],
+) -> None:
+    """List the registered datasets, models, attacks or defenses."""
     from torchpurify.attacks import ATTACKS
     from torchpurify.data import DATASETS
+    from torchpurify.defenses import DEFENSES
     from torchpurify.models import MODELS
 
-    registry = {"datasets": DATASETS, "models": MODELS, "attacks": ATTACKS}[what.value]
+    registries = {"datasets": DATASETS, "models": MODELS, "attacks": ATTACKS, "defenses": DEFENSES}
+    registry = registries[what.value]
     table = Table(title=what.value)
     table.add_column("name")
     table.add_column("description")

@@ -19,8 +19,9 @@ from torchpurify.attacks import ATTACKS, build_attack, poison_split, trigger_fro
 from torchpurify.data import DATASETS, load_dataset
 from torchpurify.data.base import Dataset, Split
 from torchpurify.data.splits import defender_split, train_val_split
+from torchpurify.defenses import Clean, Defense, Purified
 from torchpurify.errors import UserError, check
-from torchpurify.metrics import Metrics, evaluate
+from torchpurify.metrics import Metrics, der, evaluate
 from torchpurify.models import MODELS, build_model
 from torchpurify.models.io import save_model
 from torchpurify.train import TrainConfig, fit
@@ -259,3 +260,72 @@ def defender_data(
         seed=spec.seed if seed is None else seed,
     )
     return prepared.train.subset(tune_idx), prepared.train.subset(holdout_idx), prepared
+
+
+@dataclass
+class Defended:
+    """A defense's outcome on the test split: metrics before and after, DER, the result."""
+
+    before: Metrics
+    after: Metrics
+    der: float | None
+    purified: Purified
+    card: dict[str, Any]
+
+
+def purify_model(
+    model: nn.Module,
+    card: dict[str, Any],
+    defense: Defense,
+    *,
+    root: str | None = None,
+    defender_fraction: float = 0.05,
+    out: str | Path | None = None,
+) -> Defended:
+    """Run ``defense`` with the defender's clean data and measure it on the test split.
+
+    The defense itself receives only ``tune`` and ``holdout`` (and the true trigger only when
+    it declares that it runs as an oracle); the test split is used here, after it returns.
+    """
+    tune, holdout, prepared = defender_data(
+        card, root=root, fraction=defender_fraction, progress=defense.progress
+    )
+    trigger = trigger_of(card)
+    attack = card.get("attack") or {}
+    how = {
+        "target": attack.get("target", 0),
+        "mode": attack.get("target_mode", "all-to-one"),
+        "num_classes": prepared.dataset.num_classes,
+    }
+    check(
+        not defense.uses_known_trigger or trigger is not None,
+        f"{defense.name} with the known trigger needs a backdoored model with a recorded attack",
+    )
+    clean = Clean(tune, holdout, known_trigger=trigger if defense.uses_known_trigger else None)
+    before = evaluate(model, prepared.test, trigger, **how)
+    purified = defense.purify(model, clean)
+    after = evaluate(purified.model, prepared.test, trigger, **how)
+    der_value = der(before.acc, before.asr, after.acc, after.asr) if trigger is not None else None
+    new_card = {
+        key: value for key, value in card.items() if key not in ("format", "format_version")
+    }
+    new_card["metrics"] = after.to_dict()
+    new_card["defense"] = {
+        "name": defense.name,
+        "params": defense.params(),
+        "oracle_trigger": defense.uses_known_trigger,
+        "defender_fraction": defender_fraction,
+        "tune_size": len(tune),
+        "holdout_size": len(holdout),
+        "before": before.to_dict(),
+        "after": after.to_dict(),
+        "der": der_value,
+        "seconds": round(purified.cost.seconds, 2),
+        "forward_passes": purified.cost.forward,
+        "backward_passes": purified.cost.backward,
+        "log": purified.log,
+    }
+    purified.model.to("cpu")
+    if out is not None:
+        save_model(purified.model, out, new_card)
+    return Defended(before, after, der_value, purified, new_card)

@@ -1,0 +1,108 @@
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.func import functional_call, hessian
+
+from torchpurify.defenses import build_defense
+from torchpurify.defenses.gnft import gradient_norm_direction
+from torchpurify.errors import UserError
+from torchpurify.train import Cost
+
+
+def tiny_model(seed=0, bn=False):
+    torch.manual_seed(seed)
+    layers = [nn.Linear(5, 4), nn.Tanh(), nn.Linear(4, 3)]
+    if bn:
+        layers.insert(1, nn.BatchNorm1d(4))
+    return nn.Sequential(*layers).double()
+
+
+def batch(seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(16, 5, generator=g, dtype=torch.float64), torch.randint(0, 3, (16,), generator=g)
+
+
+def flat(tensors):
+    return torch.cat([t.reshape(-1) for t in tensors])
+
+
+def closed_form(model, x, y, lam):
+    """g + λ·H·g/‖g‖ with the Hessian H computed explicitly."""
+    names = [n for n, _ in model.named_parameters()]
+    shapes = [p.shape for p in model.parameters()]
+    theta = flat([p.detach() for p in model.parameters()])
+
+    def loss_of(vector):
+        parts, start = {}, 0
+        for name, shape in zip(names, shapes, strict=True):
+            parts[name] = vector[start : start + shape.numel()].view(shape)
+            start += shape.numel()
+        return F.cross_entropy(functional_call(model, parts, (x,)), y)
+
+    g = torch.func.grad(loss_of)(theta)
+    return g + lam * hessian(loss_of)(theta) @ g / g.norm()
+
+
+def test_exact_matches_closed_form():
+    model, (x, y) = tiny_model(), batch()
+    direction, _ = gradient_norm_direction(model, x, y, mode="exact", r=0.1, alpha=0.5)
+    assert torch.allclose(flat(direction), closed_form(model, x, y, lam=0.05), atol=1e-10)
+
+
+@pytest.mark.parametrize("bn", [False, True])
+def test_approx_agrees_with_exact_for_small_r(bn):
+    model, (x, y) = tiny_model(bn=bn), batch()
+    model.train()
+    exact, _ = gradient_norm_direction(model, x, y, mode="exact", r=1e-3, alpha=0.7)
+    approx, _ = gradient_norm_direction(model, x, y, mode="approx", r=1e-3, alpha=0.7)
+    cosine = F.cosine_similarity(flat(exact), flat(approx), dim=0)
+    assert cosine >= 0.99
+    assert torch.allclose(flat(exact), flat(approx), rtol=1e-2, atol=1e-5)
+
+
+def test_approx_leaves_weights_and_bn_statistics_as_one_pass_would():
+    model, (x, y) = tiny_model(bn=True), batch()
+    model.train()
+    reference = copy.deepcopy(model)
+    F.cross_entropy(reference(x), y)  # one plain forward pass updates the running statistics once
+    cost = Cost()
+    gradient_norm_direction(model, x, y, mode="approx", r=0.5, alpha=0.9, cost=cost)
+    for (name, a), b in zip(model.state_dict().items(), reference.state_dict().values(), strict=True):
+        assert torch.equal(a, b), name
+    assert (cost.forward, cost.backward) == (2, 2)
+
+
+def test_alpha_zero_is_the_plain_gradient_in_one_pass():
+    model, (x, y) = tiny_model(), batch()
+    cost = Cost()
+    direction, _ = gradient_norm_direction(model, x, y, alpha=0.0, cost=cost)
+    plain = torch.autograd.grad(F.cross_entropy(model(x), y), list(model.parameters()))
+    assert torch.allclose(flat(direction), flat(plain))
+    assert (cost.forward, cost.backward) == (1, 1)
+
+
+def test_per_tensor_normalisation_matches_its_exact_penalty():
+    model, (x, y) = tiny_model(), batch()
+    exact, _ = gradient_norm_direction(model, x, y, mode="exact", r=1e-3, alpha=0.7, per_tensor=True)
+    approx, _ = gradient_norm_direction(model, x, y, r=1e-3, alpha=0.7, per_tensor=True)
+    assert F.cosine_similarity(flat(exact), flat(approx), dim=0) >= 0.99
+
+
+@pytest.mark.parametrize(
+    ("name", "params", "message"),
+    [
+        ("gnft", {"alpha": 1.5}, "alpha must be in \\[0, 1\\]"),
+        ("gnft", {"r": 0}, "r must be positive"),
+        ("gnft", {"mode": "fast"}, "mode must be approx or exact"),
+        ("ft", {"epochs": 0}, "epochs must be at least 1"),
+        ("ft", {"lr": -1}, "lr must be positive"),
+        ("ft", {"radius": 1}, "unknown parameter 'radius'"),
+        ("gnft", {"batch_size": 1}, "batch_size"),
+    ],
+)
+def test_bad_hyper_parameters_name_the_parameter(name, params, message):
+    with pytest.raises(UserError, match=message):
+        build_defense(name, **params)
