@@ -22,7 +22,9 @@ def tiny_model(seed=0, bn=False):
 
 def batch(seed=1):
     g = torch.Generator().manual_seed(seed)
-    return torch.randn(16, 5, generator=g, dtype=torch.float64), torch.randint(0, 3, (16,), generator=g)
+    return torch.randn(16, 5, generator=g, dtype=torch.float64), torch.randint(
+        0, 3, (16,), generator=g
+    )
 
 
 def flat(tensors):
@@ -70,7 +72,9 @@ def test_approx_leaves_weights_and_bn_statistics_as_one_pass_would():
     F.cross_entropy(reference(x), y)  # one plain forward pass updates the running statistics once
     cost = Cost()
     gradient_norm_direction(model, x, y, mode="approx", r=0.5, alpha=0.9, cost=cost)
-    for (name, a), b in zip(model.state_dict().items(), reference.state_dict().values(), strict=True):
+    for (name, a), b in zip(
+        model.state_dict().items(), reference.state_dict().values(), strict=True
+    ):
         assert torch.equal(a, b), name
     assert (cost.forward, cost.backward) == (2, 2)
 
@@ -86,7 +90,9 @@ def test_alpha_zero_is_the_plain_gradient_in_one_pass():
 
 def test_per_tensor_normalisation_matches_its_exact_penalty():
     model, (x, y) = tiny_model(), batch()
-    exact, _ = gradient_norm_direction(model, x, y, mode="exact", r=1e-3, alpha=0.7, per_tensor=True)
+    exact, _ = gradient_norm_direction(
+        model, x, y, mode="exact", r=1e-3, alpha=0.7, per_tensor=True
+    )
     approx, _ = gradient_norm_direction(model, x, y, r=1e-3, alpha=0.7, per_tensor=True)
     assert F.cosine_similarity(flat(exact), flat(approx), dim=0) >= 0.99
 

@@ -128,3 +128,19 @@ def test_bare_weights_need_an_architecture(tmp_path):
     torch.save(build_model("lenet5", SHAPE, 3).state_dict(), tmp_path / "w.pt")
     with pytest.raises(UserError, match="bare weights file"):
         load_model(tmp_path / "w.pt")
+
+
+def test_masks_survive_save_and_load(tmp_path):
+    from torchpurify.neurons import mask_channels, masked_layers
+
+    model = build_model("small-cnn", SHAPE, 3).eval()
+    mask_channels(model, "block4.2", [1, 5])
+    path = save_model(model, tmp_path / "m", card())
+    assert json.loads((path / CARD).read_text())["masks"] == {"block4.2": 128}
+    loaded, _ = load_model(path)
+    assert masked_layers(loaded)["block4.2"][[1, 5]].tolist() == [0.0, 0.0]
+    features = {}
+    loaded.block4.register_forward_hook(lambda m, i, o: features.update(out=o))
+    x = torch.rand(4, *SHAPE)
+    assert torch.equal(loaded(x), model(x))
+    assert features["out"][:, [1, 5]].abs().sum() == 0

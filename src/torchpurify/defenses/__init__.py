@@ -1,6 +1,7 @@
 """Defenses by name: ``build_defense("gnft", alpha=0.9).purify(model, Clean(tune, holdout))``."""
 
-from torchpurify.defenses import gnft  # noqa: F401  (registers ft and gnft)
+# Importing the modules registers their defenses.
+from torchpurify.defenses import fine_pruning, gnft, linf_pruning, salience_ar  # noqa: F401
 from torchpurify.defenses.base import DEFENSES, Clean, Defense, Purified, build_defense
 
 __all__ = ["DEFENSES", "Clean", "Defense", "Purified", "build_defense"]

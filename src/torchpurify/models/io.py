@@ -23,6 +23,7 @@ from torch import nn
 
 from torchpurify.errors import UserError
 from torchpurify.models import architecture_of, build_model
+from torchpurify.neurons.masks import attach_masks, masked_layers
 
 WEIGHTS = "model.safetensors"
 CARD = "model.json"
@@ -56,6 +57,8 @@ def save_model(model: nn.Module, directory: str | Path, card: dict[str, Any]) ->
         "format_version": FORMAT_VERSION,
         **card,
         "architecture": architecture,
+        # Masked layers and their channel counts, so loading can re-create the mask buffers.
+        "masks": {name: mask.numel() for name, mask in masked_layers(model).items()},
         "versions": versions(),
     }
     directory.parent.mkdir(parents=True, exist_ok=True)
@@ -164,6 +167,7 @@ def load_model(path: str | Path, **build: Any) -> tuple[nn.Module, dict[str, Any
         model = build_model(
             spec["name"], card["input_shape"], len(card["classes"]), **spec.get("kwargs", {})
         )
+        attach_masks(model, card.get("masks") or {})
         load_state(model, read_weights(path / WEIGHTS), str(path))
         return model.eval(), card
     if not path.exists():

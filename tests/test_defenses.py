@@ -1,0 +1,199 @@
+"""Every defense against a real (tiny) backdoor, and the contract they all keep."""
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from torchpurify.data.base import Split
+from torchpurify.defenses import DEFENSES, Clean, build_defense
+from torchpurify.defenses.pruning import first_failing, largest_passing
+from torchpurify.metrics import evaluate
+from torchpurify.models import build_model
+from torchpurify.models.io import load_model, save_model
+from torchpurify.neurons import masked_layers
+from torchpurify.train import TrainConfig, fit
+
+# Recipes sized for the tiny task (a few hundred clean samples): enough steps to matter.
+TINY = {
+    "ft": {"epochs": 10, "lr": 0.05},
+    "gnft": {"epochs": 10, "lr": 0.05, "r": 0.5, "alpha": 0.9},
+    "fine-pruning": {"epochs": 5, "lr": 0.01},
+    "linf-pruning": {"inversion_steps": 150},
+    "salience-ar": {"epochs": 10, "lr": 0.05, "alpha": 0.05},
+}
+
+
+def test_every_registered_defense_is_exercised_here():
+    assert sorted(TINY) == DEFENSES.names()
+
+
+def measure(model, tiny):
+    return evaluate(
+        model, tiny.test, tiny.trigger, target=tiny.target, num_classes=tiny.num_classes
+    )
+
+
+REMOVES = {
+    "gnft": {},
+    "fine-pruning": {},
+    "linf-pruning": {"trigger": "known"},
+    "salience-ar": {},
+}
+
+
+@pytest.mark.parametrize(("name", "extra"), sorted(REMOVES.items()))
+def test_defense_lowers_asr_keeps_acc_and_leaves_the_input_alone(name, extra, tiny_backdoor):
+    tiny = tiny_backdoor
+    original = copy.deepcopy(tiny.model)
+    before = measure(tiny.model, tiny)
+    defense = build_defense(name, device="cpu", batch_size=64, **{**TINY[name], **extra})
+    clean = Clean(tiny.tune, tiny.holdout, known_trigger=tiny.trigger if extra else None)
+    result = defense.purify(tiny.model, clean)
+    after = measure(result.model, tiny)
+    assert after.asr < 0.2 < 0.9 < before.asr, (name, before, after)
+    assert after.acc > before.acc - 0.05, (name, before, after)
+    assert result.cost.seconds > 0 and result.cost.forward > 0
+    for a, b in zip(original.state_dict().values(), tiny.model.state_dict().values(), strict=True):
+        assert torch.equal(a, b)
+    assert not masked_layers(tiny.model)
+
+
+def test_gnft_removes_what_plain_fine_tuning_with_the_same_recipe_keeps(tiny_backdoor):
+    """GN-FT's key ablation (methods.md §5): α = 0 is FT, and FT leaves this backdoor in place."""
+    tiny = tiny_backdoor
+    clean = Clean(tiny.tune, tiny.holdout)
+    recipe = {"epochs": 10, "lr": 0.05, "device": "cpu", "batch_size": 64}
+    plain = measure(build_defense("ft", **recipe).purify(tiny.model, clean).model, tiny)
+    penalised = build_defense("gnft", r=0.5, alpha=0.9, **recipe).purify(tiny.model, clean)
+    assert plain.asr > 0.9 and plain.acc > 0.95
+    assert measure(penalised.model, tiny).asr < 0.2
+
+
+def test_linf_pruning_with_an_inverted_trigger_finds_the_target_and_lowers_asr(tiny_backdoor):
+    tiny = tiny_backdoor
+    defense = build_defense("linf-pruning", device="cpu", inversion_steps=150, stop_asr=0.01)
+    result = defense.purify(tiny.model, Clean(tiny.tune, tiny.holdout))
+    assert result.log["trigger"]["target"] == tiny.target
+    assert result.log["trigger"]["outlier_found"]
+    assert measure(result.model, tiny).asr < 0.6
+
+
+class CleanWithTest(Clean):
+    """Defender data that also carries a test split, as a careless caller might pass."""
+
+    @property
+    def test(self):
+        raise AssertionError("a defense read the test split")
+
+
+@pytest.mark.parametrize("name", sorted(TINY))
+def test_no_defense_reads_test_data(name, tiny_backdoor, monkeypatch):
+    def forbidden(*args, **kwargs):
+        raise AssertionError("a defense loaded a dataset")
+
+    monkeypatch.setattr("torchpurify.data.load_dataset", forbidden)
+    monkeypatch.setattr("torchpurify.experiment.load_dataset", forbidden)
+    clean = CleanWithTest(tiny_backdoor.tune, tiny_backdoor.holdout)
+    params = {**TINY[name], "epochs": 1} if "epochs" in TINY[name] else {"inversion_steps": 20}
+    build_defense(name, device="cpu", **params).purify(tiny_backdoor.model, clean)
+
+
+def test_fine_pruned_channels_stay_zero_after_fine_tuning_and_reload(tiny_backdoor, tmp_path):
+    defense = build_defense("fine-pruning", device="cpu", epochs=3)
+    result = defense.purify(tiny_backdoor.model, Clean(tiny_backdoor.tune, tiny_backdoor.holdout))
+    layer, pruned = result.log["layer"], result.log["pruned"]
+    assert layer == "block4.2" and len(pruned) == result.log["num_pruned"] > 0
+
+    def channel_outputs(model):
+        seen = {}
+        module = dict(model.named_modules())[layer]
+        handle = module.register_forward_hook(lambda m, i, o: seen.update(out=o.detach()))
+        model(tiny_backdoor.test.x[:64])
+        handle.remove()
+        return seen["out"][:, pruned]
+
+    assert torch.count_nonzero(channel_outputs(result.model)) == 0
+    fit(result.model, tiny_backdoor.tune, TrainConfig(epochs=2, lr=0.1, progress=False))
+    assert torch.count_nonzero(channel_outputs(result.model)) == 0
+    save_model(
+        result.model,
+        tmp_path / "m",
+        {"input_shape": [1, 12, 12], "classes": list("abcdef"), "attack": None},
+    )
+    reloaded, card = load_model(tmp_path / "m")
+    assert card["masks"] == {layer: 128}
+    assert torch.count_nonzero(channel_outputs(reloaded)) == 0
+
+
+def test_binary_search_cut_equals_full_sweep_when_monotone():
+    for cut in range(0, 40):
+        accuracy = [1.0 - (0.0 if k <= cut else 0.01 * (k - cut)) for k in range(40)]
+        calls = []
+
+        def passes(k, accuracy=accuracy, calls=calls):
+            calls.append(k)
+            return accuracy[k] >= 1.0
+
+        assert largest_passing(0, 39, passes) == first_failing(0, 39, passes) == cut
+    assert len(set(calls)) <= 40
+
+
+def test_fine_pruning_binary_and_sweep_agree_on_the_tiny_model(tiny_backdoor):
+    clean = Clean(tiny_backdoor.tune, tiny_backdoor.holdout)
+    runs = {
+        search: build_defense("fine-pruning", device="cpu", prune_only=True, search=search)
+        .purify(tiny_backdoor.model, clean)
+        .log
+        for search in ("binary", "sweep")
+    }
+    sweep, binary = runs["sweep"], runs["binary"]
+    curve = dict(sweep["curve"])
+    cut = sweep["num_pruned"]
+    # The sweep stops at the first count that breaks the tolerance.
+    assert all(curve[k] >= sweep["threshold"] for k in range(cut + 1))
+    assert cut == 127 or curve[cut + 1] < sweep["threshold"]
+    assert dict(binary["curve"])[binary["num_pruned"]] >= binary["threshold"]
+    assert binary["holdout_evaluations"] <= 9 < sweep["holdout_evaluations"]
+
+
+def tiny_task(shape, n=400, classes=3, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    y = torch.arange(n) % classes
+    x = torch.rand(n, *shape, generator=g) * 0.3
+    flat = x.view(n, -1)
+    width = flat.shape[1] // classes
+    for k in range(classes):
+        flat[y == k, k * width : (k + 1) * width] += 0.6
+    return Split(x, y)
+
+
+def wave_model():
+    return nn.Sequential(
+        nn.Unflatten(1, (1, -1)),
+        nn.Conv1d(1, 8, 5, padding=2),
+        nn.ReLU(),
+        nn.Conv1d(8, 16, 5, padding=2),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool1d(1),
+        nn.Flatten(),
+        nn.Linear(16, 3),
+    )
+
+
+@pytest.mark.parametrize("name", sorted(TINY))
+@pytest.mark.parametrize("kind", ["lenet5-no-batchnorm", "conv1d-waveform"])
+def test_defenses_run_without_batchnorm_and_on_1d_convolutions(name, kind):
+    torch.manual_seed(0)
+    if kind == "conv1d-waveform":
+        shape, model = (48,), wave_model()
+    else:
+        shape, model = (1, 8, 8), build_model("lenet5", (1, 8, 8), 3)
+    data = tiny_task(shape)
+    fit(model, data, TrainConfig(epochs=2, batch_size=32, progress=False))
+    params = {**TINY[name], "epochs": 1} if "epochs" in TINY[name] else {"inversion_steps": 20}
+    result = build_defense(name, device="cpu", batch_size=32, **params).purify(
+        model, Clean(tiny_task(shape, 200, seed=1), tiny_task(shape, 100, seed=2))
+    )
+    assert result.model(data.x[:4]).shape == (4, 3)
