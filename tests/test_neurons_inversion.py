@@ -12,7 +12,7 @@ from torchpurify.neurons import anomaly_index, invert_triggers
 def test_inversion_finds_the_backdoor_target(tiny_backdoor):
     model = copy.deepcopy(tiny_backdoor.model).train()
     before = copy.deepcopy(model.state_dict())
-    inversion = invert_triggers(model, tiny_backdoor.holdout, steps=150)
+    inversion = invert_triggers(model, tiny_backdoor.holdout, steps=150, batch_size=32)
     assert inversion.labels == list(range(tiny_backdoor.num_classes))
     assert inversion.target == tiny_backdoor.target
     assert inversion.anomaly_index[tiny_backdoor.target] > 2

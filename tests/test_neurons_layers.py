@@ -78,3 +78,5 @@ def test_bad_layers_are_user_errors():
         layer_info(scorer, "1", example)
     with pytest.raises(UserError, match="no module with a channel axis"):
         default_neuron_layer(nn.Sequential(nn.Flatten(), nn.Linear(144, 3)), example)
+    with pytest.raises(UserError, match="no Conv1d, Conv2d or Linear"):
+        default_neuron_layer(nn.Sequential(nn.ReLU()), example)
