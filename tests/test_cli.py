@@ -215,3 +215,94 @@ def test_missing_model_and_empty_split(tmp_path):
     )
     one_line_error(result)
     assert not (tmp_path / "m").exists()
+
+
+def test_purify_reports_before_after_and_der_and_saves_a_loadable_model(tmp_path):
+    out = tmp_path / "m"
+    assert (
+        run(
+            "train",
+            "--dataset",
+            "digits",
+            "--model",
+            "small-cnn",
+            "--attack",
+            "badnets",
+            "--epochs",
+            3,
+            "--no-progress",
+            "--out",
+            out,
+        ).exit_code
+        == 0
+    )
+    result = run(
+        "--threads",
+        1,
+        "purify",
+        "--model",
+        out,
+        "--defense",
+        "fine-pruning",
+        "--set",
+        "epochs=1",
+        "--defender-fraction",
+        0.2,
+        "--no-progress",
+        "--out",
+        tmp_path / "p",
+        "--json",
+    )
+    assert result.exit_code == 0, result.output
+    record = json.loads(result.output.strip().splitlines()[-1])
+    assert record["name"] == "fine-pruning" and 0 <= record["der"] <= 1
+    assert set(record["before"]) == set(record["after"]) == {"acc", "asr", "ra"}
+    card = json.loads((tmp_path / "p" / "model.json").read_text())
+    assert card["defense"]["tune_size"] + card["defense"]["holdout_size"] == round(0.2 * 1294)
+    assert list(card["masks"]) == ["block4.2"]
+    evaluated = run("evaluate", "--model", tmp_path / "p", "--json")
+    assert json.loads(evaluated.output.strip().splitlines()[-1]) == pytest.approx(record["after"])
+    table = run(
+        "purify",
+        "--model",
+        out,
+        "--defense",
+        "ft",
+        "--set",
+        "epochs=1",
+        "--no-progress",
+        "--out",
+        tmp_path / "q",
+    )
+    assert "after ft" in table.output and "DER" in table.output
+
+
+def test_purify_bad_input(tmp_path):
+    one_line_error(
+        run("purify", "--model", tmp_path, "--defense", "gnft", "--out", tmp_path / "x"),
+        "model.json is missing",
+    )
+    (tmp_path / "w.pt").write_bytes(b"")
+    one_line_error(
+        run("purify", "--model", tmp_path / "w.pt", "--defense", "gnft", "--out", tmp_path / "x"),
+        "not a model directory",
+    )
+    one_line_error(
+        run("purify", "--model", tmp_path, "--defense", "nope", "--out", tmp_path / "x"),
+        "unknown defense 'nope'",
+    )
+    one_line_error(
+        run(
+            "purify",
+            "--model",
+            tmp_path,
+            "--defense",
+            "gnft",
+            "--set",
+            "alpha=2",
+            "--out",
+            tmp_path / "x",
+        ),
+        "alpha must be in [0, 1]",
+    )
+    assert run("--threads", 0, "list", "models").exit_code == 2

@@ -28,6 +28,26 @@ out = Console()
 err = Console(stderr=True)
 
 
+@app.callback()
+def settings_for_every_command(
+    threads: Annotated[
+        int | None,
+        typer.Option(
+            help="CPU threads for torch (default: torch's choice). Use 1 when other heavy "
+            "processes share the cores: competing thread pools can run far slower.",
+        ),
+    ] = None,
+) -> None:
+    """Find and remove backdoors in trained neural networks, neuron by neuron."""
+    if threads is not None:
+        if threads < 1:
+            err.print(f"[bold red]error:[/] --threads must be at least 1, got {threads}")
+            raise typer.Exit(UserError.exit_code)
+        import torch
+
+        torch.set_num_threads(threads)
+
+
 def command(*args, **kwargs):
     """``app.command`` that turns :class:`UserError` into one line on stderr and exit code 2."""
 
