@@ -348,6 +348,123 @@ def purify(
     out.print(f"saved {out_dir}")
 
 
+def _model_and_holdout(model: Path, data_root: str | None, defender_fraction: float):
+    """A model directory, and the defender's clean holdout rebuilt from its card."""
+    from torchpurify.experiment import defender_data
+    from torchpurify.models.io import load_model
+
+    if not model.is_dir():
+        raise UserError(f"{model} is not a model directory written by `torchpurify train`")
+    net, card = load_model(model)
+    _, holdout, _ = defender_data(card, root=data_root, fraction=defender_fraction)
+    return net, card, holdout
+
+
+@command()
+def detect(
+    model: Annotated[Path, typer.Option(help="A model directory written by `torchpurify train`.")],
+    steps: Annotated[int, typer.Option(help="Optimisation steps per label.")] = 300,
+    seed: int = 0,
+    defender_fraction: float = 0.05,
+    data_root: DataRoot = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
+) -> None:
+    """Neural-Cleanse trigger inversion on clean data: suspected target and anomaly per label."""
+    from torchpurify.diagnostics import detect as run_detect
+
+    net, _, holdout = _model_and_holdout(model, data_root, defender_fraction)
+    result = run_detect(net, holdout, steps=steps, seed=seed)
+    if as_json:
+        print(json.dumps(result))
+        return
+    table = Table(title=f"{model} — inverted triggers ({len(holdout)} clean holdout samples)")
+    for column in ("label", "anomaly index", "mask L1", "success"):
+        table.add_column(column, justify="right")
+    for row in result["labels"]:
+        table.add_row(
+            str(row["label"]),
+            f"{row['anomaly_index']:.2f}",
+            f"{row['mask_norm']:.1f}",
+            f"{row['success']:.3f}",
+        )
+    out.print(table)
+    if result["target"] is None:
+        out.print(
+            f"no backdoor detected (no label with anomaly index > 2 whose trigger works); "
+            f"most anomalous label: {result['most_anomalous']}"
+        )
+    else:
+        out.print(f"suspected backdoor target: label {result['target']}")
+
+
+@command()
+def inspect(
+    model: Annotated[
+        Path, typer.Option(help="A backdoored model directory (its card has the attack).")
+    ],
+    out_dir: Annotated[
+        Path, typer.Option("--out", help="Directory for the CSV, JSON and PNG files.")
+    ],
+    layer: Annotated[
+        str | None, typer.Option(help="Module name (default: the neuron layer).")
+    ] = None,
+    inverted: Annotated[
+        bool, typer.Option(help="Also score the bias rules with a reverse-engineered trigger.")
+    ] = False,
+    defender_fraction: float = 0.05,
+    data_root: DataRoot = None,
+) -> None:
+    """Per-neuron diagnostics with the attack's TRUE trigger (a research view, not a defense):
+    neuron table, ℓ∞-vs-ℓ1 bias plot, gradient norms by neuron group, Fine-Pruning curve, and
+    the neuron-identification benchmark (ROC-AUC and precision@k of every scoring rule)."""
+    from torchpurify import diagnostics
+    from torchpurify.experiment import trigger_of
+    from torchpurify.neurons import invert_triggers
+    from torchpurify.neurons.inversion import value_range_of
+
+    net, card, holdout = _model_and_holdout(model, data_root, defender_fraction)
+    trigger = trigger_of(card)
+    if trigger is None:
+        raise UserError(f"{model} records no attack: inspect needs a backdoored model")
+    attack = card["attack"]
+    out_dir.mkdir(parents=True, exist_ok=True)
+    table = diagnostics.neuron_table(net, holdout, trigger, layer=layer)
+    diagnostics.write_csv(table, out_dir / "neurons.csv")
+    diagnostics.plot_bias(table, out_dir / "bias.png")
+    diagnostics.plot_gradient_groups(table, out_dir / "gradient_groups.png")
+    curve = diagnostics.pruning_curve(
+        net, holdout, trigger, attack["target"], layer=layer, mode=attack["target_mode"]
+    )
+    diagnostics.write_csv(curve, out_dir / "pruning_curve.csv")
+    diagnostics.plot_pruning_curve(curve, out_dir / "pruning_curve.png")
+    inverted_trigger = None
+    if inverted:
+        inversion = invert_triggers(net, holdout, value_range=value_range_of(holdout.x))
+        label = inversion.target
+        if label is None:
+            label = inversion.labels[int(inversion.anomaly_index.argmax())]
+        inverted_trigger = inversion.trigger(label)
+    identification = diagnostics.neuron_identification(
+        net, holdout, trigger, layer=layer, inverted_trigger=inverted_trigger
+    )
+    (out_dir / "identification.json").write_text(json.dumps(identification, indent=2) + "\n")
+    summary = Table(
+        title=f"neuron identification — {identification['layer']}, "
+        f"{identification['channels']} channels, top {identification['k']} by true-trigger bias"
+    )
+    for column in ("scoring rule", "trigger", "ROC-AUC", "precision@k"):
+        summary.add_column(column, justify="right")
+    for name, rule in identification["rules"].items():
+        summary.add_row(
+            name, rule["trigger"], f"{rule['auc']:.3f}", f"{rule['precision_at_k']:.3f}"
+        )
+    out.print(summary)
+    out.print(
+        f"wrote neurons.csv, bias.png, gradient_groups.png, pruning_curve.png/.csv, "
+        f"identification.json to {out_dir} (true trigger: research diagnostics only)"
+    )
+
+
 class Listing(str, Enum):
     datasets = "datasets"
     models = "models"

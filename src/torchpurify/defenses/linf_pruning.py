@@ -20,12 +20,8 @@ from torchpurify.defenses.pruning import HoldoutProbe, largest_passing, prune_fi
 from torchpurify.errors import UserError
 from torchpurify.metrics import predict
 from torchpurify.neurons import activation_stats, default_neuron_layer, invert_triggers
+from torchpurify.neurons.inversion import value_range_of
 from torchpurify.train import Cost, fit
-
-
-def value_range_of(x: torch.Tensor) -> tuple[float, float]:
-    """Images live in [0, 1], waveforms in [-1, 1]: the inverted pattern must too."""
-    return (-1.0, 1.0) if float(x.min()) < 0 else (0.0, 1.0)
 
 
 @register_defense

@@ -70,6 +70,11 @@ class Inversion:
         return InvertedTrigger(self.masks[i], self.patterns[i])
 
 
+def value_range_of(x: torch.Tensor) -> tuple[float, float]:
+    """Images live in [0, 1], waveforms in [-1, 1]: an inverted pattern must stay there too."""
+    return (-1.0, 1.0) if float(x.min()) < 0 else (0.0, 1.0)
+
+
 def anomaly_index(norms: torch.Tensor) -> torch.Tensor:
     """MAD-based anomaly index, positive on the low side (Neural Cleanse's outlier test)."""
     median = norms.median()
