@@ -73,11 +73,12 @@ def test_gnft_removes_what_plain_fine_tuning_with_the_same_recipe_keeps(tiny_bac
 
 def test_linf_pruning_with_an_inverted_trigger_finds_the_target_and_lowers_asr(tiny_backdoor):
     tiny = tiny_backdoor
-    defense = build_defense("linf-pruning", device="cpu", inversion_steps=150, stop_asr=0.01)
+    defense = build_defense("linf-pruning", device="cpu", inversion_steps=150)
     result = defense.purify(tiny.model, Clean(tiny.tune, tiny.holdout))
     assert result.log["trigger"]["target"] == tiny.target
     assert result.log["trigger"]["outlier_found"]
-    assert measure(result.model, tiny).asr < 0.6
+    assert measure(result.model, tiny).asr < 0.2
+    assert len(result.log["rounds"]) >= 1
 
 
 class CleanWithTest(Clean):

@@ -5,6 +5,11 @@ reverse-engineered from the model (``trigger="inverted"``, realistic) or the att
 (``trigger="known"``, an oracle), channels are ranked by ``mean_x max A(x_triggered) − mean_x
 max A(x_clean)`` on the holdout and pruned, highest first, until that trigger stops working on
 the holdout or holdout accuracy would fall more than ``max_acc_drop``.
+
+An inverted trigger is only an approximation of the real one: once it stops working, the
+target label's trigger is inverted again on the pruned model, and while that new trigger is
+still an anomalously small mask (anomaly index > 2 against the other labels' first-round
+norms), its ℓ∞ bias ranks the remaining channels for another round (at most ``rounds``).
 """
 
 from __future__ import annotations
@@ -18,8 +23,13 @@ from torchpurify.defenses.base import Clean, Purified, register_defense
 from torchpurify.defenses.gnft import FineTuneRecipe
 from torchpurify.defenses.pruning import HoldoutProbe, largest_passing, prune_first
 from torchpurify.errors import UserError
-from torchpurify.metrics import predict
-from torchpurify.neurons import activation_stats, default_neuron_layer, invert_triggers
+from torchpurify.metrics import accuracy, predict
+from torchpurify.neurons import (
+    activation_stats,
+    anomaly_index,
+    default_neuron_layer,
+    invert_triggers,
+)
 from torchpurify.neurons.inversion import value_range_of
 from torchpurify.train import Cost, fit
 
@@ -39,6 +49,7 @@ class LinfPruning(FineTuneRecipe):
     fine_tune: bool = False
     epochs: int = 10
     inversion_steps: int = 300
+    rounds: int = 3
 
     def validate(self) -> None:
         super().validate()
@@ -46,6 +57,7 @@ class LinfPruning(FineTuneRecipe):
         self.require("max_acc_drop", 0 <= self.max_acc_drop < 1, "in [0, 1)")
         self.require("stop_asr", 0 < self.stop_asr <= 1, "in (0, 1]")
         self.require("inversion_steps", self.inversion_steps >= 1, "at least 1")
+        self.require("rounds", self.rounds >= 1, "at least 1")
 
     @property
     def uses_known_trigger(self) -> bool:
@@ -61,7 +73,7 @@ class LinfPruning(FineTuneRecipe):
             guesses = predict(model, clean.holdout.x, transform=trigger, batch_size=self.batch_size)
             target = int(torch.mode(guesses).values)
             log["trigger"] = {"kind": "known (oracle)", "target": target}
-            return trigger, target
+            return trigger, target, None
         inversion = invert_triggers(
             model, clean.holdout, steps=self.inversion_steps, seed=self.seed,
             value_range=value_range_of(clean.holdout.x), progress=self.progress,
@@ -75,55 +87,92 @@ class LinfPruning(FineTuneRecipe):
             "outlier_found": inversion.target is not None,
             "anomaly_index": inversion.anomaly_index.tolist(),
         }
-        return inversion.trigger(target), target
+        return inversion.trigger(target), target, inversion
 
-    def run(self, model: nn.Module, clean: Clean) -> Purified:
-        log: dict = {}
-        trigger, target = self._trigger(model, clean, log)
-        layer = self.layer or default_neuron_layer(model, clean.holdout.x[:2])
-        stats_clean = activation_stats(model, layer, clean.holdout, batch_size=self.batch_size)
+    def _prune_round(self, model, layer, holdout, trigger, target, pruned, threshold, cost):
+        """Rank the unpruned channels by ℓ∞ bias under ``trigger`` and prune more of them: the
+        fewest that stop the trigger, within the accuracy budget. Returns the pruned channels
+        and the round's record."""
+        stats_clean = activation_stats(model, layer, holdout, batch_size=self.batch_size)
         stats_triggered = activation_stats(
-            model, layer, clean.holdout, transform=trigger, batch_size=self.batch_size
+            model, layer, holdout, transform=trigger, batch_size=self.batch_size
         )
         scores = stats_triggered.linf - stats_clean.linf
-        order = scores.argsort(descending=True)
-        probe = HoldoutProbe(model, layer, order, clean.holdout, self.batch_size)
-        others = clean.holdout.y != target
-        success_curve: dict[int, float] = {}
+        done = set(pruned.tolist())
+        ranked = [c for c in scores.argsort(descending=True).tolist() if c not in done]
+        order = torch.cat([pruned, torch.tensor(ranked, dtype=torch.long)])
+        probe = HoldoutProbe(model, layer, order, holdout, self.batch_size)
+        others = holdout.y != target
+        success: dict[int, float] = {}
 
         def trigger_success(k: int) -> float:
-            if k not in success_curve:
+            if k not in success:
                 guesses = probe.predictions(k, trigger)
-                success_curve[k] = float((guesses[others] == target).float().mean())
-            return success_curve[k]
+                success[k] = float((guesses[others] == target).float().mean())
+            return success[k]
 
-        threshold = probe.accuracy(0) - self.max_acc_drop
-        last = len(order) - 1
-        # Most channels accuracy allows; then the fewest among those that stop the trigger.
-        allowed = largest_passing(0, last, lambda k: probe.accuracy(k) >= threshold)
+        start, last = len(pruned), len(order) - 1
+        allowed = largest_passing(start, last, lambda k: probe.accuracy(k) >= threshold)
+        cut = allowed
         if trigger_success(allowed) < self.stop_asr:
-            cut = largest_passing(0, allowed, lambda k: trigger_success(k) >= self.stop_asr)
+            cut = largest_passing(start, allowed, lambda k: trigger_success(k) >= self.stop_asr)
             cut = min(cut + 1, allowed)
-        else:
-            cut = allowed
         prune_first(model, layer, order, cut)
-        log.update(
-            layer=layer,
-            channels=len(order),
-            scores={
+        cost.forward += (len(probe.curve) + len(success) + 2) * probe.batches_per_pass
+        record = {
+            "scores": {
                 "linf": scores.tolist(),
                 "l1": (stats_triggered.l1 - stats_clean.l1).tolist(),
                 "l2": (stats_triggered.l2 - stats_clean.l2).tolist(),
             },
-            pruned=order[:cut].tolist(),
-            num_pruned=cut,
-            holdout_acc_before=probe.curve[0],
+            "num_pruned": cut,
+            "budget_exhausted": cut == allowed and trigger_success(allowed) >= self.stop_asr,
+            "curve": probe.sorted_curve(),
+            "trigger_success_curve": [[k, success[k]] for k in sorted(success)],
+        }
+        return order[:cut], record
+
+    def _reinvert(self, model, holdout, inversion, target, record):
+        """A fresh trigger for ``target`` if the pruned model still has an anomalously small one."""
+        again = invert_triggers(
+            model, holdout, labels=[target], steps=self.inversion_steps, seed=self.seed,
+            value_range=value_range_of(holdout.x),
+        )  # fmt: skip
+        norms = inversion.mask_norms.clone()
+        position = inversion.labels.index(target)
+        norms[position] = again.mask_norms[0]
+        record["reinverted_anomaly_index"] = float(anomaly_index(norms)[position])
+        record["reinverted_success"] = float(again.success[0])
+        if record["reinverted_anomaly_index"] <= 2 or record["reinverted_success"] < 0.5:
+            return None
+        return again.trigger(target)
+
+    def run(self, model: nn.Module, clean: Clean) -> Purified:
+        log: dict = {"rounds": []}
+        trigger, target, inversion = self._trigger(model, clean, log)
+        layer = self.layer or default_neuron_layer(model, clean.holdout.x[:2])
+        cost = Cost()
+        holdout_acc = accuracy(model, clean.holdout, batch_size=self.batch_size)
+        threshold = holdout_acc - self.max_acc_drop
+        pruned = torch.empty(0, dtype=torch.long)
+        rounds = self.rounds if inversion is not None else 1  # a known trigger does not change
+        for round_index in range(rounds):
+            pruned, record = self._prune_round(
+                model, layer, clean.holdout, trigger, target, pruned, threshold, cost
+            )
+            log["rounds"].append(record)
+            if record["budget_exhausted"] or round_index == rounds - 1:
+                break
+            trigger = self._reinvert(model, clean.holdout, inversion, target, record)
+            if trigger is None:
+                break
+        log.update(
+            layer=layer,
+            holdout_acc_before=holdout_acc,
             threshold=threshold,
-            curve=probe.sorted_curve(),
-            trigger_success_curve=[[k, success_curve[k]] for k in sorted(success_curve)],
+            pruned=pruned.tolist(),
+            num_pruned=len(pruned),
         )
-        passes = len(probe.curve) + len(success_curve) + 2
-        cost = Cost(forward=passes * probe.batches_per_pass)
         if self.fine_tune:
             result = fit(model, clean.tune, self.train_config(), description=self.name)
             cost.add(result.cost)
