@@ -310,20 +310,56 @@ def test_purify_bad_input(tmp_path):
 
 def test_detect_and_inspect_write_their_outputs(tmp_path):
     out = tmp_path / "m"
-    assert run("train", "--dataset", "digits", "--model", "small-cnn", "--attack", "badnets",
-               "--set", "size=2", "--epochs", 3, "--no-progress", "--out", out).exit_code == 0
+    assert (
+        run(
+            "train",
+            "--dataset",
+            "digits",
+            "--model",
+            "small-cnn",
+            "--attack",
+            "badnets",
+            "--set",
+            "size=2",
+            "--epochs",
+            3,
+            "--no-progress",
+            "--out",
+            out,
+        ).exit_code
+        == 0
+    )
     result = run("detect", "--model", out, "--steps", 20, "--defender-fraction", 0.2, "--json")
     assert result.exit_code == 0, result.output
     detected = json.loads(result.output.strip().splitlines()[-1])
     assert len(detected["labels"]) == 10 and detected["trigger"] == "inverted"
-    result = run("inspect", "--model", out, "--out", tmp_path / "inspect",
-                 "--defender-fraction", 0.2)
+    result = run(
+        "inspect", "--model", out, "--out", tmp_path / "inspect", "--defender-fraction", 0.2
+    )
     assert result.exit_code == 0, result.output
-    for name in ("neurons.csv", "bias.png", "gradient_groups.png", "pruning_curve.png",
-                 "identification.json"):
+    for name in (
+        "neurons.csv",
+        "bias.png",
+        "gradient_groups.png",
+        "pruning_curve.png",
+        "identification.json",
+    ):
         assert (tmp_path / "inspect" / name).stat().st_size > 0, name
     assert "salience-low" in result.output and "ROC-AUC" in result.output
     clean = tmp_path / "clean"
-    assert run("train", "--dataset", "digits", "--model", "lenet5", "--epochs", 1,
-               "--no-progress", "--out", clean).exit_code == 0
+    assert (
+        run(
+            "train",
+            "--dataset",
+            "digits",
+            "--model",
+            "lenet5",
+            "--epochs",
+            1,
+            "--no-progress",
+            "--out",
+            clean,
+        ).exit_code
+        == 0
+    )
     one_line_error(run("inspect", "--model", clean, "--out", tmp_path / "x"), "records no attack")

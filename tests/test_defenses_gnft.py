@@ -112,3 +112,16 @@ def test_per_tensor_normalisation_matches_its_exact_penalty():
 def test_bad_hyper_parameters_name_the_parameter(name, params, message):
     with pytest.raises(UserError, match=message):
         build_defense(name, **params)
+
+
+def test_partial_second_pass_keeps_the_full_batch_gradient_and_the_estimate():
+    model, (x, y) = tiny_model(), batch()
+    cost = Cost()
+    half, _ = gradient_norm_direction(model, x, y, r=1e-3, alpha=0.7, second_pass=0.5, cost=cost)
+    exact, _ = gradient_norm_direction(model, x, y, mode="exact", r=1e-3, alpha=0.7)
+    assert F.cosine_similarity(flat(half), flat(exact), dim=0) >= 0.99
+    assert (cost.forward, cost.backward) == (3, 3)
+    # With α → 0 the direction is the plain full-batch gradient, not the half batch's.
+    plain = torch.autograd.grad(F.cross_entropy(model(x), y), list(model.parameters()))
+    tiny_alpha, _ = gradient_norm_direction(model, x, y, r=0.5, alpha=1e-9, second_pass=0.5)
+    assert torch.allclose(flat(tiny_alpha), flat(plain), atol=1e-8)

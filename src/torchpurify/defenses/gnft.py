@@ -60,26 +60,41 @@ def gradient_norm_direction(
     r: float = 0.05,
     alpha: float = 0.7,
     per_tensor: bool = False,
+    second_pass: float = 1.0,
     cost: Cost | None = None,
 ) -> tuple[list[torch.Tensor], torch.Tensor]:
     """The update direction of the gradient-norm-penalised loss, and the plain loss.
 
     Returns one tensor per trainable parameter (same order as ``model.parameters()``);
-    the model's weights are unchanged on return.
+    the model's weights are unchanged on return. With ``second_pass`` < 1 (approx only) the
+    second pass sees just that leading fraction of the batch, and the direction is
+    ``g1 + α·(g2_sub − g1_sub)``: the same expectation for ~(1 + second_pass)× the plain cost.
     """
     cost = cost if cost is not None else Cost()
     params = [p for p in model.parameters() if p.requires_grad]
-    loss = F.cross_entropy(model(x), y)
-    cost.forward += 1
     if mode == "exact":
+        loss = F.cross_entropy(model(x), y)
         grads = torch.autograd.grad(loss, params, create_graph=True)
         norms = _norms(list(grads), per_tensor)
         penalty = sum(g.norm() for g in grads) if per_tensor else norms[0]
         direction = torch.autograd.grad(loss + alpha * r * penalty, params)
+        cost.forward += 1
         cost.backward += 2
         return [d.detach() for d in direction], loss.detach()
-    g1 = [g.detach() for g in torch.autograd.grad(loss, params)]
+    m = len(x) if alpha == 0 else max(1, min(len(x), round(second_pass * len(x))))
+    loss = F.cross_entropy(model(x[:m]), y[:m])
+    g1_sub = [g.detach() for g in torch.autograd.grad(loss, params)]
+    cost.forward += 1
     cost.backward += 1
+    g1 = g1_sub
+    if m < len(x):  # the rest of the batch, so the plain part of the step sees all of it
+        rest = F.cross_entropy(model(x[m:]), y[m:])
+        g_rest = torch.autograd.grad(rest, params)
+        cost.forward += 1
+        cost.backward += 1
+        share = m / len(x)
+        g1 = [share * a + (1 - share) * b for a, b in zip(g1_sub, g_rest, strict=True)]
+        loss = share * loss + (1 - share) * rest
     if alpha == 0:
         return g1, loss.detach()
     # Restore θ from a copy, not by subtracting the step: θ + s − s is not θ in floating point.
@@ -89,25 +104,27 @@ def gradient_norm_direction(
             p.add_(g * (r / n))
     try:
         with _FrozenRunningStats(model):
-            g2 = torch.autograd.grad(F.cross_entropy(model(x), y), params)
+            g2 = torch.autograd.grad(F.cross_entropy(model(x[:m]), y[:m]), params)
         cost.forward += 1
         cost.backward += 1
     finally:
         with torch.no_grad():
             for p, original in zip(params, originals, strict=True):
                 p.copy_(original)
-    return [
-        (1 - alpha) * a + alpha * b.detach() for a, b in zip(g1, g2, strict=True)
-    ], loss.detach()
+    direction = [g + alpha * (b.detach() - a) for g, a, b in zip(g1, g1_sub, g2, strict=True)]
+    return direction, loss.detach()
 
 
-def gradient_norm_step(mode: str, r: float, alpha: float, per_tensor: bool):
+def gradient_norm_step(
+    mode: str, r: float, alpha: float, per_tensor: bool, second_pass: float = 1.0
+):
     """A :data:`torchpurify.train.Step` applying :func:`gradient_norm_direction`."""
 
     def step(model, x, y, optimizer, cost):
         direction, loss = gradient_norm_direction(
-            model, x, y, mode=mode, r=r, alpha=alpha, per_tensor=per_tensor, cost=cost
-        )
+            model, x, y, mode=mode, r=r, alpha=alpha, per_tensor=per_tensor,
+            second_pass=second_pass, cost=cost,
+        )  # fmt: skip
         params = [p for p in model.parameters() if p.requires_grad]
         for p, d in zip(params, direction, strict=True):
             p.grad = d
@@ -156,9 +173,11 @@ class GradientNormFineTuning(FineTuneRecipe):
     r: float = 0.05
     alpha: float = 0.7
     per_tensor: bool = False
+    second_pass: float = 1.0
 
     def validate(self) -> None:
         super().validate()
+        self.require("second_pass", 0 < self.second_pass <= 1, "in (0, 1]")
         self.require("mode", self.mode in ("approx", "exact"), "approx or exact")
         self.require("r", self.r > 0, "positive")
         self.require("alpha", 0 <= self.alpha <= 1, "in [0, 1]")
@@ -168,7 +187,9 @@ class GradientNormFineTuning(FineTuneRecipe):
             model,
             clean.tune,
             self.train_config(),
-            step=gradient_norm_step(self.mode, self.r, self.alpha, self.per_tensor),
+            step=gradient_norm_step(
+                self.mode, self.r, self.alpha, self.per_tensor, self.second_pass
+            ),
             description=self.name,
         )
         return Purified(model, {"history": result.history}, result.cost)
