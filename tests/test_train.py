@@ -103,3 +103,16 @@ def test_device_resolution():
             resolve_device("cuda")
     with pytest.raises(UserError, match="--device"):
         resolve_device("tpu")
+
+
+def test_frozen_batchnorm_statistics_stay_put_while_weights_train():
+    torch.manual_seed(0)
+    model = build_model("small-cnn", (1, 8, 8), 2)
+    before = {k: v.clone() for k, v in model.state_dict().items() if "running" in k}
+    weight = model.block1[0][1].weight.detach().clone()
+    fit(model, bright_or_dark(), config(epochs=1, freeze_bn_stats=True))
+    after = {k: v for k, v in model.state_dict().items() if "running" in k}
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert not torch.equal(weight, model.block1[0][1].weight)
+    fit(model, bright_or_dark(), config(epochs=1))
+    assert not torch.equal(before["block1.0.1.running_mean"], model.block1[0][1].running_mean)

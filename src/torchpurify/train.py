@@ -92,6 +92,7 @@ class TrainConfig:
     schedule: str = "cosine"
     augment: bool = False
     channels_last: bool | None = None  # None: the model's own preference (see fit)
+    freeze_bn_stats: bool = False  # BatchNorm normalises with its running statistics, frozen
     seed: int = 0
     device: str = "auto"
     progress: bool = True
@@ -189,6 +190,10 @@ def fit(
                 f"{description} {epoch}/{config.epochs}", total=batches_per_epoch, loss=0.0
             )
             model.train()
+            if config.freeze_bn_stats:
+                for module in model.modules():
+                    if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                        module.eval()
             order = torch.randperm(len(data), generator=generator)
             loss_sum = torch.zeros((), device=device)
             for b in range(batches_per_epoch):

@@ -142,6 +142,9 @@ class FineTuneRecipe(Defense):
     lr: float = 0.01
     momentum: float = 0.9
     weight_decay: float = 5e-4
+    # Re-estimating BatchNorm statistics on clean-only data alone revives a pruned backdoor
+    # (methods.md §11); frozen, BatchNorm keeps the statistics the model was trained with.
+    freeze_bn_stats: bool = False
 
     def validate(self) -> None:
         self.require("epochs", self.epochs >= 1, "at least 1")
@@ -157,6 +160,7 @@ class FineTuneRecipe(Defense):
             momentum=self.momentum,
             weight_decay=self.weight_decay,
             schedule="cosine",
+            freeze_bn_stats=self.freeze_bn_stats,
             seed=self.seed,
             device=self.device,
             progress=self.progress,
