@@ -18,6 +18,14 @@ def run(*args):
     return runner.invoke(app, [str(a) for a in args])
 
 
+def train_digits(out, model="lenet5", *extra, epochs=1):
+    """Train a quick digits model with the CLI (must succeed) and return its directory."""
+    result = run("train", "--dataset", "digits", "--model", model, *extra, "--epochs", epochs,
+                 "--no-progress", "--out", out)  # fmt: skip
+    assert result.exit_code == 0, result.output
+    return out
+
+
 def fashion_available():
     return DEBIAN_FASHION_MNIST.is_dir() or bool(os.environ.get(ENV_VAR))
 
@@ -170,21 +178,7 @@ def test_pickle_where_weights_were_expected_is_refused(tmp_path, monkeypatch):
 
 
 def test_model_that_does_not_fit_the_data(tmp_path):
-    assert (
-        run(
-            "train",
-            "--dataset",
-            "digits",
-            "--model",
-            "lenet5",
-            "--epochs",
-            1,
-            "--no-progress",
-            "--out",
-            tmp_path / "m",
-        ).exit_code
-        == 0
-    )
+    train_digits(tmp_path / "m", "lenet5", epochs=1)
     card = tmp_path / "m" / "model.json"
     record = json.loads(card.read_text())
     record["data"]["dataset"] = "fashion-mnist"
@@ -219,23 +213,7 @@ def test_missing_model_and_empty_split(tmp_path):
 
 def test_purify_reports_before_after_and_der_and_saves_a_loadable_model(tmp_path):
     out = tmp_path / "m"
-    assert (
-        run(
-            "train",
-            "--dataset",
-            "digits",
-            "--model",
-            "small-cnn",
-            "--attack",
-            "badnets",
-            "--epochs",
-            3,
-            "--no-progress",
-            "--out",
-            out,
-        ).exit_code
-        == 0
-    )
+    train_digits(out, "small-cnn", "--attack", "badnets", epochs=3)
     result = run(
         "--threads",
         1,
@@ -310,25 +288,7 @@ def test_purify_bad_input(tmp_path):
 
 def test_detect_and_inspect_write_their_outputs(tmp_path):
     out = tmp_path / "m"
-    assert (
-        run(
-            "train",
-            "--dataset",
-            "digits",
-            "--model",
-            "small-cnn",
-            "--attack",
-            "badnets",
-            "--set",
-            "size=2",
-            "--epochs",
-            3,
-            "--no-progress",
-            "--out",
-            out,
-        ).exit_code
-        == 0
-    )
+    train_digits(out, "small-cnn", "--attack", "badnets", "--set", "size=2", epochs=3)
     result = run("detect", "--model", out, "--steps", 20, "--defender-fraction", 0.2, "--json")
     assert result.exit_code == 0, result.output
     detected = json.loads(result.output.strip().splitlines()[-1])
@@ -347,19 +307,5 @@ def test_detect_and_inspect_write_their_outputs(tmp_path):
         assert (tmp_path / "inspect" / name).stat().st_size > 0, name
     assert "salience-low" in result.output and "ROC-AUC" in result.output
     clean = tmp_path / "clean"
-    assert (
-        run(
-            "train",
-            "--dataset",
-            "digits",
-            "--model",
-            "lenet5",
-            "--epochs",
-            1,
-            "--no-progress",
-            "--out",
-            clean,
-        ).exit_code
-        == 0
-    )
+    train_digits(clean, "lenet5", epochs=1)
     one_line_error(run("inspect", "--model", clean, "--out", tmp_path / "x"), "records no attack")
