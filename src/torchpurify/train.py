@@ -7,6 +7,7 @@ regularised fine-tuning reuse the same loop, schedule, progress display and pass
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from collections.abc import Callable
@@ -92,7 +93,7 @@ class TrainConfig:
     schedule: str = "cosine"
     augment: bool = False
     channels_last: bool | None = None  # None: the model's own preference (see fit)
-    freeze_bn_stats: bool = False  # BatchNorm normalises with its running statistics, frozen
+    freeze_bn_stats: bool = False  # BatchNorm's running statistics are not updated
     seed: int = 0
     device: str = "auto"
     progress: bool = True
@@ -120,6 +121,27 @@ class TrainConfig:
 class TrainResult:
     history: list[dict] = field(default_factory=list)
     cost: Cost = field(default_factory=Cost)
+
+
+class FrozenRunningStats:
+    """Within the block, BatchNorm layers normalise with batch statistics (as in training) but
+    leave their running statistics, used at evaluation, exactly as they were."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.layers = [
+            m for m in model.modules()
+            if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats
+        ]  # fmt: skip
+
+    def __enter__(self) -> None:
+        self.saved = [(m.momentum, m.num_batches_tracked.clone()) for m in self.layers]
+        for m in self.layers:
+            m.momentum = 0.0
+
+    def __exit__(self, *exc) -> None:
+        for m, (momentum, count) in zip(self.layers, self.saved, strict=True):
+            m.momentum = momentum
+            m.num_batches_tracked.copy_(count)
 
 
 def make_optimizer(params, config: TrainConfig) -> torch.optim.Optimizer:
@@ -184,16 +206,16 @@ def fit(
         TimeElapsedColumn(),
         TimeRemainingColumn(),
     )
-    with Progress(*columns, console=console, transient=True, disable=not config.progress) as bar:
+    frozen = FrozenRunningStats(model) if config.freeze_bn_stats else contextlib.nullcontext()
+    with (
+        frozen,
+        Progress(*columns, console=console, transient=True, disable=not config.progress) as bar,
+    ):
         for epoch in range(1, config.epochs + 1):
             task = bar.add_task(
                 f"{description} {epoch}/{config.epochs}", total=batches_per_epoch, loss=0.0
             )
             model.train()
-            if config.freeze_bn_stats:
-                for module in model.modules():
-                    if isinstance(module, nn.modules.batchnorm._BatchNorm):
-                        module.eval()
             order = torch.randperm(len(data), generator=generator)
             loss_sum = torch.zeros((), device=device)
             for b in range(batches_per_epoch):

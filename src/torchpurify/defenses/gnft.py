@@ -16,9 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from torchpurify.defenses.base import Clean, Defense, Purified, register_defense
-from torchpurify.train import Cost, TrainConfig, fit
-
-BN_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+from torchpurify.train import Cost, FrozenRunningStats, TrainConfig, fit
 
 
 def _norms(grads: list[torch.Tensor], per_tensor: bool) -> list[torch.Tensor]:
@@ -27,28 +25,6 @@ def _norms(grads: list[torch.Tensor], per_tensor: bool) -> list[torch.Tensor]:
         return [g.norm().clamp_min(1e-12) for g in grads]
     total = torch.sqrt(sum((g * g).sum() for g in grads)).clamp_min(1e-12)
     return [total] * len(grads)
-
-
-class _FrozenRunningStats:
-    """Within the block, BatchNorm layers normalise with batch statistics but update nothing."""
-
-    def __init__(self, model: nn.Module) -> None:
-        self.layers = [m for m in model.modules() if isinstance(m, BN_TYPES)]
-
-    def __enter__(self) -> None:
-        self.saved = [
-            (m.momentum, m.num_batches_tracked.clone())
-            for m in self.layers
-            if m.track_running_stats
-        ]
-        for m in self.layers:
-            m.momentum = 0.0
-
-    def __exit__(self, *exc) -> None:
-        tracked = [m for m in self.layers if m.track_running_stats]
-        for m, (momentum, count) in zip(tracked, self.saved, strict=True):
-            m.momentum = momentum
-            m.num_batches_tracked.copy_(count)
 
 
 def gradient_norm_direction(
@@ -103,7 +79,7 @@ def gradient_norm_direction(
         for p, g, n in zip(params, g1, _norms(g1, per_tensor), strict=True):
             p.add_(g * (r / n))
     try:
-        with _FrozenRunningStats(model):
+        with FrozenRunningStats(model):
             g2 = torch.autograd.grad(F.cross_entropy(model(x[:m]), y[:m]), params)
         cost.forward += 1
         cost.backward += 1
@@ -143,7 +119,7 @@ class FineTuneRecipe(Defense):
     momentum: float = 0.9
     weight_decay: float = 5e-4
     # Re-estimating BatchNorm statistics on clean-only data alone revives a pruned backdoor
-    # (methods.md §11); frozen, BatchNorm keeps the statistics the model was trained with.
+    # (methods.md §11.1); frozen, the running statistics stay those the model was trained with.
     freeze_bn_stats: bool = False
 
     def validate(self) -> None:
