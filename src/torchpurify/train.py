@@ -7,7 +7,6 @@ regularised fine-tuning reuse the same loop, schedule, progress display and pass
 
 from __future__ import annotations
 
-import contextlib
 import math
 import time
 from collections.abc import Callable
@@ -93,7 +92,7 @@ class TrainConfig:
     schedule: str = "cosine"
     augment: bool = False
     channels_last: bool | None = None  # None: the model's own preference (see fit)
-    freeze_bn_stats: bool = False  # BatchNorm's running statistics are not updated
+    freeze_bn_stats: bool = False  # BatchNorm in evaluation mode while training (see fit)
     seed: int = 0
     device: str = "auto"
     progress: bool = True
@@ -206,16 +205,19 @@ def fit(
         TimeElapsedColumn(),
         TimeRemainingColumn(),
     )
-    frozen = FrozenRunningStats(model) if config.freeze_bn_stats else contextlib.nullcontext()
-    with (
-        frozen,
-        Progress(*columns, console=console, transient=True, disable=not config.progress) as bar,
-    ):
+    with Progress(*columns, console=console, transient=True, disable=not config.progress) as bar:
         for epoch in range(1, config.epochs + 1):
             task = bar.add_task(
                 f"{description} {epoch}/{config.epochs}", total=batches_per_epoch, loss=0.0
             )
             model.train()
+            if config.freeze_bn_stats:
+                # Evaluation-mode BatchNorm: normalise with the running statistics and keep them.
+                # (Batch statistics with frozen running ones train weights for a normalisation
+                # the model never evaluates with: ACC collapsed, methods.md §11.1.)
+                for module in model.modules():
+                    if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                        module.eval()
             order = torch.randperm(len(data), generator=generator)
             loss_sum = torch.zeros((), device=device)
             for b in range(batches_per_epoch):
