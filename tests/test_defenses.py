@@ -94,8 +94,9 @@ def test_no_defense_reads_test_data(name, tiny_backdoor, monkeypatch):
     def forbidden(*args, **kwargs):
         raise AssertionError("a defense loaded a dataset")
 
-    monkeypatch.setattr("torchpurify.data.load_dataset", forbidden)
+    # experiment first: importing it while data.load_dataset is patched would bind the fake.
     monkeypatch.setattr("torchpurify.experiment.load_dataset", forbidden)
+    monkeypatch.setattr("torchpurify.data.load_dataset", forbidden)
     clean = CleanWithTest(tiny_backdoor.tune, tiny_backdoor.holdout)
     params = {**TINY[name], "epochs": 1} if "epochs" in TINY[name] else {"inversion_steps": 20}
     build_defense(name, device="cpu", **params).purify(tiny_backdoor.model, clean)

@@ -107,6 +107,9 @@ def test_per_tensor_normalisation_matches_its_exact_penalty():
         ("ft", {"lr": -1}, "lr must be positive"),
         ("ft", {"radius": 1}, "unknown parameter 'radius'"),
         ("gnft", {"batch_size": 1}, "batch_size"),
+        ("gnft", {"epochs": "abc"}, "epochs must be an integer, got 'abc'"),
+        ("gnft", {"r": True}, "r must be a number"),
+        ("ft", {"freeze_bn_stats": "yes"}, "freeze_bn_stats must be true or false"),
     ],
 )
 def test_bad_hyper_parameters_name_the_parameter(name, params, message):

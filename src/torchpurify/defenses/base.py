@@ -118,7 +118,22 @@ def build_defense(name: str, **params: Any) -> Defense:
             key in allowed,
             f"unknown parameter {key!r} for defense {name!r}; allowed: {', '.join(allowed)}",
         )
-    try:
-        return cls(**params)
-    except TypeError as error:
-        raise UserError(f"{name}: {error}") from None
+    defaults = {f.name: f.default for f in dataclasses.fields(cls)}
+    for key, value in params.items():
+        check_type(name, key, value, defaults[key])
+    return cls(**params)
+
+
+def check_type(defense: str, param: str, value: Any, default: Any) -> None:
+    """A value from ``--set`` must have the kind of its default (ints pass where floats go)."""
+    if default is None or default is dataclasses.MISSING:
+        return
+    kinds = {bool: (bool,), int: (int,), float: (int, float), str: (str,)}.get(type(default))
+    if kinds is None:
+        return
+    wrong_bool = isinstance(value, bool) and bool not in kinds
+    if wrong_bool or not isinstance(value, kinds):
+        kind = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
+        raise UserError(
+            f"{defense}: {param} must be {kind[type(default)]}, got {value!r} (default {default!r})"
+        )
