@@ -7,6 +7,7 @@ written into the model card.
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -98,8 +99,17 @@ def prepare_data(spec: DataSpec, progress: bool = True) -> Prepared:
         )
         rng = np.random.default_rng(spec.seed)
         indices = np.sort(rng.choice(n, spec.train_size, replace=False))
-    train_pos, val_pos = train_val_split(len(indices), spec.val_fraction, seed=spec.seed)
     check(len(dataset.test) > 0, f"the test split of {spec.dataset} is empty")
+    if dataset.val is not None:
+        # The dataset's own validation split (speaker-disjoint for speech) replaces a random cut.
+        return Prepared(
+            dataset=dataset,
+            train=dataset.train.subset(indices),
+            val=dataset.val,
+            test=dataset.test,
+            train_indices=indices,
+        )
+    train_pos, val_pos = train_val_split(len(indices), spec.val_fraction, seed=spec.seed)
     return Prepared(
         dataset=dataset,
         train=dataset.train.subset(indices[train_pos]),
@@ -170,9 +180,12 @@ def train_model(
             "num_noise": len(poisoned.noise),
             "poisoned_sha256": poisoned.indices_sha256(),
         }
-    mean, std = channel_stats(prepared.train.x)
+    kwargs = {}
+    if ":" not in model_name and "mean" in inspect.signature(MODELS.get(model_name)).parameters:
+        # Image models normalise their input inside; audio models normalise their features.
+        mean, std = channel_stats(prepared.train.x)
+        kwargs = {"mean": mean, "std": std}
     torch.manual_seed(config.seed)
-    kwargs = {"mean": mean, "std": std} if ":" not in model_name else {}
     model = build_model(model_name, input_shape, dataset.num_classes, **kwargs)
     how = {
         "target": attack.target if attack else 0,

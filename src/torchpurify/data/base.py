@@ -42,12 +42,17 @@ class Split:
 
 @dataclass
 class Dataset:
-    """A dataset as loaded: the official train and test splits and the class names."""
+    """A dataset as loaded: the official train and test splits and the class names.
+
+    ``val`` is set when the dataset defines its own validation split (Speech Commands'
+    ``validation_list.txt``, speaker-disjoint); otherwise validation data is cut from ``train``.
+    """
 
     name: str
     train: Split
     test: Split
     classes: list[str]
+    val: Split | None = None
 
     @property
     def input_shape(self) -> tuple[int, ...]:
