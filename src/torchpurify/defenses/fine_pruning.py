@@ -26,7 +26,10 @@ class FinePruning(FineTuneRecipe):
 
     epochs: int = 10
     layer: str | None = None
-    max_acc_drop: float = 0.04
+    # Defaults chosen by the calibration runs of methods.md §11.1 (the paper's 4-point budget and
+    # train-mode BatchNorm leave BadNets at ASR 0.99 at our scale).
+    max_acc_drop: float = 0.08
+    freeze_bn_stats: bool = True
     search: str = "binary"
     prune_only: bool = False
 

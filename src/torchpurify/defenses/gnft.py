@@ -150,10 +150,13 @@ class GradientNormFineTuning(FineTuneRecipe):
     summary = "fine-tune with a gradient-norm penalty, two-pass approximation (Zhou et al. 2025)"
 
     mode: str = "approx"
-    r: float = 0.05
-    alpha: float = 0.7
+    # r, α and second_pass chosen by the calibration runs of methods.md §11.1: the paper's
+    # r = 0.05, α = 0.7 leave BadNets at ASR 1.00 at our scale; half-batch second passes bring
+    # the step to about 1.5× a plain one.
+    r: float = 1.0
+    alpha: float = 0.9
     per_tensor: bool = False
-    second_pass: float = 1.0
+    second_pass: float = 0.5
 
     def validate(self) -> None:
         super().validate()

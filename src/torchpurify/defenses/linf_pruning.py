@@ -47,6 +47,8 @@ class LinfPruning(FineTuneRecipe):
     max_acc_drop: float = 0.04
     stop_asr: float = 0.1
     fine_tune: bool = False
+    # When fine_tune is on: train-mode BatchNorm revives pruned backdoors (methods.md §11.1).
+    freeze_bn_stats: bool = True
     epochs: int = 10
     inversion_steps: int = 300
     rounds: int = 3
