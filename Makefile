@@ -9,7 +9,7 @@ FASHION := /usr/share/datasets/fashion-mnist
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet --constraint constraints.txt --editable '.[dev]'
+	$(BIN)/pip install --quiet --constraint constraints.txt --editable '.[dev,ray]'
 	touch $@
 
 # Fashion-MNIST from Debian when we may install packages; otherwise torchpurify downloads it.

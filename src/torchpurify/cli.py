@@ -472,6 +472,184 @@ class Listing(str, Enum):
     defenses = "defenses"
 
 
+def _one_second_clip(path: Path | None, rate: int) -> tuple[Any, list[str]]:
+    """The clip trigger-demo shows, as float32 mono at ``rate``, and notes on what was done to it.
+
+    A WAV at another rate is resampled and several channels are averaged; the clip keeps its
+    first second or is centred in one second of silence.
+    """
+    import math
+
+    import numpy as np
+    import soundfile
+
+    if path is None:
+        from torchpurify.data.synth import speak
+
+        clip, notes = speak("yes", sample_rate=rate), ["the word 'yes', synthesised"]
+    else:
+        if not path.is_file():
+            raise UserError(f"--input {path} does not exist; give a WAV file")
+        try:
+            data, file_rate = soundfile.read(path, dtype="float32", always_2d=True)
+        except RuntimeError as error:
+            raise UserError(f"--input {path} is not a readable audio file ({error})") from None
+        if data.size == 0:
+            raise UserError(f"--input {path} has no samples")
+        clip, notes = data.mean(axis=1), [str(path)]
+        if data.shape[1] > 1:
+            notes.append(f"averaged {data.shape[1]} channels to mono")
+        if file_rate != rate:
+            from scipy.signal import resample_poly
+
+            common = math.gcd(rate, file_rate)
+            clip = resample_poly(clip, rate // common, file_rate // common)
+            notes.append(f"resampled from {file_rate} Hz")
+    if len(clip) > rate:
+        clip = clip[:rate]
+        notes.append("kept its first second")
+    elif len(clip) < rate:
+        room = rate - len(clip)
+        clip = np.pad(clip, (room // 2, room - room // 2))
+        notes.append("centred in one second of silence")
+    return np.clip(clip, -1, 1).astype(np.float32), notes
+
+
+@command("trigger-demo")
+def trigger_demo(
+    attack: Annotated[str, typer.Option(help="Audio attack (see `torchpurify list attacks`).")],
+    out_dir: Annotated[Path, typer.Option("--out", help="Directory for the WAV and PNG files.")],
+    input_path: Annotated[
+        Path | None,
+        typer.Option(
+            "--input",
+            help="A WAV file: other sample rates are resampled, channels averaged, and the clip "
+            "cut or padded to one second (default: the word 'yes', synthesised).",
+        ),
+    ] = None,
+    settings: Settings = None,
+    seed: Annotated[int, typer.Option(help="Seed of the trigger's random pattern.")] = 0,
+) -> None:
+    """Apply an audio trigger to a one-second clip: write clean.wav, triggered.wav (16-bit PCM)
+    and their log-magnitude spectrograms clean.png, triggered.png (one colour scale)."""
+    import soundfile
+    import torch
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    from torchpurify.attacks import ATTACKS, build_attack
+    from torchpurify.attacks.audio import audio_attack_names, fft_size
+
+    ATTACKS.get(attack)
+    audio = audio_attack_names()
+    if attack not in audio:
+        raise UserError(
+            f"trigger-demo shows audio triggers and {attack!r} is an image attack; "
+            f"choose one of: {', '.join(audio)}"
+        )
+    params = parse_settings(settings)
+    rate = params.get("sample_rate", 16000)
+    # A bad sample_rate cannot size the clip; build with 16000 samples so the attack's own check
+    # names it.
+    valid_rate = isinstance(rate, int) and not isinstance(rate, bool) and rate > 0
+    trigger = build_attack(attack, (rate if valid_rate else 16000,), seed=seed, **params)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise UserError(f"--out {out_dir} is a file; give a directory")
+    clip, notes = _one_second_clip(input_path, rate)
+    clean = torch.from_numpy(clip)
+    waves = {"clean": clean, "triggered": trigger(clean)}
+
+    n_fft = fft_size(rate)
+    window = torch.hann_window(n_fft)
+
+    def decibels(wave: torch.Tensor) -> torch.Tensor:
+        spectrum = torch.stft(wave, n_fft, n_fft // 4, window=window, return_complex=True)
+        return 20 * spectrum.abs().clamp_min(1e-5).log10()
+
+    spectrograms = {name: decibels(wave) for name, wave in waves.items()}
+    top = max(float(db.max()) for db in spectrograms.values())
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written = []
+    for name, wave in waves.items():
+        soundfile.write(out_dir / f"{name}.wav", wave.numpy(), rate, subtype="PCM_16")
+        figure = Figure(figsize=(6.0, 4.0), layout="constrained")
+        FigureCanvasAgg(figure)
+        axes = figure.subplots()
+        image = axes.imshow(
+            spectrograms[name].numpy(),
+            origin="lower",
+            aspect="auto",
+            extent=(0.0, len(wave) / rate, 0.0, rate / 2),
+            vmin=top - 80,
+            vmax=top,
+            cmap="magma",
+        )
+        axes.set_xlabel("time (s)")
+        axes.set_ylabel("frequency (Hz)")
+        axes.set_title(name if name == "clean" else f"triggered: {attack}")
+        figure.colorbar(image, ax=axes, label="magnitude (dB)")
+        figure.savefig(out_dir / f"{name}.png", dpi=120)
+        written += [f"{name}.wav", f"{name}.png"]
+    plain = {"markup": False, "highlight": False, "soft_wrap": True}
+    out.print(f"clip: {', '.join(notes)}; {rate} Hz, 1 s", **plain)
+    out.print(f"wrote {', '.join(written)} to {out_dir}", **plain)
+
+
+@command()
+def report(
+    db: Annotated[Path, typer.Argument(help="The results store (SQLite) the runner wrote.")],
+    out_dir: Annotated[
+        Path, typer.Option("--out", help="Directory for report.md, report.html and the figures.")
+    ],
+) -> None:
+    """Tables and plots of a results store: report.md (figures beside it) and report.html
+    (one self-contained page: images embedded, no external resources)."""
+    from torchpurify.report import write_report
+
+    for path in write_report(db, out_dir):
+        print(path)
+
+
+class Executor(str, Enum):
+    local = "local"
+    ray = "ray"
+
+
+@command("run")
+def run_spec(
+    spec_path: Annotated[Path, typer.Argument(metavar="SPEC.yaml", help="The experiment spec.")],
+    results: Annotated[
+        Path, typer.Option(help="The results store (SQLite); created on first use.")
+    ] = Path("results.db"),
+    cache: Annotated[Path, typer.Option(help="Folder for the trained models.")] = Path(
+        "runs/cache"
+    ),
+    executor: Annotated[
+        Executor, typer.Option(help="local: in this process; ray: tasks on a Ray cluster.")
+    ] = Executor.local,
+    cpus_per_task: Annotated[
+        int | None, typer.Option(help="CPUs per Ray task (default: the spec's, else 1).")
+    ] = None,
+    progress: Annotated[bool, typer.Option(help="Show a line per finished cell.")] = True,
+) -> None:
+    """Run an experiment spec: train each model once, run every defense on it, store each
+    result in --results. Run the same command again to resume; finished cells are skipped."""
+    from torchpurify.runner import print_summary, run_experiment
+    from torchpurify.spec import load_spec
+
+    spec = load_spec(spec_path)
+    try:
+        rows = run_experiment(
+            spec, results, cache, executor.value, progress, cpus_per_task, console=out
+        )
+    except KeyboardInterrupt:
+        err.print(f"interrupted; finished cells are in {results}: run the same command to resume")
+        raise typer.Exit(130) from None
+    if not progress:
+        print_summary(out, rows)
+    out.print(f"results: {results}")
+
+
 @command("list")
 def list_(
     what: Annotated[Listing, typer.Argument(help="datasets, models, attacks or defenses")],

@@ -3,7 +3,7 @@
 ``load_dataset(name)`` looks in this order: an explicit ``root``; ``$TORCHPURIFY_DATA/<name>``;
 the Debian package ``dataset-fashion-mnist`` (Fashion-MNIST only); the user cache
 ``$XDG_CACHE_HOME/torchpurify/<name>``, downloading into it from the official source (md5
-checked) when it is incomplete.
+checked) when it is incomplete, or generating it there for synthetic data (speech-synth).
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ from torchpurify.data.folder import (
     read_image_folder,
 )
 from torchpurify.data.idx import missing_idx, read_idx_dataset
+from torchpurify.data.speech import OFFICIAL_URL, missing_speech_commands, read_speech_commands
 from torchpurify.data.splits import defender_split, train_val_split
 from torchpurify.errors import UserError
 from torchpurify.registry import Registry
@@ -88,11 +89,20 @@ DOWNLOADS: dict[str, list[tuple[str, str]]] = {
 
 @dataclass(frozen=True)
 class Source:
-    """How to check and read one dataset's folder; ``missing`` is None for bundled data."""
+    """How to check and read one dataset's folder; ``missing`` is None for bundled data.
+
+    ``folder`` names the dataset's folder under ``$TORCHPURIFY_DATA`` and the cache when several
+    datasets read the same files (default: the dataset's name). ``generate(folder, progress)``
+    builds a missing folder for synthetic data; ``manual`` says where to get files that cannot be
+    downloaded here.
+    """
 
     read: Callable[[Path | None], Dataset]
     missing: Callable[[Path], str | None] | None
     expected: str = ""
+    folder: str | None = None
+    generate: Callable[[Path, bool], object] | None = None
+    manual: str = ""
 
 
 DATASETS: Registry[Source] = Registry("dataset")
@@ -142,6 +152,54 @@ _register("image-folder", "your images: ROOT/train/<class>/*.png|jpg|ppm|bmp, RO
 )
 
 
+def missing_speech_synth(root: Path) -> str | None:
+    """What ``root`` lacks to be a finished speech-synth folder, or None when complete."""
+    problem = missing_speech_commands(root)
+    if problem is None and not (root / "manifest.json").is_file():
+        problem = "missing manifest.json (write the folder with `torchpurify make-speech`)"
+    return problem
+
+
+def generate_speech_synth(folder: Path, progress: bool = True) -> None:
+    """The default speech-synth set (imported late: it loads espeak and multiprocessing)."""
+    from torchpurify.data.synth import generate_speech_synth as generate
+
+    generate(folder, progress=progress)
+
+
+_SPEECH_EXPECTED = (
+    "one folder per word of 16 kHz WAV clips, validation_list.txt and testing_list.txt "
+    "(Speech Commands layout)"
+)
+_SPEECH_MANUAL = f"download and unpack {OFFICIAL_URL} (or v0.01) there"
+_register("speech-synth", "espeak keywords, 10 classes, noisy 1-s 16 kHz clips, made offline")(
+    Source(
+        partial(read_speech_commands, name="speech-synth"),
+        missing_speech_synth,
+        _SPEECH_EXPECTED + " and manifest.json",
+        generate=generate_speech_synth,
+    )
+)
+_SPEECH_TASKS = {
+    "speech-commands": ("Google Speech Commands, the 10 keywords", {}),
+    "speech-commands-12": (
+        "Google Speech Commands, 10 keywords + silence + unknown (12 classes)",
+        {"silence": True, "unknown": True},
+    ),
+    "speech-commands-35": ("Google Speech Commands, all words (35 in v0.02)", {"words": None}),
+}
+for _name, (_summary, _task) in _SPEECH_TASKS.items():
+    _register(_name, _summary)(
+        Source(
+            partial(read_speech_commands, name=_name, **_task),
+            missing_speech_commands,
+            _SPEECH_EXPECTED,
+            folder="speech-commands",
+            manual=_SPEECH_MANUAL,
+        )
+    )
+
+
 def cache_dir(name: str) -> Path:
     """``$XDG_CACHE_HOME/torchpurify/<name>``, by default under ``~/.cache``."""
     base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
@@ -163,30 +221,41 @@ def resolve_root(
                 f"--data-root {root} {problem}; point it at the folder holding {source.expected}"
             )
         return root
-    if name not in DOWNLOADS:
-        raise UserError(f"{name} needs --data-root: a folder holding {source.expected}")
+    folder_name = source.folder or name
+    obtainable = name in DOWNLOADS or source.generate is not None
     candidates = []
     if os.environ.get(ENV_VAR):
-        candidates.append(Path(os.environ[ENV_VAR]).expanduser() / name)
+        candidates.append(Path(os.environ[ENV_VAR]).expanduser() / folder_name)
     if name == "fashion-mnist":
         candidates.append(DEBIAN_FASHION_MNIST)
-    cache = cache_dir(name)
-    candidates.append(cache)
+    cache = cache_dir(folder_name)
+    if obtainable:
+        candidates.append(cache)
     for folder in candidates:
         if folder.is_dir() and source.missing(folder) is None:
             return folder
+    if not obtainable:
+        raise UserError(
+            f"{name} needs --data-root or {ENV_VAR} (looked for ${ENV_VAR}/{folder_name}/): "
+            f"a folder holding {source.expected}"
+            + (f"; {source.manual}" if source.manual else "")
+        )
+    making = "generating" if source.generate is not None else "downloading"
     if not download:
         raise UserError(
-            f"{name} not found (looked in {', '.join(map(str, candidates))}) and downloading is "
-            f"off; pass --data-root, set {ENV_VAR} to a folder holding {name}/, allow the "
-            "download"
+            f"{name} not found (looked in {', '.join(map(str, candidates))}) and {making} is "
+            f"off; pass --data-root, set {ENV_VAR} to a folder holding {folder_name}/, allow "
+            f"{making}"
             + (", or apt-get install dataset-fashion-mnist" if name == "fashion-mnist" else "")
         )
-    fetch(DOWNLOADS[name], cache, progress)
+    if source.generate is not None:
+        source.generate(cache, progress)
+    else:
+        fetch(DOWNLOADS[name], cache, progress)
     problem = source.missing(cache)
     if problem:
         raise UserError(
-            f"downloaded {name} into {cache} but it is still incomplete ({problem}); "
+            f"{making} {name} into {cache} left it incomplete ({problem}); "
             "delete that folder and try again"
         )
     return cache

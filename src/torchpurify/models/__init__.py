@@ -15,7 +15,7 @@ from typing import Any
 from torch import nn
 
 from torchpurify.errors import UserError
-from torchpurify.models import image  # noqa: F401  (registers the image models)
+from torchpurify.models import audio, image  # noqa: F401  (register the audio and image models)
 from torchpurify.models.registry import MODELS
 
 SPEC_ATTR = "torchpurify_architecture"

@@ -1,0 +1,571 @@
+"""The results report (design.md: store → report): the tables and plots of a results store as
+``report.md`` with its figures beside it, and as ``report.html``, one self-contained page.
+
+The store is only read (SQLite opened read-only). Numbers are the mean ± sample standard
+deviation over seeds; a seed run more than once counts once, with its latest record. The report
+is built once as a list of blocks (headings, tables, figures, notes) and rendered twice, so the
+Markdown and the HTML say the same thing.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import json
+import math
+import re
+import sqlite3
+import statistics
+from collections import defaultdict
+from contextlib import closing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from torchpurify.diagnostics import (
+    RULES,
+    _figure,
+    _save,
+    plot_gradient_groups,
+    plot_pruning_curve,
+)
+from torchpurify.errors import UserError, check
+
+MODEL_COLUMNS = (
+    "key", "dataset", "model", "attack", "attack_params", "poison_rate", "target_mode", "seed",
+    "acc", "asr", "ra", "identification", "neuron_table", "pruning_curve", "created_at",
+)  # fmt: skip
+CELL_COLUMNS = (
+    "key", "model_key", "dataset", "model", "attack", "attack_params", "poison_rate",
+    "target_mode", "seed", "label", "acc_before", "asr_before", "ra_before", "acc_after",
+    "asr_after", "ra_after", "der", "seconds", "log", "versions", "started_at", "finished_at",
+)  # fmt: skip
+JSON_COLUMNS = (
+    "attack_params", "identification", "neuron_table", "pruning_curve", "log", "versions",
+)  # fmt: skip
+NO_DEFENSE = "no defense"
+FIGURES = "figures"
+
+
+# ----------------------------------------------------------------------------- reading the store
+
+
+def read_store(db: Path) -> tuple[list[dict], list[dict]]:
+    """The ``models`` and ``cells`` rows of a results store, JSON columns decoded."""
+    check(
+        db.is_file(),
+        f"{db} does not exist; give the results store (SQLite file) the experiment runner wrote",
+    )
+    try:
+        with closing(sqlite3.connect(f"{db.resolve().as_uri()}?mode=ro", uri=True)) as store:
+            models = _select(store, "models", MODEL_COLUMNS)
+            cells = _select(store, "cells", CELL_COLUMNS)
+    except (sqlite3.DatabaseError, json.JSONDecodeError) as error:
+        raise UserError(
+            f"{db} is not a readable torchpurify results store ({error}); give the SQLite file "
+            "the experiment runner wrote"
+        ) from None
+    check(len(models) > 0, f"{db} holds no models yet; run an experiment before reporting")
+    return models, cells
+
+
+def _select(store: sqlite3.Connection, table: str, columns: tuple[str, ...]) -> list[dict]:
+    rows = store.execute(f"SELECT {', '.join(columns)} FROM {table}").fetchall()
+    decoded = []
+    for values in rows:
+        row = dict(zip(columns, values, strict=True))
+        for column in JSON_COLUMNS:
+            if row.get(column) is not None:
+                row[column] = json.loads(row[column])
+        decoded.append(row)
+    return decoded
+
+
+# ----------------------------------------------------------------------------- grouping
+
+
+@dataclass
+class Setting:
+    """One dataset × model × attack configuration: its models (one per seed, by seed) and the
+    defense runs on them."""
+
+    dataset: str
+    model: str
+    attack: str
+    details: str
+    slug: str = ""
+    models: list[dict] = field(default_factory=list)
+    cells: list[dict] = field(default_factory=list)
+
+    @property
+    def clean(self) -> bool:
+        return self.attack == "none"
+
+    @property
+    def title(self) -> str:
+        name = f"{self.dataset} / {self.model} / {self.attack}"
+        return f"{name} ({self.details})" if self.details else name
+
+
+def _setting_key(row: dict) -> tuple:
+    """What must match for runs to be seeds of one experiment: not just the attack's name,
+    or runs at different poison rates would be averaged together."""
+    params = json.dumps(row["attack_params"], sort_keys=True)
+    return (
+        row["dataset"],
+        row["model"],
+        row["attack"],
+        params,
+        row["poison_rate"],
+        row["target_mode"],
+    )
+
+
+def _details(row: dict) -> str:
+    if row["attack"] == "none":
+        return ""
+    parts = [] if row["poison_rate"] is None else [f"{row['poison_rate'] * 100:g} % poisoned"]
+    parts += [row["target_mode"]] if row["target_mode"] else []
+    parts += [f"{k}={v}" for k, v in sorted((row["attack_params"] or {}).items())]
+    return ", ".join(parts)
+
+
+def _latest_per_seed(rows: list[dict], stamp: str) -> list[dict]:
+    """One row per seed, the latest by ``stamp``, ordered by seed: a repeated run replaces
+    its earlier record instead of being counted twice."""
+    latest = {}
+    for row in sorted(rows, key=lambda r: r[stamp]):
+        latest[row["seed"]] = row
+    return [latest[seed] for seed in sorted(latest)]
+
+
+def _latest_runs(cells: list[dict]) -> list[dict]:
+    """The latest run of each defense label and seed."""
+    labels = sorted({c["label"] for c in cells})
+    return [
+        run
+        for label in labels
+        for run in _latest_per_seed([c for c in cells if c["label"] == label], "finished_at")
+    ]
+
+
+def _slug(text: str) -> str:
+    """A file-name-safe form of a title."""
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
+
+
+def group_settings(models: list[dict], cells: list[dict]) -> list[Setting]:
+    """Models and cells grouped by experiment setting, in a stable order."""
+    settings: dict[tuple, Setting] = {}
+    for row in models + cells:
+        key = _setting_key(row)
+        if key not in settings:
+            settings[key] = Setting(row["dataset"], row["model"], row["attack"], _details(row))
+    for row in models:
+        settings[_setting_key(row)].models.append(row)
+    for row in cells:
+        settings[_setting_key(row)].cells.append(row)
+    ordered = [settings[key] for key in sorted(settings, key=lambda k: tuple(map(str, k)))]
+    for index, setting in enumerate(ordered, start=1):
+        setting.models = _latest_per_seed(setting.models, "created_at")
+        setting.cells = sorted(setting.cells, key=lambda c: c["finished_at"])
+        setting.slug = f"{index:02d}-{_slug(setting.title)}"
+    return ordered
+
+
+# ----------------------------------------------------------------------------- blocks
+
+
+@dataclass
+class Heading:
+    text: str
+    level: int
+
+
+@dataclass
+class Text:
+    text: str
+
+
+@dataclass
+class Note:
+    """A section left out, and why."""
+
+    text: str
+
+
+@dataclass
+class Items:
+    items: list[str]
+
+
+@dataclass
+class Table:
+    header: list[str]
+    rows: list[list[str]]
+
+
+@dataclass
+class Image:
+    """A PNG under the output folder, referenced by its path relative to it."""
+
+    relative: str
+    caption: str
+
+
+# ----------------------------------------------------------------------------- numbers
+
+
+def _present(values: list) -> list[float]:
+    return [v for v in values if v is not None and not math.isnan(v)]
+
+
+def mean_std(values: list, digits: int = 3) -> str:
+    """``mean ± std`` of the values present (sample std; none for one value), ``–`` for none;
+    ``(k of n)`` when only k of the n seeds have the value."""
+    present = _present(values)
+    if not present:
+        return "–"
+    text = f"{statistics.fmean(present):.{digits}f}"
+    if len(present) > 1:
+        text += f" ± {statistics.stdev(present):.{digits}f}"
+    if len(present) < len(values):
+        text += f" ({len(present)} of {len(values)})"
+    return text
+
+
+def _mean_and_std(values: list) -> tuple[float, float]:
+    """For a bar and its error bar; NaN draws nothing (no value, or no spread from one seed)."""
+    present = _present(values)
+    mean = statistics.fmean(present) if present else math.nan
+    return mean, statistics.stdev(present) if len(present) > 1 else math.nan
+
+
+# ----------------------------------------------------------------------------- header
+
+
+def _versions(cells: list[dict]) -> str:
+    seen: dict[str, set[str]] = defaultdict(set)
+    for cell in cells:
+        for package, version in (cell["versions"] or {}).items():
+            seen[package].add(str(version))
+    if not seen:
+        return "not recorded (no defense runs)"
+    return ", ".join(f"{p} {' / '.join(sorted(seen[p]))}" for p in sorted(seen))
+
+
+def header(db: Path, models: list[dict], cells: list[dict]) -> list:
+    """Title and what the store holds: counts, datasets, package versions, time span."""
+    stamps = [m["created_at"] for m in models]
+    stamps += [c[key] for c in cells for key in ("started_at", "finished_at")]
+    return [
+        Heading("torchpurify results report", 1),
+        Items(
+            [
+                f"store: {db.name}",
+                f"{len(models)} models, {len(cells)} defense runs (cells)",
+                f"datasets: {', '.join(sorted({m['dataset'] for m in models}))}",
+                f"versions: {_versions(cells)}",
+                f"time span: {min(stamps)} to {max(stamps)}",
+            ]
+        ),
+        Text(
+            "Numbers are mean ± standard deviation over seeds (n seeds; a single seed shows its "
+            'value alone; "k of n" when only k seeds have the value). – means not measured, '
+            "or not applicable: a clean model has no ASR, RA or DER. A seed run more than once "
+            "counts once, with its latest record."
+        ),
+    ]
+
+
+# ----------------------------------------------------------------------------- defenses
+
+
+def _outcome(row: dict, suffix: str) -> dict:
+    """ACC, ASR, RA (columns ending in ``suffix``), DER and seconds of one run; a model row or
+    the before numbers of a cell have no DER or cost."""
+    outcome = {name: row[name + suffix] for name in ("acc", "asr", "ra")}
+    after = suffix == "_after"
+    return {
+        **outcome,
+        "der": row["der"] if after else None,
+        "seconds": row["seconds"] if after else None,
+    }
+
+
+def defense_rows(setting: Setting) -> list[tuple[str, list[dict]]]:
+    """(label, one dict per seed with acc/asr/ra/der/seconds): ``no defense`` first, from the
+    before numbers of the defense runs (the model's own test metrics for seeds without one),
+    then each defense label in alphabetical order."""
+    before = {m["seed"]: _outcome(m, "") for m in setting.models}
+    before.update({c["seed"]: _outcome(c, "_before") for c in setting.cells})
+    rows = [(NO_DEFENSE, [before[seed] for seed in sorted(before)])]
+    runs = _latest_runs(setting.cells)
+    for label in sorted({c["label"] for c in runs}):
+        rows.append((label, [_outcome(c, "_after") for c in runs if c["label"] == label]))
+    return rows
+
+
+def defense_table(setting: Setting, rows: list[tuple[str, list[dict]]]) -> Table:
+    table = Table(["defense", "n", "ACC", "ASR", "RA", "DER", "seconds"], [])
+    for label, runs in rows:
+        cells = [label, str(len(runs)), mean_std([r["acc"] for r in runs])]
+        for name in ("asr", "ra", "der"):
+            cells.append("–" if setting.clean else mean_std([r[name] for r in runs]))
+        cells.append(mean_std([r["seconds"] for r in runs], digits=1))
+        table.rows.append(cells)
+    return table
+
+
+def plot_defenses(setting: Setting, rows: list[tuple[str, list[dict]]], path: Path) -> Path:
+    """Grouped bars: ACC (and ASR for a backdoored model) with no defense and after each
+    defense, error bars one standard deviation over seeds."""
+    metrics = ("acc",) if setting.clean else ("acc", "asr")
+    figure, (axis,) = _figure(width=4.0 + 1.2 * len(metrics))
+    width = 0.8 / len(rows)
+    for i, (label, runs) in enumerate(rows):
+        means, stds = zip(*(_mean_and_std([r[m] for r in runs]) for m in metrics), strict=True)
+        offset = (i - (len(rows) - 1) / 2) * width
+        positions = [j + offset for j in range(len(metrics))]
+        axis.bar(positions, means, width, yerr=stds, capsize=3, label=f"{label} (n={len(runs)})")
+    axis.set_xticks(range(len(metrics)), [m.upper() for m in metrics])
+    axis.set_ylim(0, 1.05)
+    axis.set_ylabel("rate on the test split")
+    axis.set_title(f"{setting.dataset} / {setting.model} / {setting.attack}")
+    axis.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    return _save(figure, path)
+
+
+def defense_section(settings: list[Setting], out: Path) -> list:
+    blocks = [Heading("Defenses", 2)]
+    for setting in settings:
+        rows = defense_rows(setting)
+        blocks += [Heading(setting.title, 3), defense_table(setting, rows)]
+        if len(rows) == 1:
+            blocks.append(Note("No defense was run on these models."))
+            continue
+        relative = f"{FIGURES}/{setting.slug}-defenses.png"
+        plot_defenses(setting, rows, out / relative)
+        shown = "ACC" if setting.clean else "ACC and ASR"
+        blocks.append(Image(relative, f"{setting.title}: test {shown}, no defense and after each"))
+    return blocks
+
+
+# ----------------------------------------------------------------------------- pruning curves
+
+
+def search_points(log: dict | None) -> list[list[float]]:
+    """The (k, holdout ACC) points a pruning defense evaluated while searching for its cut:
+    the log's ``curve``, or every round's curve when the defense logs rounds (linf-pruning)."""
+    if not log:
+        return []
+    if log.get("curve"):
+        return sorted(log["curve"])
+    return sorted(point for round_ in log.get("rounds", []) for point in round_.get("curve", []))
+
+
+def plot_search(cells: list[dict], path: Path) -> Path:
+    """Holdout ACC at every cut each pruning run evaluated, its chosen cut starred."""
+    figure, (axis,) = _figure()
+    for i, cell in enumerate(cells):
+        points = search_points(cell["log"])
+        colour = f"C{i % 10}"
+        label = f"{cell['label']}, seed {cell['seed']}"
+        axis.plot(*zip(*points, strict=True), "o-", ms=4, lw=0.8, color=colour, label=label)
+        chosen = {k: acc for k, acc in points}.get(cell["log"].get("num_pruned"))
+        if chosen is not None:
+            axis.plot(cell["log"]["num_pruned"], chosen, "*", ms=12, color=colour, mec="k")
+    layers = {cell["log"]["layer"] for cell in cells if cell["log"].get("layer")}
+    axis.set_xlabel("channels pruned" + (f" of {layers.pop()}" if len(layers) == 1 else ""))
+    axis.set_ylabel("holdout ACC")
+    axis.set_title("Cuts evaluated by the pruning search (★ chosen)")
+    axis.legend(fontsize="small")
+    return _save(figure, path)
+
+
+def _by_order(curve: list[dict]) -> dict[str, list[dict]]:
+    orders: dict[str, list[dict]] = defaultdict(list)
+    for row in curve:
+        orders[row["order"]].append(row)
+    return orders
+
+
+def pruning_section(settings: list[Setting], out: Path) -> list:
+    blocks = [Heading("Pruning curves", 2)]
+    for setting in settings:
+        figures = []
+        model = next((m for m in setting.models if m["pruning_curve"]), None)
+        if model is not None:
+            for order, curve in _by_order(model["pruning_curve"]).items():
+                relative = f"{FIGURES}/{setting.slug}-pruning-{_slug(order)}.png"
+                plot_pruning_curve(curve, out / relative)
+                caption = f"Holdout ACC and true-trigger ASR, {order} order, seed {model['seed']}"
+                figures.append(Image(relative, caption))
+        searched = [c for c in _latest_runs(setting.cells) if search_points(c["log"])]
+        if searched:
+            relative = f"{FIGURES}/{setting.slug}-search.png"
+            plot_search(searched, out / relative)
+            figures.append(Image(relative, "Pruning defenses' search on the holdout"))
+        if figures:
+            blocks += [Heading(setting.title, 3), *figures]
+    if len(blocks) == 1:
+        blocks.append(Note("No model pruning curve or pruning-defense search in the store."))
+    return blocks
+
+
+# ----------------------------------------------------------------------------- identification
+
+
+def identification_section(settings: list[Setting]) -> list:
+    """ROC-AUC and precision@k of each scoring rule (methods.md §8), a column per setting."""
+    blocks = [Heading("Neuron identification (methods.md §8)", 2)]
+    columns = [
+        (s, [m["identification"] for m in s.models if m["identification"]]) for s in settings
+    ]
+    columns = [(s, results) for s, results in columns if results]
+    if not columns:
+        return [*blocks, Note("No model in the store has identification results.")]
+    found = [rule for _, results in columns for r in results for rule in r["rules"]]
+    rules = [*RULES, *dict.fromkeys(r for r in found if r not in RULES)]
+    for metric, name in (("auc", "ROC-AUC"), ("precision_at_k", "precision@k")):
+        table = Table(["rule", *(s.title for s, _ in columns)], [])
+        for rule in rules:
+            values = [
+                [r["rules"].get(rule, {}).get(metric) for r in results] for _, results in columns
+            ]
+            table.rows.append([rule, *map(mean_std, values)])
+        blocks += [Heading(name, 3), table]
+    blocks.append(Items([_identification_setup(s, results) for s, results in columns]))
+    return blocks
+
+
+def _identification_setup(setting: Setting, results: list[dict]) -> str:
+    first = results[0]
+    return (
+        f"{setting.title}: layer {first['layer']}, {first['channels']} channels, ground truth "
+        f"the top {first['k']} by true-trigger activation rise, bias rules scored with the "
+        f"{first['bias_trigger']} trigger, n = {len(results)}"
+    )
+
+
+# ----------------------------------------------------------------------------- gradient groups
+
+
+def gradient_section(settings: list[Setting], out: Path) -> list:
+    """Weight-gradient norm by neuron group (methods.md §5), the first seed of each setting."""
+    blocks = [Heading("Gradient norm by neuron group (methods.md §5)", 2)]
+    for setting in settings:
+        model = next((m for m in setting.models if m["neuron_table"]), None)
+        if model is None:
+            continue
+        relative = f"{FIGURES}/{setting.slug}-gradient-groups.png"
+        plot_gradient_groups(model["neuron_table"], out / relative)
+        blocks += [Heading(setting.title, 3), Image(relative, f"seed {model['seed']}")]
+    if len(blocks) == 1:
+        blocks.append(Note("No model in the store has a neuron table."))
+    return blocks
+
+
+# ----------------------------------------------------------------------------- rendering
+
+
+def _md_text(text: str) -> str:
+    """Text a Markdown renderer shows as written: no ``<`` read as a tag, no ``|`` as a cell."""
+    return text.replace("<", "\\<").replace("|", "\\|")
+
+
+def render_markdown(blocks: list) -> str:
+    lines: list[str] = []
+    for block in blocks:
+        if isinstance(block, Heading):
+            lines.append(f"{'#' * block.level} {_md_text(block.text)}")
+        elif isinstance(block, Text):
+            lines.append(_md_text(block.text))
+        elif isinstance(block, Note):
+            lines.append(f"_{_md_text(block.text)}_")
+        elif isinstance(block, Items):
+            lines.append("\n".join(f"- {_md_text(item)}" for item in block.items))
+        elif isinstance(block, Table):
+            align = ["---"] + ["---:"] * (len(block.header) - 1)
+            rows = [block.header, align, *block.rows]
+            lines.append("\n".join(f"| {' | '.join(map(_md_text, row))} |" for row in rows))
+        elif isinstance(block, Image):
+            alt = block.caption.replace("[", "(").replace("]", ")")
+            lines.append(f"![{alt}]({block.relative})")
+        lines.append("")
+    return "\n".join(lines)
+
+
+CSS = """
+body { font-family: system-ui, sans-serif; max-width: 1100px; margin: 2em auto; padding: 0 1em;
+       color: #222; line-height: 1.4; }
+table { border-collapse: collapse; margin: 1em 0; font-variant-numeric: tabular-nums; }
+th, td { border: 1px solid #ccc; padding: 0.3em 0.6em; text-align: right; }
+th:first-child, td:first-child { text-align: left; }
+th { background: #f3f3f3; }
+figure { margin: 1em 0; }
+img { max-width: 100%; }
+figcaption, .note { color: #666; font-size: 0.9em; }
+.note { font-style: italic; }
+"""
+
+
+def _html_block(block, root: Path) -> str:
+    e = html.escape
+    if isinstance(block, Heading):
+        return f"<h{block.level}>{e(block.text)}</h{block.level}>"
+    if isinstance(block, Text):
+        return f"<p>{e(block.text)}</p>"
+    if isinstance(block, Note):
+        return f'<p class="note">{e(block.text)}</p>'
+    if isinstance(block, Items):
+        return "<ul>" + "".join(f"<li>{e(item)}</li>" for item in block.items) + "</ul>"
+    if isinstance(block, Table):
+        head = "".join(f"<th>{e(cell)}</th>" for cell in block.header)
+        body = "".join(
+            "<tr>" + "".join(f"<td>{e(cell)}</td>" for cell in row) + "</tr>" for row in block.rows
+        )
+        return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+    data = base64.b64encode((root / block.relative).read_bytes()).decode("ascii")
+    return (
+        f'<figure><img src="data:image/png;base64,{data}" alt="{e(block.caption)}">'
+        f"<figcaption>{e(block.caption)}</figcaption></figure>"
+    )
+
+
+def render_html(blocks: list, root: Path) -> str:
+    """One page with no external resource: inline CSS, images as base64 data URIs."""
+    title = next(b.text for b in blocks if isinstance(b, Heading))
+    body = "\n".join(_html_block(block, root) for block in blocks)
+    return (
+        f'<!DOCTYPE html>\n<html lang="en">\n<head>\n<meta charset="utf-8">\n'
+        f"<title>{html.escape(title)}</title>\n<style>{CSS}</style>\n</head>\n"
+        f"<body>\n{body}\n</body>\n</html>\n"
+    )
+
+
+def _write(path: Path, text: str) -> Path:
+    """Write through a temporary file, so an interrupted report leaves no half-written page."""
+    partial = path.with_name(path.name + ".partial")
+    partial.write_text(text, encoding="utf-8")
+    partial.replace(path)
+    return path
+
+
+def write_report(db: str | Path, out: str | Path) -> tuple[Path, Path]:
+    """Write ``report.md`` (figures under ``out/figures``) and the self-contained
+    ``report.html`` for the results store ``db``; return their paths."""
+    db, out = Path(db), Path(out)
+    models, cells = read_store(db)
+    check(not out.exists() or out.is_dir(), f"{out} is a file; give a directory for the report")
+    out.mkdir(parents=True, exist_ok=True)
+    settings = group_settings(models, cells)
+    blocks = [
+        *header(db, models, cells),
+        *defense_section(settings, out),
+        *pruning_section(settings, out),
+        *identification_section(settings),
+        *gradient_section(settings, out),
+    ]
+    markdown = _write(out / "report.md", render_markdown(blocks))
+    page = _write(out / "report.html", render_html(blocks, out))
+    return markdown, page

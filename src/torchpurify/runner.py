@@ -1,0 +1,443 @@
+"""Run an experiment spec: train each model once, run every defense cell, record both.
+
+Models are trained with :func:`~torchpurify.experiment.train_model` and cached in
+``cache/<model key>/``; every cell is one :func:`~torchpurify.experiment.purify_model` call. A
+row reaches the store only when its work has finished, so an interrupted run is resumed by
+running it again: finished cells are skipped, a half-done cell is redone, nothing is counted
+twice. Two executors: ``local`` (in this process, one thing at a time) and ``ray`` (models and
+cells as Ray tasks; only this process writes to the store).
+"""
+
+from __future__ import annotations
+
+import statistics
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from rich.console import Console
+from rich.table import Table
+
+from torchpurify import diagnostics
+from torchpurify.attacks import build_attack
+from torchpurify.data import load_dataset
+from torchpurify.errors import UserError, check
+from torchpurify.experiment import defender_data, purify_model, train_model, trigger_of
+from torchpurify.models import build_model
+from torchpurify.models.io import CARD, load_model, versions
+from torchpurify.spec import CellJob, ExperimentSpec, ModelJob, attack_name, cell_jobs, model_jobs
+from torchpurify.store import Store, utc_now
+from torchpurify.train import resolve_device
+
+EXECUTORS = ("local", "ray")
+RAY_MISSING = "the ray executor needs Ray; install the extra: pip install 'torchpurify[ray]'"
+
+
+@dataclass
+class ModelStage:
+    """A model of the grid and what it still needs: ``train``, ``diagnose`` or nothing."""
+
+    job: ModelJob
+    folder: Path
+    action: str | None
+    row: dict[str, Any] | None  # the store's row, when there is one
+
+
+@dataclass
+class Work:
+    """What a run still has to do, and how: the executors' whole input."""
+
+    spec: ExperimentSpec
+    models: list[ModelStage]
+    cells: list[CellJob]  # the cells not yet in the store
+    spec_hash: str
+    cpus_per_task: int
+    progress: bool
+
+    def cells_of(self, key: str) -> list[CellJob]:
+        return [cell for cell in self.cells if cell.model.key == key]
+
+
+def run_experiment(
+    spec: ExperimentSpec,
+    results: str | Path,
+    cache: str | Path,
+    executor: str = "local",
+    progress: bool = True,
+    cpus_per_task: int | None = None,
+    console: Console | None = None,
+) -> list[dict[str, Any]]:
+    """Run every cell of ``spec`` not yet in the store at ``results``; return all its cell rows.
+
+    With ``progress``, one line per trained model and per finished cell, and the summary table
+    (:func:`print_summary`) at the end, go to ``console`` (default: stderr).
+    """
+    check(executor in EXECUTORS, f"--executor must be local or ray, got {executor!r}")
+    check(
+        cpus_per_task is None or cpus_per_task >= 1,
+        f"--cpus-per-task must be at least 1, got {cpus_per_task}",
+    )
+    console = console or Console(stderr=True)
+    cache = Path(cache).resolve()
+    models = model_jobs(spec)
+    cells = cell_jobs(spec, models)
+    with Store(results) as store:
+        pending = [cell for cell in cells if not store.has_cell(cell.key)]
+        work = Work(
+            spec=spec,
+            models=[stage_of(spec, job, cache, pending, store) for job in models],
+            cells=pending,
+            spec_hash=spec.hash(),
+            cpus_per_task=cpus_per_task or spec.cpus_per_task,
+            progress=progress and executor == "local",
+        )
+        report = Reporter(console if progress else None, len(cells), len(cells) - len(pending))
+        report.start(store.path, sum(stage.action == "train" for stage in work.models))
+        if pending or any(stage.action for stage in work.models):
+            check_grid(spec)
+            execute = run_ray if executor == "ray" else run_local
+            execute(work, store, report)
+        rows = store.cells(cell.key for cell in cells)
+    if progress:
+        print_summary(console, rows)
+    return rows
+
+
+def stage_of(
+    spec: ExperimentSpec, job: ModelJob, cache: Path, pending: list[CellJob], store: Store
+) -> ModelStage:
+    """Reuse a cached model when its folder and its row are both there; else train it."""
+    folder = cache / job.key
+    row = store.model(job.key)
+    needs_diagnostics = (
+        spec.diagnostics and job.attack is not None and (row or {}).get("identification") is None
+    )
+    if row is None:
+        action = "train"
+    elif not (folder / CARD).is_file():
+        needed = needs_diagnostics or any(cell.model.key == job.key for cell in pending)
+        action = "train" if needed else None
+    else:
+        action = "diagnose" if needs_diagnostics else None
+    return ModelStage(job, folder, action, row)
+
+
+def check_grid(spec: ExperimentSpec) -> None:
+    """Checks that need the data: every attack and model must fit every dataset's inputs."""
+    for dataset in spec.datasets:
+        data = load_dataset(dataset.name, root=dataset.root)
+        shape, classes = data.input_shape, data.num_classes
+        for i, attack in enumerate(spec.attacks):
+            if attack is None:
+                continue
+            place = f"{spec.source}: attacks[{i}]"
+            check(
+                attack.target < classes,
+                f"{place}.target: {dataset.name} has labels 0..{classes - 1}, got {attack.target}",
+            )
+            try:
+                build_attack(attack.name, shape, **attack.params)
+            except UserError as error:
+                raise UserError(f"{place}.params: {error} (on {dataset.name})") from None
+        for i, model in enumerate(spec.models):
+            try:
+                build_model(model, shape, classes)
+            except UserError as error:
+                raise UserError(f"{spec.source}: models[{i}]: {error}") from None
+
+
+# ----------------------------------------------------------------------------- the two stages
+
+
+def prepare_model(
+    stage: ModelStage, spec: ExperimentSpec, progress: bool = False
+) -> dict[str, Any]:
+    """Train (or load) a model and compute its diagnostics; return its store row."""
+    job = stage.job
+    if stage.action == "train":
+        config = job.train_config(spec.device, progress)
+        result = train_model(job.data_spec(), job.model, job.attack, config, out=stage.folder)
+        model, card = result.model, result.card
+        row = model_row(job, stage.folder, card)
+    else:
+        model, card = load_model(stage.folder)
+        row = {**stage.row, "path": str(stage.folder)}
+    if spec.diagnostics and card.get("attack"):
+        row.update(diagnose(model, card, job, spec))
+    return row
+
+
+def model_row(job: ModelJob, folder: Path, card: dict[str, Any]) -> dict[str, Any]:
+    metrics = card["metrics"]
+    attack = job.attack
+    return {
+        "key": job.key,
+        "dataset": job.dataset.name,
+        "model": job.model,
+        "attack": attack_name(attack),
+        "attack_params": attack.params if attack else {},
+        "poison_rate": attack.poison_rate if attack else None,
+        "target": attack.target if attack else None,
+        "target_mode": attack.target_mode if attack else None,
+        "seed": job.seed,
+        "train_recipe": job.recipe,
+        "path": str(folder),
+        "acc": metrics["acc"],
+        "asr": metrics.get("asr"),
+        "ra": metrics.get("ra"),
+        "train_seconds": card["training"]["seconds"],
+        "identification": None,
+        "neuron_table": None,
+        "pruning_curve": None,
+        "created_at": utc_now(),
+    }
+
+
+def diagnose(model, card: dict[str, Any], job: ModelJob, spec: ExperimentSpec) -> dict[str, Any]:
+    """Neuron identification, neuron table and Fine-Pruning curve (mean-activation order) on
+    the defender's clean holdout, with the attack's true trigger (research views, methods §8)."""
+    _, holdout, _ = defender_data(
+        card, root=job.dataset.root, fraction=spec.defender_fraction, progress=False
+    )
+    trigger = trigger_of(card)
+    attack = card["attack"]
+    model = model.to(resolve_device(spec.device))
+    curve = diagnostics.pruning_curve(
+        model, holdout, trigger, attack["target"], mode=attack["target_mode"]
+    )
+    return {
+        "identification": diagnostics.neuron_identification(model, holdout, trigger),
+        "neuron_table": diagnostics.neuron_table(model, holdout, trigger),
+        "pruning_curve": curve,
+    }
+
+
+def run_cell(
+    cell: CellJob, model: dict[str, Any], spec: ExperimentSpec, spec_hash: str,
+    progress: bool = False,
+) -> dict[str, Any]:  # fmt: skip
+    """Purify the cell's model (``model`` is its store row) with the cell's defense; the row."""
+    started = utc_now()
+    net, card = load_model(model["path"])
+    defense = cell.defense.build(cell.model.seed, spec.device, progress)
+    result = purify_model(
+        net, card, defense, root=cell.model.dataset.root, defender_fraction=cell.defender_fraction
+    )
+    record = result.card["defense"]
+    job, attack = cell.model, cell.model.attack
+    return {
+        "key": cell.key,
+        "spec_hash": spec_hash,
+        "model_key": job.key,
+        "dataset": job.dataset.name,
+        "model": job.model,
+        "attack": attack_name(attack),
+        "attack_params": attack.params if attack else {},
+        "poison_rate": attack.poison_rate if attack else None,
+        "target_mode": attack.target_mode if attack else None,
+        "seed": job.seed,
+        "defense": cell.defense.name,
+        "label": cell.label,
+        "defense_params": record["params"],
+        "defender_fraction": cell.defender_fraction,
+        **{f"{m}_before": getattr(result.before, m) for m in ("acc", "asr", "ra")},
+        **{f"{m}_after": getattr(result.after, m) for m in ("acc", "asr", "ra")},
+        "der": result.der,
+        "seconds": record["seconds"],
+        "forward_passes": record["forward_passes"],
+        "backward_passes": record["backward_passes"],
+        "log": record["log"],
+        "versions": {**versions(), "numpy": np.__version__},
+        "started_at": started,
+        "finished_at": utc_now(),
+    }
+
+
+# ----------------------------------------------------------------------------- executors
+
+
+def run_local(work: Work, store: Store, report: Reporter) -> None:
+    """In this process: each model (when it needs work), then its pending cells."""
+    for stage in work.models:
+        cells = work.cells_of(stage.job.key)
+        row = stage.row
+        if stage.action:
+            row = prepare_model(stage, work.spec, work.progress)
+            store.add_model(row)
+            report.model(stage, row)
+        for cell in cells:
+            result = run_cell(cell, {**row, "path": str(stage.folder)}, work.spec, work.spec_hash,
+                              work.progress)  # fmt: skip
+            store.add_cell(result)
+            report.cell(result)
+
+
+def import_ray():
+    try:
+        import ray
+    except ImportError:
+        raise UserError(RAY_MISSING) from None
+    return ray
+
+
+def in_worker(function: Callable, threads: int, *args) -> Any:
+    """Run ``function`` in a Ray worker with torch limited to the task's CPUs."""
+    import torch
+
+    torch.set_num_threads(threads)
+    return function(*args)
+
+
+def run_ray(work: Work, store: Store, report: Reporter) -> None:
+    """Models and cells as Ray tasks (a cell waits for its model); this process writes rows."""
+    ray = import_ray()
+    started_here = not ray.is_initialized()
+    if started_here:
+        # Connects to the cluster in RAY_ADDRESS when set, else starts a local one.
+        ray.init(include_dashboard=False, logging_level="WARNING", log_to_driver=False)
+    try:
+        device = work.spec.device
+        gpus = device.startswith("cuda") or (
+            device == "auto" and ray.cluster_resources().get("GPU", 0) > 0
+        )
+        task = ray.remote(in_worker).options(num_cpus=work.cpus_per_task, num_gpus=int(gpus))
+        threads = work.cpus_per_task
+        jobs, model_refs, stages = {}, {}, {}
+        for stage in work.models:
+            stages[stage.job.key] = stage
+            if stage.action:
+                ref = task.remote(prepare_model, threads, stage, work.spec)
+                model_refs[stage.job.key] = ref
+                jobs[ref] = stage
+        for cell in work.cells:
+            stage = stages[cell.model.key]
+            model = model_refs.get(cell.model.key) or {**stage.row, "path": str(stage.folder)}
+            ref = task.remote(run_cell, threads, cell, model, work.spec, work.spec_hash)
+            jobs[ref] = cell
+        collect(ray, jobs, model_refs, store, report)
+    finally:
+        if started_here:
+            ray.shutdown()
+
+
+def collect(ray, jobs: dict, model_refs: dict, store: Store, report: Reporter) -> None:
+    """Write each task's row as it finishes, a cell's model row always first. On a failure or
+    an interruption the tasks still running are cancelled."""
+    written: set[str] = set()
+    pending = list(jobs)
+
+    def write_model(key: str) -> None:
+        if key in model_refs and key not in written:
+            store.add_model(ray_result(ray, model_refs[key]))
+            written.add(key)
+            report.model(jobs[model_refs[key]], store.model(key))
+
+    try:
+        while pending:
+            done, pending = ray.wait(pending, num_returns=1)
+            for ref in done:
+                job = jobs[ref]
+                if isinstance(job, ModelStage):
+                    write_model(job.job.key)
+                else:
+                    write_model(job.model.key)
+                    row = ray_result(ray, ref)
+                    store.add_cell(row)
+                    report.cell(row)
+    except BaseException:
+        for ref in pending:
+            ray.cancel(ref, force=True)
+        raise
+
+
+def ray_result(ray, ref) -> dict[str, Any]:
+    """A task's result; a user mistake inside the task is re-raised as the one-line error."""
+    try:
+        return ray.get(ref)
+    except ray.exceptions.RayTaskError as error:
+        cause = getattr(error, "cause", None)
+        if isinstance(cause, UserError):
+            raise UserError(str(cause)) from None
+        raise
+
+
+# ----------------------------------------------------------------------------- reporting
+
+
+def fmt(value: float | None, digits: int = 3) -> str:
+    return "–" if value is None else f"{value:.{digits}f}"
+
+
+class Reporter:
+    """Progress lines: one per trained model and one per finished cell (silent without console)."""
+
+    def __init__(self, console: Console | None, total: int, done: int) -> None:
+        self.console, self.total, self.done = console, total, done
+
+    def say(self, text: str) -> None:
+        if self.console is not None:
+            self.console.print(text, highlight=False, soft_wrap=True)
+
+    def start(self, path: Path, training: int) -> None:
+        self.say(
+            f"{path}: {self.total} cells, {self.done} already done; {training} models to train"
+        )
+
+    def model(self, stage: ModelStage, row: dict[str, Any]) -> None:
+        verb = "trained" if stage.action == "train" else "diagnosed"
+        self.say(
+            f"{verb} {stage.job.name}: ACC {fmt(row['acc'])}  ASR {fmt(row['asr'])}  "
+            f"{row['train_seconds']:.1f} s"
+        )
+
+    def cell(self, row: dict[str, Any]) -> None:
+        self.done += 1
+        self.say(
+            f"[{self.done}/{self.total}] {row['dataset']}/{row['model']}/{row['attack']}/"
+            f"seed {row['seed']} {row['label']}: "
+            f"ACC {fmt(row['acc_before'])}→{fmt(row['acc_after'])}  "
+            f"ASR {fmt(row['asr_before'])}→{fmt(row['asr_after'])}  "
+            f"DER {fmt(row['der'])}  {row['seconds']:.1f} s"
+        )
+
+
+def mean_std(values: list[float | None]) -> str:
+    """``0.912 ± 0.010`` over seeds (sample std); the mean alone for one value; – for none."""
+    values = [v for v in values if v is not None]
+    if not values:
+        return "–"
+    if len(values) == 1:
+        return fmt(values[0])
+    return f"{statistics.fmean(values):.3f} ± {statistics.stdev(values):.3f}"
+
+
+SUMMARY_COLUMNS = {
+    "ACC before": "acc_before", "ASR before": "asr_before", "ACC after": "acc_after",
+    "ASR after": "asr_after", "DER": "der", "seconds": "seconds",
+}  # fmt: skip
+
+
+def summary_table(rows: list[dict[str, Any]], title: str = "mean ± std over seeds") -> Table:
+    """One line per dataset / model / attack / defense label, in the order first seen."""
+    groups: dict[tuple, list[dict]] = {}
+    for row in rows:
+        key = (row["dataset"], row["model"], row["attack"], row["label"])
+        groups.setdefault(key, []).append(row)
+    table = Table(title=title)
+    for column in ("dataset", "model", "attack", "defense", "seeds"):
+        table.add_column(column)
+    for column in SUMMARY_COLUMNS:
+        table.add_column(column, justify="right")
+    for key, members in groups.items():
+        cells = [mean_std([m[c] for m in members]) for c in SUMMARY_COLUMNS.values()]
+        table.add_row(*key, str(len(members)), *cells)
+    return table
+
+
+def print_summary(console: Console, rows: list[dict[str, Any]]) -> None:
+    """The summary table; at full width when the output is a log or a pipe, not a terminal."""
+    if not console.is_terminal:
+        console = Console(file=console.file, width=200)  # a log's width is not 80 columns
+    console.print(summary_table(rows))

@@ -1,0 +1,482 @@
+"""Experiment specs: a YAML file → a validated grid of models and defense cells, each with a key.
+
+A spec names datasets, models, attacks, seeds and defenses. Every dataset × model × attack × seed
+is one trained model; every trained model × defense is one *cell*. Everything is validated when
+the file is loaded, before any work, and each mistake is one line that says where it is::
+
+    configs/x.yaml: defenses[2].params: unknown parameter 'alpah' for gnft (did you mean alpha?)
+
+Keys are SHA-256 digests of everything that determines a result, so a finished model or cell is
+recognised in the results store and never computed twice: the model key covers the data (dataset,
+train size, validation fraction, seed), the architecture, the attack and the training recipe; the
+cell key covers the model key, the defense's name and full resolved hyper-parameters and the
+defender's fraction. The device and progress display are left out: they do not change what is
+computed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import hashlib
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from torchpurify.attacks import ATTACKS
+from torchpurify.data import DATASETS
+from torchpurify.defenses import DEFENSES, Defense, build_defense
+from torchpurify.errors import UserError
+from torchpurify.experiment import AttackSpec, DataSpec
+from torchpurify.models import MODELS
+from torchpurify.registry import Registry
+from torchpurify.train import TrainConfig
+
+NO_ATTACK = "none"
+TOP_KEYS = (
+    "datasets", "models", "attacks", "defenses", "seeds", "training", "defender_fraction",
+    "diagnostics", "device", "cpus_per_task",
+)  # fmt: skip
+REQUIRED = ("datasets", "models", "attacks", "defenses")
+DATASET_KEYS = ("name", "root", "train_size", "val_fraction", "training")
+ATTACK_KEYS = ("name", "params", "poison_rate", "target", "target_mode", "clean_label")
+DEFENSE_KEYS = ("name", "params", "label")
+# The recipe a spec may set; seeds come from ``seeds``, the device from ``device``.
+TRAINING_KEYS = tuple(
+    f.name for f in dataclasses.fields(TrainConfig) if f.name not in ("seed", "device", "progress")
+)
+# Parameters that do not change a result, left out of keys.
+UNHASHED = ("device", "progress")
+
+
+class SpecError(UserError):
+    """A mistake in a spec file, reported with its place: ``FILE: datasets[0].name: ...``."""
+
+    def __init__(self, source: str, place: str, message: str) -> None:
+        where = f"{source}: {place}: " if place else f"{source}: "
+        super().__init__(where + message)
+
+
+# ----------------------------------------------------------------------------- the spec
+
+
+@dataclass(frozen=True)
+class DatasetEntry:
+    """A dataset of the grid and its own overrides of the training recipe."""
+
+    name: str
+    root: str | None = None
+    train_size: int | None = None
+    val_fraction: float = 0.1
+    training: dict[str, Any] = field(default_factory=dict)
+
+    def data_spec(self, seed: int) -> DataSpec:
+        return DataSpec(self.name, self.root, self.train_size, self.val_fraction, seed)
+
+
+@dataclass(frozen=True)
+class DefenseEntry:
+    """A defense of the grid: registry name, hyper-parameters, and the label reports show."""
+
+    name: str
+    params: dict[str, Any] = field(default_factory=dict)
+    label: str = ""
+
+    def build(self, seed: int, device: str = "auto", progress: bool = False) -> Defense:
+        """The defense for one cell: the cell's seed and device unless the params set them."""
+        params = {"seed": seed, "device": device, **self.params}
+        return build_defense(self.name, progress=progress, **params)
+
+
+@dataclass(frozen=True)
+class ExperimentSpec:
+    """A validated spec (see :func:`load_spec`). ``attacks`` holds None for a clean model."""
+
+    datasets: tuple[DatasetEntry, ...]
+    models: tuple[str, ...]
+    attacks: tuple[AttackSpec | None, ...]
+    defenses: tuple[DefenseEntry, ...]
+    seeds: tuple[int, ...] = (0,)
+    training: dict[str, Any] = field(default_factory=dict)
+    defender_fraction: float = 0.05
+    diagnostics: bool = False
+    device: str = "auto"
+    cpus_per_task: int = 1
+    source: str = "spec"
+
+    def to_dict(self) -> dict[str, Any]:
+        """The spec as plain data (the file's meaning, not its spelling); ``source`` left out."""
+        data = dataclasses.asdict(self)
+        data.pop("source")
+        return data
+
+    def hash(self) -> str:
+        return digest(self.to_dict())
+
+
+def attack_record(attack: AttackSpec | None) -> dict[str, Any] | None:
+    return None if attack is None else dataclasses.asdict(attack)
+
+
+def attack_name(attack: AttackSpec | None) -> str:
+    return NO_ATTACK if attack is None else attack.name
+
+
+def digest(value: Any) -> str:
+    """SHA-256 of canonical JSON: the same content gives the same key, whatever its order."""
+    text = json.dumps(value, sort_keys=True, separators=(",", ":"), allow_nan=False)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+# ----------------------------------------------------------------------------- the grid
+
+
+@dataclass(frozen=True)
+class ModelJob:
+    """One model to train: a dataset, an architecture, an attack (or none) and a seed."""
+
+    key: str
+    dataset: DatasetEntry
+    model: str
+    attack: AttackSpec | None
+    seed: int
+    recipe: dict[str, Any]
+
+    @property
+    def name(self) -> str:
+        return f"{self.dataset.name}/{self.model}/{attack_name(self.attack)}/seed {self.seed}"
+
+    def data_spec(self) -> DataSpec:
+        return self.dataset.data_spec(self.seed)
+
+    def train_config(self, device: str = "auto", progress: bool = False) -> TrainConfig:
+        return TrainConfig(**self.recipe, seed=self.seed, device=device, progress=progress)
+
+
+@dataclass(frozen=True)
+class CellJob:
+    """One defense run on one trained model."""
+
+    key: str
+    model: ModelJob
+    defense: DefenseEntry
+    params: dict[str, Any]  # the defense's full resolved hyper-parameters
+    defender_fraction: float
+
+    @property
+    def label(self) -> str:
+        return self.defense.label or self.defense.name
+
+    @property
+    def name(self) -> str:
+        return f"{self.model.name} {self.label}"
+
+
+def model_jobs(spec: ExperimentSpec) -> list[ModelJob]:
+    """Datasets × models × attacks × seeds, in that nesting order."""
+    jobs = []
+    for dataset in spec.datasets:
+        recipe = {**TrainConfig().to_dict(), **spec.training, **dataset.training}
+        recipe = {key: recipe[key] for key in TRAINING_KEYS}
+        for model in spec.models:
+            for attack in spec.attacks:
+                for seed in spec.seeds:
+                    content = {
+                        "data": dataset.data_spec(seed).to_dict(),
+                        "model": model,
+                        "attack": attack_record(attack),
+                        "training": recipe,
+                    }
+                    jobs.append(ModelJob(digest(content), dataset, model, attack, seed, recipe))
+    return jobs
+
+
+def cell_jobs(spec: ExperimentSpec, models: list[ModelJob] | None = None) -> list[CellJob]:
+    """Every trained model × every defense, grouped by model."""
+    cells = []
+    for job in model_jobs(spec) if models is None else models:
+        for defense in spec.defenses:
+            params = defense.build(job.seed, spec.device).params()
+            content = {
+                "model": job.key,
+                "defense": defense.name,
+                "params": {k: v for k, v in params.items() if k not in UNHASHED},
+                "defender_fraction": spec.defender_fraction,
+            }
+            cells.append(CellJob(digest(content), job, defense, params, spec.defender_fraction))
+    return cells
+
+
+# ----------------------------------------------------------------------------- loading
+
+
+def load_spec(path: str | Path) -> ExperimentSpec:
+    """Read and validate a YAML spec; any mistake is a one-line :class:`SpecError`."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"spec file {path} does not exist")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(error, "problem", None) or "invalid YAML"
+        raise UserError(f"{path}: not valid YAML: {problem}{where}") from None
+    except UnicodeDecodeError:
+        raise UserError(f"{path}: not a text file; a spec is YAML") from None
+    return parse_spec(data, source=str(path))
+
+
+def parse_spec(data: Any, source: str = "spec") -> ExperimentSpec:
+    """Validate spec data already read from YAML (a mapping); ``source`` names it in errors."""
+    read = Reader(source)
+    top = read.mapping(data, "", TOP_KEYS)
+    for key in REQUIRED:
+        if key not in top:
+            raise SpecError(source, "", f"missing {key!r} (a spec needs {', '.join(REQUIRED)})")
+    training = read.training(top.get("training", {}), "training")
+    spec = ExperimentSpec(
+        datasets=read.entries(top["datasets"], "datasets", read.dataset),
+        models=read.entries(top["models"], "models", read.model),
+        attacks=read.entries(top["attacks"], "attacks", read.attack),
+        defenses=read.entries(top["defenses"], "defenses", read.defense),
+        seeds=read.seeds(top.get("seeds", [0])),
+        training=training,
+        defender_fraction=read.fraction(top.get("defender_fraction", 0.05), "defender_fraction"),
+        diagnostics=read.kind(top.get("diagnostics", False), bool, "diagnostics"),
+        device=read.device(top.get("device", "auto")),
+        cpus_per_task=read.positive(top.get("cpus_per_task", 1), "cpus_per_task"),
+        source=source,
+    )
+    read.no_repeats(spec)
+    return spec
+
+
+KIND_NAMES = {bool: "true or false", int: "an integer", float: "a number", str: "a string",
+              dict: "a mapping", list: "a list"}  # fmt: skip
+
+
+def suggestion(name: str, choices: list[str] | tuple[str, ...], what: str = "choose one of") -> str:
+    """' (did you mean X?)' for a near miss, else '; choose one of: a, b, c'."""
+    close = difflib.get_close_matches(str(name), list(choices), n=1, cutoff=0.6)
+    return f" (did you mean {close[0]}?)" if close else f" ({what}: {', '.join(choices)})"
+
+
+class Reader:
+    """Validates the parts of a spec, naming the place of each mistake."""
+
+    def __init__(self, source: str) -> None:
+        self.source = source
+
+    def fail(self, place: str, message: str) -> SpecError:
+        return SpecError(self.source, place, message)
+
+    def kind(self, value: Any, kind: type, place: str) -> Any:
+        """``value`` if it is a ``kind`` (an int passes as a float, a bool never as a number)."""
+        kinds = (int, float) if kind is float else (kind,)
+        if (isinstance(value, bool) and kind is not bool) or not isinstance(value, kinds):
+            raise self.fail(place, f"must be {KIND_NAMES[kind]}, got {value!r}")
+        return float(value) if kind is float else value
+
+    def mapping(self, value: Any, place: str, allowed: tuple[str, ...]) -> dict[str, Any]:
+        if not isinstance(value, dict):
+            what = "must be a mapping" if place else "a spec must be a mapping of its keys"
+            raise self.fail(place, f"{what}, got {value!r}")
+        for key in value:
+            if key not in allowed:
+                raise self.fail(place, f"unknown key {key!r}" + suggestion(key, allowed, "allowed"))
+        return value
+
+    def registered(self, name: Any, registry: Registry, place: str) -> str:
+        name = self.kind(name, str, place)
+        if name not in registry.names():
+            raise self.fail(
+                place, f"unknown {registry.kind} {name!r}" + suggestion(name, registry.names())
+            )
+        return name
+
+    def entries(self, value: Any, place: str, read_one) -> tuple:
+        if not isinstance(value, list) or not value:
+            raise self.fail(place, f"must be a non-empty list, got {value!r}")
+        return tuple(read_one(item, f"{place}[{i}]") for i, item in enumerate(value))
+
+    def named(self, value: Any, place: str, allowed: tuple[str, ...]) -> dict[str, Any]:
+        """An entry given as a bare name or as a mapping with ``name``."""
+        if isinstance(value, str):
+            return {"name": value}
+        entry = self.mapping(value, place, allowed)
+        if "name" not in entry:
+            raise self.fail(place, "missing 'name'")
+        return entry
+
+    def dataset(self, value: Any, place: str) -> DatasetEntry:
+        entry = self.named(value, place, DATASET_KEYS)
+        train_size = entry.get("train_size")
+        if train_size is not None:
+            train_size = self.kind(train_size, int, f"{place}.train_size")
+            if train_size < 2:
+                raise self.fail(f"{place}.train_size", f"must be at least 2, got {train_size}")
+        val_fraction = self.kind(entry.get("val_fraction", 0.1), float, f"{place}.val_fraction")
+        if not 0 <= val_fraction < 1:
+            raise self.fail(f"{place}.val_fraction", f"must be in [0, 1), got {val_fraction}")
+        root = entry.get("root")
+        return DatasetEntry(
+            name=self.registered(entry["name"], DATASETS, f"{place}.name"),
+            root=None if root is None else str(self.kind(root, str, f"{place}.root")),
+            train_size=train_size,
+            val_fraction=val_fraction,
+            training=self.training(entry.get("training", {}), f"{place}.training"),
+        )
+
+    def model(self, value: Any, place: str) -> str:
+        name = self.kind(value, str, place)
+        if ":" in name:
+            if not re.fullmatch(r"[\w.]+:\w+", name):
+                raise self.fail(place, f"{name!r} must look like 'package.module:function'")
+            return name
+        return self.registered(name, MODELS, place)
+
+    def attack(self, value: Any, place: str) -> AttackSpec | None:
+        entry = self.named(value, place, ATTACK_KEYS)
+        name = self.kind(entry["name"], str, f"{place}.name")
+        if name == NO_ATTACK:
+            extra = sorted(set(entry) - {"name"})
+            if extra:
+                raise self.fail(place, f"attack 'none' (a clean model) takes no {extra[0]!r}")
+            return None
+        if name not in ATTACKS.names():
+            choices = [NO_ATTACK, *ATTACKS.names()]
+            raise self.fail(f"{place}.name", f"unknown attack {name!r}" + suggestion(name, choices))
+        defaults = AttackSpec(name)
+        mode = self.kind(
+            entry.get("target_mode", defaults.target_mode), str, f"{place}.target_mode"
+        )
+        if mode not in ("all-to-one", "all-to-all"):
+            raise self.fail(
+                f"{place}.target_mode", f"must be all-to-one or all-to-all, got {mode!r}"
+            )
+        rate = self.kind(
+            entry.get("poison_rate", defaults.poison_rate), float, f"{place}.poison_rate"
+        )
+        if not 0 < rate <= 1:
+            raise self.fail(f"{place}.poison_rate", f"must be in (0, 1], got {rate}")
+        target = self.kind(entry.get("target", defaults.target), int, f"{place}.target")
+        if target < 0:
+            raise self.fail(f"{place}.target", f"must be a label ≥ 0, got {target}")
+        clean_label = entry.get("clean_label")
+        if clean_label is not None:
+            clean_label = self.kind(clean_label, bool, f"{place}.clean_label")
+        return AttackSpec(
+            name=name,
+            params=self.attack_params(name, entry.get("params", {}), f"{place}.params"),
+            poison_rate=rate,
+            target=target,
+            target_mode=mode,
+            clean_label=clean_label,
+        )
+
+    def attack_params(self, attack: str, value: Any, place: str) -> dict[str, Any]:
+        """All of the trigger's parameters (defaults filled in, so leaving one out or giving its
+        default is the same model). Ranges that depend on the input shape are checked by
+        :func:`torchpurify.runner.check_grid` once the data is loaded."""
+        params_class = ATTACKS.get(attack).__self__.params_class  # the registry holds Class.build
+        defaults = {
+            f.name: f.default for f in dataclasses.fields(params_class)
+            if f.name not in ("input_shape", "seed")
+        }  # fmt: skip
+        given = self.params(value, place, defaults, f"parameter {{!r}} for {attack}")
+        return {**defaults, **given}
+
+    def params(self, value: Any, place: str, defaults: dict[str, Any], unknown: str) -> dict:
+        """Settings with known names (``unknown`` formats the complaint about another name),
+        each of its default's kind; ints given for floats become floats."""
+        if value is None:
+            return {}
+        if not isinstance(value, dict):
+            raise self.fail(place, f"must be a mapping of settings, got {value!r}")
+        checked = {}
+        for key, given in value.items():
+            if key not in defaults:
+                hint = suggestion(key, list(defaults), "allowed")
+                raise self.fail(place, "unknown " + unknown.format(key) + hint)
+            default = defaults[key]
+            kind = type(default) if type(default) in KIND_NAMES else None
+            if default is None or default is dataclasses.MISSING or kind is None:
+                checked[key] = given
+            else:
+                checked[key] = self.kind(given, kind, f"{place}.{key}")
+        return checked
+
+    def defense(self, value: Any, place: str) -> DefenseEntry:
+        entry = self.named(value, place, DEFENSE_KEYS)
+        name = self.registered(entry["name"], DEFENSES, f"{place}.name")
+        defaults = {
+            f.name: f.default for f in dataclasses.fields(DEFENSES.get(name))
+            if f.name != "progress"
+        }  # fmt: skip
+        unknown = f"parameter {{!r}} for {name}"
+        params = self.params(entry.get("params", {}), f"{place}.params", defaults, unknown)
+        try:
+            build_defense(name, **params)
+        except UserError as error:
+            raise self.fail(f"{place}.params", str(error)) from None
+        label = self.kind(entry.get("label", name), str, f"{place}.label").strip()
+        if not label:
+            raise self.fail(f"{place}.label", "must not be empty")
+        return DefenseEntry(name, params, label)
+
+    def training(self, value: Any, place: str) -> dict[str, Any]:
+        defaults = {key: getattr(TrainConfig(), key) for key in TRAINING_KEYS}
+        recipe = self.params(value, place, defaults, "training setting {!r}")
+        try:
+            TrainConfig(**recipe, progress=False)
+        except UserError as error:
+            raise self.fail(place, str(error)) from None
+        return recipe
+
+    def seeds(self, value: Any) -> tuple[int, ...]:
+        seeds = [value] if isinstance(value, int) and not isinstance(value, bool) else value
+        if not isinstance(seeds, list) or not seeds:
+            raise self.fail(
+                "seeds", f"must be an integer or a non-empty list of them, got {value!r}"
+            )
+        return tuple(self.kind(s, int, f"seeds[{i}]") for i, s in enumerate(seeds))
+
+    def fraction(self, value: Any, place: str) -> float:
+        value = self.kind(value, float, place)
+        if not 0 < value < 1:
+            raise self.fail(place, f"must be in (0, 1), got {value}")
+        return value
+
+    def positive(self, value: Any, place: str) -> int:
+        value = self.kind(value, int, place)
+        if value < 1:
+            raise self.fail(place, f"must be at least 1, got {value}")
+        return value
+
+    def device(self, value: Any) -> str:
+        value = self.kind(value, str, "device")
+        if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", value):
+            raise self.fail("device", f"must be auto, cpu or cuda[:N], got {value!r}")
+        return value
+
+    def no_repeats(self, spec: ExperimentSpec) -> None:
+        """A repeated entry would name the same models or cells twice; a repeated label would
+        make two defenses one line of a report."""
+        lists = (
+            ("datasets", "entry", [(d.name, d.train_size, d.val_fraction) for d in spec.datasets]),
+            ("models", "entry", list(spec.models)),
+            ("attacks", "entry", [digest(attack_record(a)) for a in spec.attacks]),
+            ("seeds", "entry", list(spec.seeds)),
+            ("defenses", "entry", [digest([d.name, d.params]) for d in spec.defenses]),
+            ("defenses", "label", [d.label for d in spec.defenses]),
+        )
+        for place, what, items in lists:
+            for i, item in enumerate(items):
+                if item in items[:i]:
+                    first = f"{place}[{items.index(item)}]"
+                    raise self.fail(f"{place}[{i}]", f"repeats the {what} of {first}; drop one")

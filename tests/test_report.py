@@ -1,0 +1,342 @@
+"""The results report: tables and numbers from a hand-built store, a self-contained HTML page
+that a real browser renders, and one-line errors for files that are not a results store."""
+
+import copy
+import json
+import re
+import shutil
+import sqlite3
+import subprocess
+from contextlib import closing
+from html.parser import HTMLParser
+
+import pytest
+from typer.testing import CliRunner
+
+from torchpurify.cli import app
+from torchpurify.diagnostics import RULES, neuron_identification, neuron_table, pruning_curve
+from torchpurify.errors import UserError
+from torchpurify.report import mean_std, write_report
+
+SCHEMA = """
+CREATE TABLE models (
+  key TEXT PRIMARY KEY, dataset TEXT NOT NULL, model TEXT NOT NULL, attack TEXT NOT NULL,
+  attack_params TEXT NOT NULL, poison_rate REAL, target INTEGER, target_mode TEXT,
+  seed INTEGER NOT NULL, train_recipe TEXT NOT NULL, path TEXT NOT NULL, acc REAL, asr REAL,
+  ra REAL, train_seconds REAL, identification TEXT, neuron_table TEXT, pruning_curve TEXT,
+  created_at TEXT NOT NULL);
+CREATE TABLE cells (
+  key TEXT PRIMARY KEY, spec_hash TEXT NOT NULL, model_key TEXT NOT NULL REFERENCES models(key),
+  dataset TEXT NOT NULL, model TEXT NOT NULL, attack TEXT NOT NULL, attack_params TEXT NOT NULL,
+  poison_rate REAL, target_mode TEXT, seed INTEGER NOT NULL,
+  defense TEXT NOT NULL, label TEXT NOT NULL, defense_params TEXT NOT NULL,
+  defender_fraction REAL NOT NULL,
+  acc_before REAL, asr_before REAL, ra_before REAL, acc_after REAL, asr_after REAL,
+  ra_after REAL, der REAL, seconds REAL, forward_passes INTEGER, backward_passes INTEGER,
+  log TEXT, versions TEXT NOT NULL, started_at TEXT NOT NULL, finished_at TEXT NOT NULL);
+"""
+VERSIONS = {"torchpurify": "0.1.0", "torch": "2.4.0", "python": "3.11.2"}
+SETTING = ("dataset", "model", "attack", "attack_params", "poison_rate", "target_mode")
+METRICS = ("acc", "asr", "ra")
+
+
+def named(names, values, suffix=""):
+    return {name + suffix: value for name, value in zip(names, values, strict=True)}
+
+
+BADNETS = named(SETTING, ("gratings", "small-cnn", "badnets", {"size": 3}, 0.1, "all-to-one"))
+CLEAN = named(SETTING, ("gratings", "small-cnn", "none", {}, None, None))
+CLEAN_LABEL = "ft <lr 0.01> & more"  # must come out escaped
+
+
+def insert(store, table, row):
+    row = {k: json.dumps(v) if isinstance(v, (dict, list)) else v for k, v in row.items()}
+    columns, marks = ", ".join(row), ", ".join("?" * len(row))
+    store.execute(f"INSERT INTO {table} ({columns}) VALUES ({marks})", list(row.values()))
+
+
+def make_store(path, models=(), cells=()):
+    with closing(sqlite3.connect(path)) as store, store:
+        store.executescript(SCHEMA)
+        for row in models:
+            insert(store, "models", row)
+        for row in cells:
+            insert(store, "cells", row)
+    return path
+
+
+def model_row(key, setting, seed, metrics, **diagnostics):
+    """A models row; ``metrics`` is (ACC, ASR, RA) on the test split."""
+    return {
+        "key": key, **setting, "seed": seed, "target": None if setting is CLEAN else 0,
+        **named(METRICS, metrics), "train_recipe": {"epochs": 4},
+        "path": f"runs/{key}", "created_at": f"2025-01-0{seed + 1}T10:00:00", **diagnostics,
+    }  # fmt: skip
+
+
+def cell_row(key, model, label, before, after, der, seconds, log=None, finished="12:00:00"):
+    """A cells row of a defense run on ``model``; ``before``/``after`` are (ACC, ASR, RA)."""
+    day = f"2025-02-0{model['seed'] + 1}"
+    return {
+        "key": key, "spec_hash": "h", "model_key": model["key"],
+        **{k: model[k] for k in (*SETTING, "seed")},
+        "defense": label.split()[0], "label": label, "defense_params": {},
+        "defender_fraction": 0.05, "der": der, "seconds": seconds, "log": log,
+        **named(METRICS, before, "_before"), **named(METRICS, after, "_after"),
+        "versions": VERSIONS, "started_at": f"{day}T11:00:00", "finished_at": f"{day}T{finished}",
+    }  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def diagnostics(tiny_backdoor):
+    """Real JSON for the three diagnostics columns, from the tiny backdoored model."""
+    tiny = tiny_backdoor
+    columns = {
+        "identification": neuron_identification(tiny.model, tiny.holdout, tiny.trigger),
+        "neuron_table": neuron_table(tiny.model, tiny.holdout, tiny.trigger),
+        "pruning_curve": pruning_curve(tiny.model, tiny.holdout, tiny.trigger, 0, steps=8),
+    }
+    return json.loads(json.dumps(columns))
+
+
+def with_auc(identification, auc):
+    changed = copy.deepcopy(identification)
+    changed["rules"]["mean-activation"]["auc"] = auc
+    return changed
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory, diagnostics):
+    """Two BadNets seeds (fine-pruning on both; gnft on seed 0, run twice; linf-pruning, which
+    logs its search by rounds, on seed 1) and one clean model fine-tuned once."""
+    ident = diagnostics["identification"]
+    bad0 = model_row("bad-0", BADNETS, 0, (0.95, 0.99, 0.01),
+                     **{**diagnostics, "identification": with_auc(ident, 0.90)})  # fmt: skip
+    bad1 = model_row("bad-1", BADNETS, 1, (0.93, 0.97, 0.03), identification=with_auc(ident, 0.8))
+    clean = model_row("clean-0", CLEAN, 0, (0.96, None, None))
+    search = {"layer": "block4.2", "num_pruned": 20,
+              "curve": [[0, 0.95], [64, 0.5], [32, 0.8], [16, 0.93], [20, 0.92]]}  # fmt: skip
+    rounds = {"layer": "block4.2", "num_pruned": 10,
+              "rounds": [{"curve": [[0, 0.93], [12, 0.85]]}, {"curve": [[10, 0.9]]}]}  # fmt: skip
+    before0, before1 = (0.95, 0.99, 0.01), (0.93, 0.97, 0.03)
+    cells = [
+        cell_row("fp-0", bad0, "fine-pruning", before0, (0.90, 0.20, 0.70), 0.87, 12.0, search),
+        cell_row("fp-1", bad1, "fine-pruning", before1, (0.86, 0.12, 0.80), 0.89, 14.0, search),
+        cell_row("gn-0-old", bad0, "gnft", before0, (0.1, 0.1, 0.1), 0.1, 1.0, None, "11:30:00"),
+        cell_row("gn-0", bad0, "gnft", before0, (0.91, 0.5, 0.45), 0.725, None),
+        cell_row("linf-1", bad1, "linf-pruning", before1, (0.92, 0.3, 0.6), 0.83, 30.0, rounds),
+        cell_row("ft-c", clean, CLEAN_LABEL, (0.96, None, None), (0.955, None, None), None, 5.0),
+    ]
+    return make_store(tmp_path_factory.mktemp("store") / "results.db", [bad0, bad1, clean], cells)
+
+
+@pytest.fixture(scope="module")
+def report(store, tmp_path_factory):
+    out = tmp_path_factory.mktemp("report")
+    markdown, page = write_report(store, out)
+    return out, markdown.read_text(), page.read_text()
+
+
+def cells(line):
+    """The cells of a Markdown table row."""
+    return [cell.strip() for cell in line.strip().strip("|").split(" | ")]
+
+
+def table_row(markdown, heading, first_cell):
+    """The row starting with ``first_cell`` in the table under ``heading``, as "a | b | …"."""
+    section = markdown.split(f"### {heading}\n", 1)[1].split("\n### ", 1)[0]
+    for line in section.splitlines():
+        if line.startswith("|") and cells(line)[0] == first_cell:
+            return " | ".join(cells(line))
+    raise AssertionError(f"no row {first_cell!r} under {heading!r}")
+
+
+BADNETS_TITLE = "gratings / small-cnn / badnets (10 % poisoned, all-to-one, size=3)"
+CLEAN_TITLE = "gratings / small-cnn / none"
+
+
+def test_mean_std_formats_seeds():
+    assert mean_std([0.90, 0.86]) == "0.880 ± 0.028"
+    assert mean_std([0.5]) == "0.500" and mean_std([None, None]) == "–"
+    assert mean_std([0.2, None]) == "0.200 (1 of 2)"
+
+
+def test_header_counts_the_store(report):
+    _, markdown, _ = report
+    assert markdown.startswith("# torchpurify results report\n")
+    assert "- 3 models, 6 defense runs (cells)" in markdown
+    assert "- datasets: gratings" in markdown
+    assert "- versions: python 3.11.2, torch 2.4.0, torchpurify 0.1.0" in markdown
+    assert "- time span: 2025-01-01T10:00:00 to 2025-02-02T12:00:00" in markdown
+
+
+def test_defense_table_shows_mean_and_std_over_seeds(report):
+    _, markdown, _ = report
+    # By hand, sample std over the two seeds: ACC 0.95, 0.93 → 0.940 ± 0.014; after
+    # fine-pruning ACC 0.90, 0.86 → 0.880 ± 0.028, ASR 0.20, 0.12 → 0.160 ± 0.057,
+    # RA 0.70, 0.80 → 0.750 ± 0.071, DER 0.87, 0.89 → 0.880 ± 0.014, seconds 12, 14 → 13.0 ± 1.4.
+    assert table_row(markdown, BADNETS_TITLE, "no defense") == (
+        "no defense | 2 | 0.940 ± 0.014 | 0.980 ± 0.014 | 0.020 ± 0.014 | – | –"
+    )
+    assert table_row(markdown, BADNETS_TITLE, "fine-pruning") == (
+        "fine-pruning | 2 | 0.880 ± 0.028 | 0.160 ± 0.057 | 0.750 ± 0.071 | 0.880 ± 0.014 | "
+        "13.0 ± 1.4"
+    )
+    # One seed shows no ±; gnft's later run replaced the earlier one; no seconds recorded.
+    assert (
+        table_row(markdown, BADNETS_TITLE, "gnft") == "gnft | 1 | 0.910 | 0.500 | 0.450 | 0.725 | –"
+    )
+    assert (
+        table_row(markdown, CLEAN_TITLE, "no defense") == "no defense | 1 | 0.960 | – | – | – | –"
+    )
+    assert table_row(markdown, CLEAN_TITLE, "ft \\<lr 0.01> & more") == (
+        "ft \\<lr 0.01> & more | 1 | 0.955 | – | – | – | 5.0"
+    )
+
+
+def test_identification_and_figures(report):
+    out, markdown, _ = report
+    auc = markdown.split("### ROC-AUC\n", 1)[1].split("\n### ", 1)[0]
+    assert f"| rule | {BADNETS_TITLE} |" in auc  # the clean model has no column
+    assert "| mean-activation | 0.850 ± 0.071 |" in auc  # AUC 0.90 and 0.80
+    assert all(f"| {rule} |" in auc for rule in RULES)
+    assert "### precision@k" in markdown and "n = 2" in markdown
+    figures = re.findall(r"!\[[^\]]*\]\((figures/[^)]+\.png)\)", markdown)
+    badnets = "gratings-small-cnn-badnets-10-poisoned-all-to-one-size-3"
+    assert sorted(name.split("-", 1)[1] for name in figures) == sorted(
+        [
+            f"{badnets}-defenses.png",
+            "gratings-small-cnn-none-defenses.png",
+            f"{badnets}-pruning-mean-activation.png",
+            f"{badnets}-search.png",
+            f"{badnets}-gradient-groups.png",
+        ]
+    )
+    for name in figures:
+        assert (out / name).read_bytes().startswith(b"\x89PNG")
+
+
+def test_html_is_self_contained_and_escaped(report):
+    out, markdown, page = report
+    assert page.count("<table>") == markdown.count("\n| ---") == 4
+    assert page.count("<img ") == markdown.count("![")
+    attributes = re.findall(r"""\b(?:src|href)\s*=\s*["']?([^"'\s>]*)""", page, re.I)
+    assert attributes and all(value.startswith("data:image/png;base64,") for value in attributes)
+    assert not re.search(r"<(?:link|script|iframe)\b|url\(|@import", page, re.I)
+    assert "ft &lt;lr 0.01&gt; &amp; more" in page and CLEAN_LABEL not in page
+    assert "0.880 ± 0.028" in page
+
+
+def test_sections_without_data_are_left_out_with_a_note(tmp_path):
+    plain = model_row("plain", BADNETS, 0, (0.9, 0.95, 0.05))
+    markdown, page = write_report(make_store(tmp_path / "r.db", [plain]), tmp_path / "out")
+    text = markdown.read_text()
+    assert "_No defense was run on these models._" in text
+    assert "_No model pruning curve or pruning-defense search in the store._" in text
+    assert "_No model in the store has identification results._" in text
+    assert "_No model in the store has a neuron table._" in text
+    assert "versions: not recorded" in text and "![" not in text
+    assert page.read_text().count("<table>") == 1
+
+
+def run(*args):
+    return CliRunner().invoke(app, [str(a) for a in args])
+
+
+def test_cli_writes_both_files_and_prints_their_paths(store, tmp_path):
+    before = store.read_bytes()
+    result = run("report", store, "--out", tmp_path / "report")
+    assert result.exit_code == 0, result.output
+    assert store.read_bytes() == before  # read-only
+    assert result.output.split() == [
+        str(tmp_path / "report" / n) for n in ("report.md", "report.html")
+    ]
+
+
+def make_not_a_store(tmp_path, kind):
+    path = tmp_path / "results.db"
+    if kind == "text":
+        path.write_text("ACC,ASR\n0.9,0.1\n")
+    elif kind == "empty":
+        path.write_bytes(b"")
+    elif kind == "no-rows":
+        make_store(path)
+    return path
+
+
+@pytest.mark.parametrize(
+    ("kind", "fragment"),
+    [
+        ("missing", "does not exist"),
+        ("text", "not a readable"),
+        ("empty", "not a readable"),
+        ("no-rows", "holds no models"),
+    ],
+)
+def test_a_file_that_is_not_a_results_store_is_a_one_line_error(tmp_path, kind, fragment):
+    result = run("report", make_not_a_store(tmp_path, kind), "--out", tmp_path / "out")
+    assert result.exit_code == 2, result.output
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error:") and fragment in lines[0], lines
+    assert not (tmp_path / "out").exists()
+    with pytest.raises(UserError):
+        write_report(tmp_path / "results.db", tmp_path / "out")
+
+
+class Probe(HTMLParser):
+    """Tables (their header cells) and the image widths the page's probe script recorded."""
+
+    def __init__(self):
+        super().__init__()
+        self.tables, self.widths, self._in_th = [], None, False
+
+    def handle_starttag(self, tag, attrs):
+        if tag == "table":
+            self.tables.append([])
+        self._in_th = tag == "th"
+        if tag == "body" and "data-widths" in dict(attrs):
+            self.widths = [int(w) for w in dict(attrs)["data-widths"].split(",") if w]
+
+    def handle_data(self, data):
+        if self._in_th:
+            self.tables[-1].append(data)
+
+    def handle_endtag(self, tag):
+        self._in_th = False
+
+
+PROBE = """<script>addEventListener("load", () => {
+  document.body.dataset.widths = [...document.images].map(i => i.complete ? i.naturalWidth : 0);
+});</script>"""
+
+
+def chromium():
+    return shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+@pytest.mark.skipif(chromium() is None, reason="no chromium binary (CI installs it with apt-get)")
+def test_report_renders_in_a_headless_browser(report, tmp_path):
+    """Chromium loads report.html from disk (no network needed): every table is in the DOM and
+    every embedded image decodes to a real width; a probe script in a copy records the widths."""
+    out, markdown, page = report
+    probed = tmp_path / "probed.html"
+    probed.write_text(page.replace("</body>", PROBE + "</body>"))
+    command = [
+        chromium(),
+        "--headless",
+        "--disable-gpu",
+        "--no-sandbox",
+        f"--user-data-dir={tmp_path / 'profile'}",
+        "--dump-dom",
+        probed.as_uri(),
+    ]
+    dom = subprocess.run(command, capture_output=True, text=True, timeout=120, check=True).stdout
+    probe = Probe()
+    probe.feed(dom)
+    lines = markdown.splitlines()
+    expected = [cells(lines[i - 1]) for i, line in enumerate(lines) if line.startswith("| ---")]
+    assert len(expected) == 4
+    assert [[cell.strip() for cell in table] for table in probe.tables] == expected
+    assert probe.widths is not None, "the probe script did not run"
+    assert len(probe.widths) == markdown.count("![") == page.count("<img ")
+    assert all(width > 0 for width in probe.widths), probe.widths

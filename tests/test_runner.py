@@ -1,0 +1,274 @@
+"""The experiment runner: models trained once, every cell stored once, interrupted runs resumed,
+the Ray executor, and `torchpurify run`."""
+
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+from typer.testing import CliRunner
+
+from torchpurify import runner
+from torchpurify.cli import app
+from torchpurify.errors import UserError
+from torchpurify.spec import cell_jobs, load_spec
+from torchpurify.store import Store
+
+# digits × small-cnn × {clean, BadNets} × 2 seeds = 4 models; × 2 defenses = 8 cells.
+SPEC = """
+datasets: [digits]
+models: [small-cnn]
+attacks:
+  - none
+  - name: badnets
+    params: {size: 2}
+defenses:
+  - name: ft
+    params: {epochs: 1}
+  - name: fine-pruning
+    label: pruning
+    params: {prune_only: true}
+seeds: [0, 1]
+training: {epochs: 1, batch_size: 64}
+defender_fraction: 0.2
+diagnostics: true
+device: cpu
+"""
+
+
+def write_spec(folder, text=SPEC, name="spec.yaml"):
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / name
+    path.write_text(textwrap.dedent(text))
+    return path
+
+
+def read(results, sql):
+    with sqlite3.connect(results) as connection:
+        return connection.execute(sql).fetchall()
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory):
+    """The tiny grid, run once without interruption."""
+    folder = tmp_path_factory.mktemp("finished")
+    spec = load_spec(write_spec(folder))
+    rows = runner.run_experiment(spec, folder / "results.db", folder / "cache", progress=False)
+    return spec, folder, rows
+
+
+def test_every_cell_is_stored_once_with_its_results(finished):
+    spec, folder, rows = finished
+    results = folder / "results.db"
+    assert len(rows) == 8
+    assert {r["key"] for r in rows} == {c.key for c in cell_jobs(spec)}
+    assert read(results, "SELECT COUNT(*), COUNT(DISTINCT key) FROM cells") == [(8, 8)]
+    assert read(results, "SELECT COUNT(*) FROM models") == [(4,)]
+    for row in rows:
+        assert 0 <= row["acc_after"] <= 1 and row["seconds"] >= 0 and row["forward_passes"] > 0
+        assert row["versions"]["numpy"] and row["defense_params"]["seed"] == row["seed"]
+        backdoored = row["attack"] == "badnets"
+        assert (row["asr_before"] is not None) == backdoored == (row["der"] is not None)
+    labels = {r["label"] for r in rows}
+    assert labels == {"ft", "pruning"}
+
+
+def test_models_are_cached_with_diagnostics_for_backdoored_ones(finished):
+    _, folder, _ = finished
+    with Store(folder / "results.db") as store:
+        models = store.models()
+    for model in models:
+        assert (folder / "cache" / model["key"] / "model.json").is_file()
+        assert model["path"] == str((folder / "cache" / model["key"]).resolve())
+        if model["attack"] == "none":
+            assert model["identification"] is None and model["asr"] is None
+        else:
+            assert set(model["identification"]["rules"]) >= {"mean-activation", "linf-bias"}
+            assert model["neuron_table"][0]["backdoor"] in (True, False)
+            assert model["pruning_curve"][0]["order"] == "mean-activation"
+
+
+def test_a_second_run_does_nothing_but_report(finished, monkeypatch):
+    spec, folder, rows = finished
+
+    def no_work(*args, **kwargs):
+        raise AssertionError("a finished run must not train or purify again")
+
+    monkeypatch.setattr(runner, "train_model", no_work)
+    monkeypatch.setattr(runner, "purify_model", no_work)
+    again = runner.run_experiment(spec, folder / "results.db", folder / "cache", progress=False)
+    assert again == rows
+
+
+def test_a_changed_defense_reruns_only_its_cells_on_the_cached_models(finished, tmp_path,
+                                                                        monkeypatch):  # fmt: skip
+    _, folder, rows = finished
+    results = tmp_path / "results.db"
+    results.write_bytes((folder / "results.db").read_bytes())
+    monkeypatch.setattr(runner, "train_model", lambda *a, **k: pytest.fail("retrained"))
+    changed = load_spec(
+        write_spec(
+            tmp_path, SPEC.replace("epochs: 1}\n  - name: fine", "epochs: 2}\n  - name: fine")
+        )
+    )
+    new = runner.run_experiment(changed, results, folder / "cache", progress=False)
+    old_keys = {r["key"] for r in rows}
+    assert sum(r["key"] not in old_keys for r in new) == 4  # the four ft cells
+    assert all(r["defense_params"]["epochs"] == 2 for r in new if r["label"] == "ft")
+    assert read(results, "SELECT COUNT(*) FROM cells") == [(12,)]
+
+
+def test_diagnostics_missing_from_a_cached_model_are_added_without_retraining(
+    finished, tmp_path, monkeypatch
+):
+    spec, folder, _ = finished
+    results = tmp_path / "results.db"
+    results.write_bytes((folder / "results.db").read_bytes())
+    with sqlite3.connect(results) as connection:  # as if trained by a spec without diagnostics
+        connection.execute("UPDATE models SET identification = NULL, neuron_table = NULL")
+    monkeypatch.setattr(runner, "train_model", lambda *a, **k: pytest.fail("retrained"))
+    runner.run_experiment(spec, results, folder / "cache", progress=False)
+    filled = read(results, "SELECT attack, identification IS NOT NULL, neuron_table IS NOT NULL "
+                           "FROM models")  # fmt: skip
+    assert sorted(filled) == [("badnets", 1, 1), ("badnets", 1, 1), ("none", 0, 0), ("none", 0, 0)]
+
+
+KILLABLE = """
+import sys, time
+import torch
+from torchpurify import runner
+from torchpurify.spec import load_spec
+
+torch.set_num_threads(1)
+purify = runner.purify_model
+
+
+def slow_purify(*args, **kwargs):
+    time.sleep(0.5)  # widen every cell so that the kill lands inside one
+    return purify(*args, **kwargs)
+
+
+runner.purify_model = slow_purify
+runner.run_experiment(load_spec(sys.argv[1]), sys.argv[2], sys.argv[3], progress=False)
+"""
+
+
+def test_a_killed_run_resumes_without_losing_or_repeating_a_cell(finished, tmp_path):
+    spec, _, rows = finished
+    spec_path = write_spec(tmp_path)
+    results, cache = tmp_path / "results.db", tmp_path / "cache"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    process = subprocess.Popen(
+        [sys.executable, "-c", KILLABLE, str(spec_path), str(results), str(cache)],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+    )  # fmt: skip
+    deadline = time.monotonic() + 180
+    stored = 0
+    while stored == 0 and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+        if results.exists():
+            try:
+                stored = read(results, "SELECT COUNT(*) FROM cells")[0][0]
+            except sqlite3.OperationalError:  # the tables are not there yet
+                stored = 0
+    alive = process.poll() is None
+    os.kill(process.pid, signal.SIGKILL)
+    _, stderr = process.communicate()
+    assert alive, f"the run ended before it could be killed: {stderr.decode()[-2000:]}"
+    before = read(results, "SELECT key FROM cells")
+    assert 1 <= len(before) < 8
+    models_before = dict(read(results, "SELECT key, created_at FROM models"))
+
+    resumed = runner.run_experiment(load_spec(spec_path), results, cache, progress=False)
+
+    assert read(results, "SELECT COUNT(*), COUNT(DISTINCT key) FROM cells") == [(8, 8)]
+    assert {r["key"] for r in resumed} == {r["key"] for r in rows}
+    assert set(before) <= set(read(results, "SELECT key FROM cells"))
+    models_after = dict(read(results, "SELECT key, created_at FROM models"))
+    assert {k: models_after[k] for k in models_before} == models_before  # not retrained
+    # Same numbers as the uninterrupted run: every choice is seeded.
+    by_key = {r["key"]: r for r in rows}
+    for row in resumed:
+        assert row["acc_after"] == pytest.approx(by_key[row["key"]]["acc_after"], abs=1e-6)
+
+
+def test_the_ray_executor_stores_the_same_cells(finished, tmp_path):
+    ray = pytest.importorskip("ray")
+    spec, _, rows = finished
+    smaller = load_spec(write_spec(tmp_path, SPEC.replace("seeds: [0, 1]", "seeds: [1]")))
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        new = runner.run_experiment(
+            smaller, tmp_path / "results.db", tmp_path / "cache", executor="ray", progress=False
+        )
+    finally:
+        ray.shutdown()
+    assert read(tmp_path / "results.db", "SELECT COUNT(*), COUNT(DISTINCT key) FROM cells") == [
+        (4, 4)
+    ]
+    assert read(tmp_path / "results.db", "SELECT COUNT(*) FROM models") == [(2,)]
+    by_key = {r["key"]: r for r in rows}
+    for row in new:  # the same cells as the local run, with the same numbers
+        assert row["acc_after"] == pytest.approx(by_key[row["key"]]["acc_after"], abs=1e-6)
+        assert row["asr_after"] == pytest.approx(by_key[row["key"]]["asr_after"], abs=1e-6)
+
+
+def test_the_ray_executor_without_ray_says_how_to_install_it(finished, tmp_path, monkeypatch):
+    spec, folder, _ = finished
+    monkeypatch.setitem(sys.modules, "ray", None)  # `import ray` now fails
+    with pytest.raises(UserError, match=r"pip install 'torchpurify\[ray\]'"):
+        runner.run_experiment(
+            spec, tmp_path / "results.db", folder / "cache", executor="ray", progress=False
+        )
+
+
+def test_an_attack_that_does_not_fit_the_data_is_reported_before_training(tmp_path, monkeypatch):
+    monkeypatch.setattr(runner, "train_model", lambda *a, **k: pytest.fail("trained"))
+    spec = load_spec(write_spec(tmp_path, SPEC.replace("{size: 2}", "{size: 9}")))
+    with pytest.raises(UserError, match=r"attacks\[1\]\.params: badnets: size must be an integer "
+                                         r"in \[1, 8\], got 9 .*\(on digits\)"):  # fmt: skip
+        runner.run_experiment(spec, tmp_path / "r.db", tmp_path / "cache", progress=False)
+
+
+cli = CliRunner()
+
+ONE_CELL = """
+datasets: [digits]
+models: [lenet5]
+attacks: [{name: badnets, params: {size: 2}}]
+defenses: [{name: fine-pruning, params: {prune_only: true}}]
+training: {epochs: 1, batch_size: 64}
+defender_fraction: 0.2
+"""
+
+
+def test_cli_run_prints_the_summary_and_resumes(tmp_path):
+    spec = write_spec(tmp_path, ONE_CELL)
+    args = ["run", str(spec), "--results", str(tmp_path / "r.db"), "--cache",
+            str(tmp_path / "cache")]  # fmt: skip
+    result = cli.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert "1 cells, 0 already done; 1 models to train" in result.output
+    assert "lenet5/badnets/seed 0 fine-pruning: ACC" in result.output
+    assert "mean ± std over seeds" in result.output and f"results: {tmp_path / 'r.db'}" in (
+        result.output
+    )
+    again = cli.invoke(app, [*args, "--no-progress"])
+    assert again.exit_code == 0, again.output
+    assert "fine-pruning" in again.output and "already done" not in again.output
+    assert read(tmp_path / "r.db", "SELECT COUNT(*) FROM cells") == [(1,)]
+
+
+def test_cli_run_with_a_bad_spec_is_one_line_and_exit_2(tmp_path):
+    spec = write_spec(tmp_path, ONE_CELL.replace("prune_only", "prune_onyl"))
+    result = cli.invoke(app, ["run", str(spec), "--results", str(tmp_path / "r.db")])
+    assert result.exit_code == 2
+    assert result.output.strip().splitlines() == [
+        f"error: {spec}: defenses[0].params: unknown parameter 'prune_onyl' for fine-pruning "
+        "(did you mean prune_only?)"
+    ]
+    assert not (tmp_path / "r.db").exists()

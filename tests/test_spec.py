@@ -1,0 +1,168 @@
+"""Experiment specs: validation with the place of each mistake, the grid, and its keys."""
+
+import textwrap
+
+import pytest
+
+from torchpurify.errors import UserError
+from torchpurify.spec import cell_jobs, load_spec, model_jobs
+
+SPEC = """
+datasets:
+  - name: digits
+    train_size: 600
+models: [small-cnn, lenet5]
+attacks:
+  - none
+  - name: badnets
+    params: {size: 2}
+    poison_rate: 0.1
+defenses:
+  - name: ft
+    params: {epochs: 1}
+  - name: fine-pruning
+    label: pruning
+    params: {prune_only: true}
+  - name: gnft
+    params: {alpha: 0.5, epochs: 1}
+seeds: [0, 1]
+training: {epochs: 1, batch_size: 64}
+defender_fraction: 0.2
+"""
+
+
+def write(tmp_path, text, name="spec.yaml"):
+    path = tmp_path / name
+    path.write_text(textwrap.dedent(text))
+    return path
+
+
+def error_of(tmp_path, text) -> tuple[str, str]:
+    path = write(tmp_path, text)
+    with pytest.raises(UserError) as caught:
+        load_spec(path)
+    return str(caught.value), str(path)
+
+
+def replace(old, new, text=SPEC):
+    assert old in text
+    return text.replace(old, new)
+
+
+def test_a_valid_spec_loads_with_defaults_filled_in(tmp_path):
+    spec = load_spec(write(tmp_path, SPEC))
+    assert [d.name for d in spec.datasets] == ["digits"] and spec.datasets[0].train_size == 600
+    assert spec.models == ("small-cnn", "lenet5")
+    assert spec.attacks[0] is None  # 'none': a clean model
+    badnets = spec.attacks[1]
+    assert badnets.params == {"size": 2, "position": "bottom-right"}
+    assert (badnets.target, badnets.target_mode) == (0, "all-to-one")
+    assert [d.label for d in spec.defenses] == ["ft", "pruning", "gnft"]
+    assert spec.seeds == (0, 1) and spec.defender_fraction == 0.2 and not spec.diagnostics
+
+
+def test_the_grid_is_datasets_models_attacks_seeds_times_defenses(tmp_path):
+    spec = load_spec(write(tmp_path, SPEC))
+    models = model_jobs(spec)
+    cells = cell_jobs(spec)
+    assert len(models) == 1 * 2 * 2 * 2 and len(cells) == len(models) * 3
+    assert len({m.key for m in models}) == len(models)
+    assert len({c.key for c in cells}) == len(cells)
+    cell = cells[0]
+    assert cell.params["seed"] == cell.model.seed  # the defense follows the model's seed
+    assert cell.params["epochs"] == 1 and "progress" not in cell.params
+
+
+@pytest.mark.parametrize(
+    ("old", "new", "expected"),
+    [
+        ("seeds: [0, 1]", "seeds: [0, 1]\nfoo: 1", ": unknown key 'foo' (allowed: datasets,"),
+        ("seeds: [0, 1]", "seed: [0, 1]", ": unknown key 'seed' (did you mean seeds?)"),
+        (
+            "alpha: 0.5",
+            "alpah: 0.5",
+            ": defenses[2].params: unknown parameter 'alpah' for gnft (did you mean alpha?)",
+        ),
+        ("name: badnets", "name: badnet", ": attacks[1].name: unknown attack 'badnet' (did you "
+         "mean badnets?)"),
+        ("name: ft", "name: gnf", ": defenses[0].name: unknown defense 'gnf' (did you mean gnft?)"),
+        ("[small-cnn, lenet5]", "[small-cnn, lenet]", ": models[1]: unknown model 'lenet'"),
+        ("epochs: 1, batch", "epochs: two, batch", ": training.epochs: must be an integer, "
+         "got 'two'"),
+        ("epochs: 1, batch", "epochs: 0, batch", ": training: --epochs must be at least 1"),
+        ("seeds: [0, 1]", "seeds: [0, x]", ": seeds[1]: must be an integer, got 'x'"),
+        ("poison_rate: 0.1", "poison_rate: 2", ": attacks[1].poison_rate: must be in (0, 1]"),
+        ("{prune_only: true}", "{prune_only: 3}", ": defenses[1].params.prune_only: must be "
+         "true or false, got 3"),
+        ("{alpha: 0.5,", "{mode: fast,", ": defenses[2].params: gnft: mode must be"),
+        ("{size: 2}", "{sise: 2}", ": attacks[1].params: unknown parameter 'sise' for badnets "
+         "(did you mean size?)"),
+        ("- none", "- {name: none, poison_rate: 0.1}", ": attacks[0]: attack 'none' (a clean "
+         "model) takes no 'poison_rate'"),
+        ("train_size: 600", "train_size: 600\n    trainsize: 5", ": datasets[0]: unknown key "
+         "'trainsize' (did you mean train_size?)"),
+        ("defender_fraction: 0.2", "defender_fraction: 1.5", ": defender_fraction: must be in "
+         "(0, 1)"),
+        ("label: pruning", "label: ft", ": defenses[1]: repeats the label of defenses[0]"),
+        ("[0, 1]", "[0, 0]", ": seeds[1]: repeats the entry of seeds[0]"),
+        ("models: [small-cnn, lenet5]\n", "", ": missing 'models'"),
+    ],
+)  # fmt: skip
+def test_mistakes_are_one_line_with_their_place(tmp_path, old, new, expected):
+    message, path = error_of(tmp_path, replace(old, new))
+    assert message.startswith(path + ":"), message
+    assert expected in message, message
+    assert "\n" not in message
+
+
+def test_yaml_syntax_errors_name_the_line(tmp_path):
+    message, path = error_of(tmp_path, "datasets: [digits\nmodels: x\n")
+    assert message.startswith(f"{path}: not valid YAML") and "line" in message
+
+
+def test_a_missing_file_and_a_non_mapping_are_user_errors(tmp_path):
+    with pytest.raises(UserError, match="does not exist"):
+        load_spec(tmp_path / "nope.yaml")
+    message, _ = error_of(tmp_path, "- digits\n")
+    assert "must be a mapping" in message
+
+
+def keys(tmp_path, text, name):
+    spec = load_spec(write(tmp_path, text, name))
+    return [m.key for m in model_jobs(spec)], [c.key for c in cell_jobs(spec)]
+
+
+def test_the_same_spec_gives_the_same_keys_whatever_its_spelling(tmp_path):
+    models, cells = keys(tmp_path, SPEC, "a.yaml")
+    respelled = replace("{size: 2}", "{position: bottom-right, size: 2}")  # a default, spelled out
+    respelled = replace("{alpha: 0.5, epochs: 1}", "{epochs: 1, alpha: 0.50}", respelled)
+    respelled = replace("training: {epochs: 1, batch_size: 64}",
+                        "training: {batch_size: 64, epochs: 1, lr: 0.05}", respelled)  # fmt: skip
+    assert keys(tmp_path, respelled, "b.yaml") == (models, cells)
+    # The device decides where, not what: it is not part of any key.
+    assert keys(tmp_path, SPEC + "device: cpu\n", "c.yaml") == (models, cells)
+
+
+def test_a_changed_defense_parameter_changes_only_that_cells_key(tmp_path):
+    models, cells = keys(tmp_path, SPEC, "a.yaml")
+    changed_models, changed_cells = keys(tmp_path, replace("alpha: 0.5", "alpha: 0.6"), "b.yaml")
+    assert changed_models == models
+    differ = [i for i, (a, b) in enumerate(zip(cells, changed_cells, strict=True)) if a != b]
+    assert differ == list(range(2, len(cells), 3))  # the gnft cell of every model, nothing else
+
+
+def test_a_changed_training_epoch_changes_the_model_keys(tmp_path):
+    models, cells = keys(tmp_path, SPEC, "a.yaml")
+    changed_models, changed_cells = keys(tmp_path, replace("epochs: 1, batch", "epochs: 2, batch"),
+                                         "b.yaml")  # fmt: skip
+    assert not set(models) & set(changed_models)
+    assert not set(cells) & set(changed_cells)  # cells follow their model
+
+
+def test_a_per_dataset_recipe_overrides_the_global_one(tmp_path):
+    spec = load_spec(
+        write(tmp_path, replace("train_size: 600", "train_size: 600\n    training: {epochs: 3}"))
+    )
+    job = model_jobs(spec)[0]
+    assert job.recipe["epochs"] == 3 and job.recipe["batch_size"] == 64
+    assert job.train_config().epochs == 3
