@@ -105,7 +105,7 @@ def test_the_grid_is_datasets_models_attacks_seeds_times_defenses(tmp_path):
          "(0, 1)"),
         ("label: pruning", "label: ft", ": defenses[1]: repeats the label of defenses[0]"),
         ("[0, 1]", "[0, 0]", ": seeds[1]: repeats the entry of seeds[0]"),
-        ("models: [small-cnn, lenet5]\n", "", ": missing 'models'"),
+        ("models: [small-cnn, lenet5]\n", "", ": datasets[0]: no models: give 'models'"),
     ],
 )  # fmt: skip
 def test_mistakes_are_one_line_with_their_place(tmp_path, old, new, expected):
@@ -166,3 +166,41 @@ def test_a_per_dataset_recipe_overrides_the_global_one(tmp_path):
     job = model_jobs(spec)[0]
     assert job.recipe["epochs"] == 3 and job.recipe["batch_size"] == 64
     assert job.train_config().epochs == 3
+
+
+def test_a_dataset_may_name_its_own_models_and_attacks(tmp_path):
+    text = """
+    datasets:
+      - name: digits
+        models: [lenet5]
+        attacks: [{name: badnets, params: {size: 2}}]
+      - name: fashion-mnist
+    models: [small-cnn]
+    attacks: [blended]
+    defenses: [ft]
+    """
+    jobs = model_jobs(load_spec(write(tmp_path, text)))
+    assert [(j.dataset.name, j.model, j.attack.name) for j in jobs] == [
+        ("digits", "lenet5", "badnets"),
+        ("fashion-mnist", "small-cnn", "blended"),
+    ]
+
+
+def test_a_dataset_without_models_anywhere_is_reported_with_its_place(tmp_path):
+    text = """
+    datasets:
+      - {name: digits, attacks: [badnets]}
+    defenses: [ft]
+    """
+    message, path = error_of(tmp_path, text)
+    assert message == f"{path}: datasets[0]: no models: give 'models' at the top or in the entry"
+
+
+def test_an_unknown_attack_inside_a_dataset_entry_is_reported_with_its_place(tmp_path):
+    text = """
+    datasets:
+      - {name: digits, models: [lenet5], attacks: [badnet]}
+    defenses: [ft]
+    """
+    message, _ = error_of(tmp_path, text)
+    assert "datasets[0].attacks[0].name: unknown attack 'badnet'" in message

@@ -125,14 +125,16 @@ def stage_of(
 
 
 def check_grid(spec: ExperimentSpec) -> None:
-    """Checks that need the data: every attack and model must fit every dataset's inputs."""
-    for dataset in spec.datasets:
+    """Checks that need the data: every attack and model must fit its dataset's inputs."""
+    for d, dataset in enumerate(spec.datasets):
         data = load_dataset(dataset.name, root=dataset.root)
         shape, classes = data.input_shape, data.num_classes
-        for i, attack in enumerate(spec.attacks):
+        own = f"datasets[{d}]."
+        attacks_place = own + "attacks" if dataset.attacks else "attacks"
+        for i, attack in enumerate(dataset.attacks or spec.attacks):
             if attack is None:
                 continue
-            place = f"{spec.source}: attacks[{i}]"
+            place = f"{spec.source}: {attacks_place}[{i}]"
             check(
                 attack.target < classes,
                 f"{place}.target: {dataset.name} has labels 0..{classes - 1}, got {attack.target}",
@@ -141,11 +143,12 @@ def check_grid(spec: ExperimentSpec) -> None:
                 build_attack(attack.name, shape, **attack.params)
             except UserError as error:
                 raise UserError(f"{place}.params: {error} (on {dataset.name})") from None
-        for i, model in enumerate(spec.models):
+        models_place = own + "models" if dataset.models else "models"
+        for i, model in enumerate(dataset.models or spec.models):
             try:
                 build_model(model, shape, classes)
             except UserError as error:
-                raise UserError(f"{spec.source}: models[{i}]: {error}") from None
+                raise UserError(f"{spec.source}: {models_place}[{i}]: {error}") from None
 
 
 # ----------------------------------------------------------------------------- the two stages

@@ -41,8 +41,11 @@ TOP_KEYS = (
     "datasets", "models", "attacks", "defenses", "seeds", "training", "defender_fraction",
     "diagnostics", "device", "cpus_per_task",
 )  # fmt: skip
-REQUIRED = ("datasets", "models", "attacks", "defenses")
-DATASET_KEYS = ("name", "root", "train_size", "val_fraction", "training")
+REQUIRED = ("datasets", "defenses")
+# A dataset may name its own models and attacks (audio models and triggers do not fit images).
+DATASET_KEYS = (
+    "name", "root", "train_size", "val_fraction", "training", "models", "attacks",
+)  # fmt: skip
 ATTACK_KEYS = ("name", "params", "poison_rate", "target", "target_mode", "clean_label")
 DEFENSE_KEYS = ("name", "params", "label")
 # The recipe a spec may set; seeds come from ``seeds``, the device from ``device``.
@@ -66,13 +69,16 @@ class SpecError(UserError):
 
 @dataclass(frozen=True)
 class DatasetEntry:
-    """A dataset of the grid and its own overrides of the training recipe."""
+    """A dataset of the grid and its own overrides of the training recipe, models and attacks
+    (empty: the spec's top-level ones)."""
 
     name: str
     root: str | None = None
     train_size: int | None = None
     val_fraction: float = 0.1
     training: dict[str, Any] = field(default_factory=dict)
+    models: tuple[str, ...] = ()
+    attacks: tuple[AttackSpec | None, ...] = ()
 
     def data_spec(self, seed: int) -> DataSpec:
         return DataSpec(self.name, self.root, self.train_size, self.val_fraction, seed)
@@ -177,13 +183,14 @@ class CellJob:
 
 
 def model_jobs(spec: ExperimentSpec) -> list[ModelJob]:
-    """Datasets × models × attacks × seeds, in that nesting order."""
+    """Datasets × models × attacks × seeds, in that nesting order (a dataset's own models and
+    attacks replace the top-level ones)."""
     jobs = []
     for dataset in spec.datasets:
         recipe = {**TrainConfig().to_dict(), **spec.training, **dataset.training}
         recipe = {key: recipe[key] for key in TRAINING_KEYS}
-        for model in spec.models:
-            for attack in spec.attacks:
+        for model in dataset.models or spec.models:
+            for attack in dataset.attacks or spec.attacks:
                 for seed in spec.seeds:
                     content = {
                         "data": dataset.data_spec(seed).to_dict(),
@@ -239,10 +246,17 @@ def parse_spec(data: Any, source: str = "spec") -> ExperimentSpec:
         if key not in top:
             raise SpecError(source, "", f"missing {key!r} (a spec needs {', '.join(REQUIRED)})")
     training = read.training(top.get("training", {}), "training")
+    datasets = read.entries(top["datasets"], "datasets", read.dataset)
+    for key in ("models", "attacks"):
+        for i, dataset in enumerate(datasets):
+            if key not in top and not getattr(dataset, key):
+                raise SpecError(
+                    source, f"datasets[{i}]", f"no {key}: give {key!r} at the top or in the entry"
+                )
     spec = ExperimentSpec(
-        datasets=read.entries(top["datasets"], "datasets", read.dataset),
-        models=read.entries(top["models"], "models", read.model),
-        attacks=read.entries(top["attacks"], "attacks", read.attack),
+        datasets=datasets,
+        models=read.entries(top["models"], "models", read.model) if "models" in top else (),
+        attacks=read.entries(top["attacks"], "attacks", read.attack) if "attacks" in top else (),
         defenses=read.entries(top["defenses"], "defenses", read.defense),
         seeds=read.seeds(top.get("seeds", [0])),
         training=training,
@@ -330,6 +344,12 @@ class Reader:
             train_size=train_size,
             val_fraction=val_fraction,
             training=self.training(entry.get("training", {}), f"{place}.training"),
+            models=self.entries(entry["models"], f"{place}.models", self.model)
+            if "models" in entry
+            else (),
+            attacks=self.entries(entry["attacks"], f"{place}.attacks", self.attack)
+            if "attacks" in entry
+            else (),
         )
 
     def model(self, value: Any, place: str) -> str:
