@@ -199,3 +199,21 @@ def test_defenses_run_without_batchnorm_and_on_1d_convolutions(name, kind):
         model, Clean(tiny_task(shape, 200, seed=1), tiny_task(shape, 100, seed=2))
     )
     assert result.model(data.x[:4]).shape == (4, 3)
+
+
+@pytest.mark.parametrize("floor", [0.0, 1.01])
+def test_pruned_fine_tuning_is_kept_only_within_the_holdout_budget(floor, tiny_backdoor):
+    from torchpurify.defenses.pruning import fine_tune_within_budget, prune_first
+
+    tiny = tiny_backdoor
+    model = copy.deepcopy(tiny.model)
+    prune_first(model, "block4.2", torch.arange(128), 5)
+    pruned = copy.deepcopy(model.state_dict())
+    config = TrainConfig(epochs=1, lr=0.05, batch_size=64, device="cpu", progress=False)
+    cost, log = fine_tune_within_budget(model, tiny.tune, tiny.holdout, config, floor, "ft")
+    state = model.state_dict()
+    unchanged = all(torch.equal(pruned[k], state[k]) for k in pruned)
+    assert log["fine_tune_kept"] is (floor == 0.0)
+    assert unchanged is (floor > 1)  # restored exactly when the holdout says no
+    assert cost.backward > 0 and 0 <= log["holdout_acc_fine_tuned"] <= 1
+    assert int((masked_layers(model)["block4.2"] == 0).sum()) == 5

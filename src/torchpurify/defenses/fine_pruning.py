@@ -13,9 +13,15 @@ from torch import nn
 
 from torchpurify.defenses.base import Clean, Purified, register_defense
 from torchpurify.defenses.gnft import FineTuneRecipe
-from torchpurify.defenses.pruning import HoldoutProbe, first_failing, largest_passing, prune_first
+from torchpurify.defenses.pruning import (
+    HoldoutProbe,
+    fine_tune_within_budget,
+    first_failing,
+    largest_passing,
+    prune_first,
+)
 from torchpurify.neurons import activation_stats, default_neuron_layer
-from torchpurify.train import Cost, fit
+from torchpurify.train import Cost
 
 
 @register_defense
@@ -66,7 +72,9 @@ class FinePruning(FineTuneRecipe):
         }
         cost = Cost(forward=(len(probe.curve) + 1) * probe.batches_per_pass)
         if not self.prune_only:
-            result = fit(model, clean.tune, self.train_config(), description=self.name)
-            cost.add(result.cost)
-            log["history"] = result.history
+            tuned_cost, tuned_log = fine_tune_within_budget(
+                model, clean.tune, clean.holdout, self.train_config(), threshold, self.name
+            )
+            cost.add(tuned_cost)
+            log.update(tuned_log)
         return Purified(model, log, cost)

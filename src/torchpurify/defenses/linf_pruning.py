@@ -21,7 +21,12 @@ from torch import nn
 
 from torchpurify.defenses.base import Clean, Purified, register_defense
 from torchpurify.defenses.gnft import FineTuneRecipe
-from torchpurify.defenses.pruning import HoldoutProbe, largest_passing, prune_first
+from torchpurify.defenses.pruning import (
+    HoldoutProbe,
+    fine_tune_within_budget,
+    largest_passing,
+    prune_first,
+)
 from torchpurify.errors import UserError
 from torchpurify.metrics import accuracy, predict
 from torchpurify.neurons import (
@@ -31,7 +36,7 @@ from torchpurify.neurons import (
     invert_triggers,
 )
 from torchpurify.neurons.inversion import value_range_of
-from torchpurify.train import Cost, fit
+from torchpurify.train import Cost
 
 
 @register_defense
@@ -176,7 +181,9 @@ class LinfPruning(FineTuneRecipe):
             num_pruned=len(pruned),
         )
         if self.fine_tune:
-            result = fit(model, clean.tune, self.train_config(), description=self.name)
-            cost.add(result.cost)
-            log["history"] = result.history
+            tuned_cost, tuned_log = fine_tune_within_budget(
+                model, clean.tune, clean.holdout, self.train_config(), threshold, self.name
+            )
+            cost.add(tuned_cost)
+            log.update(tuned_log)
         return Purified(model, log, cost)

@@ -4,7 +4,9 @@ defender's holdout, and finding the cut by binary search (O(log C) evaluations) 
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import nn
@@ -12,12 +14,39 @@ from torch import nn
 from torchpurify.data.base import Split
 from torchpurify.metrics import accuracy, predict
 from torchpurify.neurons import mask_channels, unmask
+from torchpurify.train import Cost, TrainConfig, fit
 
 
 def prune_first(model: nn.Module, layer: str, order: torch.Tensor, k: int) -> None:
     """Mask exactly the channels ``order[:k]`` of ``layer`` (replacing any earlier mask)."""
     unmask(model, layer)
     mask_channels(model, layer, order[:k], num_channels=len(order))
+
+
+def fine_tune_within_budget(
+    model: nn.Module,
+    tune: Split,
+    holdout: Split,
+    config: TrainConfig,
+    floor: float,
+    description: str,
+) -> tuple[Cost, dict[str, Any]]:
+    """Fine-tune a pruned model; keep the result only if holdout accuracy stays ≥ ``floor``.
+
+    Fine-tuning with frozen BatchNorm statistics (the pruning defaults, methods.md §11.1) can
+    diverge on an unlucky seed; the holdout — never the test split — decides, and the pruned
+    weights come back when it fails. The masks are part of the state and stay as they were.
+    """
+    pruned = copy.deepcopy(model.state_dict())
+    result = fit(model, tune, config, description=description)
+    holdout_acc = accuracy(model, holdout, batch_size=config.batch_size)
+    kept = holdout_acc >= floor
+    if not kept:
+        model.load_state_dict(pruned)
+    cost = result.cost
+    cost.forward += -(-len(holdout) // config.batch_size)
+    log = {"history": result.history, "holdout_acc_fine_tuned": holdout_acc, "fine_tune_kept": kept}
+    return cost, log
 
 
 def largest_passing(low: int, high: int, passes: Callable[[int], bool]) -> int:
