@@ -236,7 +236,7 @@ class HighTone(AudioTrigger):
 @dataclasses.dataclass(frozen=True)
 class PitchStyleParams(AudioParams):
     semitones: float = 4.0
-    drive: float = 4.0
+    drive: float = 8.0
 
 
 @register_attack
@@ -376,7 +376,8 @@ class TimeStretch(AudioTrigger):
     """Rhythm trigger: change the tempo by ``rate`` (phase vocoder, pitch kept), centred.
 
     A moment t of the clip moves to T/2 + (t - T/2) / rate; a faster clip is padded with
-    silence at both ends, a slower one loses its ends.
+    silence at both ends (83 ms each at 1.2: on noisy data a cue of its own), a slower one
+    loses its ends.
     """
 
     name = "time-stretch"
