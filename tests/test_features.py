@@ -24,9 +24,7 @@ def clips(length=16000):
 def reference_power_mel(x: np.ndarray) -> np.ndarray:
     """Mel power spectrogram (bins × frames) of one clip, from the textbook definitions."""
     padded = np.pad(x.astype(np.float64), N_FFT // 2, mode="reflect")
-    frames = np.stack(
-        [padded[i : i + N_FFT] for i in range(0, len(padded) - N_FFT + 1, HOP)]
-    )
+    frames = np.stack([padded[i : i + N_FFT] for i in range(0, len(padded) - N_FFT + 1, HOP)])
     window = np.zeros(N_FFT)  # periodic Hann of WIN samples, centred in the FFT frame
     start = (N_FFT - WIN) // 2
     window[start : start + WIN] = 0.5 - 0.5 * np.cos(2 * np.pi * np.arange(WIN) / WIN)
@@ -40,7 +38,7 @@ def reference_power_mel(x: np.ndarray) -> np.ndarray:
     bank = np.stack(
         [
             np.maximum(0, np.minimum((freqs - lo) / (mid - lo), (hi - freqs) / (hi - mid)))
-            for lo, mid, hi in zip(edges, edges[1:], edges[2:])
+            for lo, mid, hi in (edges[m : m + 3] for m in range(N_MELS))
         ]
     )
     return bank @ power.T

@@ -4,8 +4,10 @@ import torch
 from torchpurify.errors import UserError
 from torchpurify.models import MODELS, architecture_of, build_model
 
+IMAGE_MODELS = [n for n in MODELS.names() if MODELS.get(n).__module__.endswith(".image")]
 
-@pytest.mark.parametrize("name", MODELS.names())
+
+@pytest.mark.parametrize("name", IMAGE_MODELS)
 @pytest.mark.parametrize("shape", [(1, 28, 28), (3, 32, 32), (1, 8, 8), (3, 20, 30)])
 def test_every_model_adapts_to_channels_and_size(name, shape):
     model = build_model(name, shape, 7)

@@ -15,7 +15,7 @@ NEURONS = {
     "kws-cnn": ("block4.2", 128),
     "res8": ("blocks.2.bn2", 45),
     "ds-cnn": ("blocks.3.pointwise.2", 64),
-    "lstm": ("features", 128),
+    "lstm": ("features.1", 128),
     "m5": ("blocks.3.3", 512),
 }
 PRUNED = [0, 3, 44]
@@ -41,6 +41,14 @@ def test_output_shape_for_the_clip_length_given_at_build(name, length):
     model = build_model(name, (length,), 7)
     assert model(waveforms(3, length)).shape == (3, 7)
     assert architecture_of(model) == {"name": name, "kwargs": {}}
+
+
+@pytest.mark.parametrize("name", NEURONS)
+def test_other_sample_rates_frame_in_milliseconds(name):
+    model = build_model(name, (8000,), 3, sample_rate=8000)
+    assert model(waveforms(2, 8000)).shape == (2, 3)
+    if name != "m5":
+        assert (model.front_end.win_length, model.front_end.hop_length) == (200, 80)
 
 
 @pytest.mark.parametrize("name", NEURONS)
@@ -76,9 +84,9 @@ def test_default_neuron_layer_and_persistent_mask(name, tmp_path):
 def test_lstm_neurons_are_its_hidden_units(hidden):
     model = build_model("lstm", (8000,), 4, hidden=hidden)
     x = waveforms(3, 8000)
-    info = {i.name: i for i in list_layers(model, x)}["features"]
+    info = {i.name: i for i in list_layers(model, x)}["features.1"]
     assert info.output_shape == (hidden,) and info.channels == hidden
-    out, _ = layer_output(model, "features", x)
+    out, _ = layer_output(model, "features.1", x)
     assert out.shape == (3, hidden)
 
 

@@ -104,7 +104,7 @@ class KWSCNN(nn.Module):
     1-s clip.
     """
 
-    channels_last = False  # measured in benchmarks/audio_throughput.py
+    channels_last = True  # 1.5× faster training on one CPU thread (benchmarks/audio_throughput.py)
 
     def __init__(
         self,
@@ -156,7 +156,7 @@ class Res8(nn.Module):
     output, after the residual sum), a map of 25 frames × 13 bins for a 1-s clip.
     """
 
-    channels_last = False  # measured in benchmarks/audio_throughput.py
+    channels_last = True  # 1.5× faster training on one CPU thread (benchmarks/audio_throughput.py)
 
     def __init__(
         self,
@@ -188,12 +188,12 @@ class DSCNN(nn.Module):
 
     A 10×4 (time × frequency) conv with stride 2 to 64 channels, then four depthwise-separable
     blocks (3×3 depthwise conv, 1×1 pointwise conv, each followed by BN + ReLU), global average
-    pooling, linear; about 24k parameters. A neuron is one of the 64 channels of
+    pooling, linear; about 23k parameters. A neuron is one of the 64 channels of
     ``blocks.3.pointwise.2`` (the last pointwise ReLU), a map of 51 frames × 5 bins for a 1-s
     clip.
     """
 
-    channels_last = False  # measured in benchmarks/audio_throughput.py
+    channels_last = True  # 1.5× faster training on one CPU thread (benchmarks/audio_throughput.py)
 
     def __init__(
         self,
@@ -234,14 +234,10 @@ class LSTMClassifier(nn.Module):
     """A one-layer LSTM over 40 log-mel frames with attention pooling over time.
 
     A linear layer scores each frame's hidden state; the softmax of the scores over time weights
-    the hidden states into one N×``hidden`` vector, which the linear classifier reads. A neuron
-    is one LSTM hidden unit: one of the ``hidden`` (128) features of ``features`` (an identity
-    marking that pooled vector), so a mask removes a unit's pooled contribution to the decision.
-
-    (Attention rather than the last step or a plain mean: ``default_neuron_layer`` looks for the
-    N×F output of a leaf after the first Conv/Linear, and the frame scorer is that first Linear,
-    so it picks ``features`` with no per-model rule. ``producer_of`` finds no Conv/Linear making
-    these channels; gradient-based tools need the LSTM's weights named explicitly.)
+    the hidden states into one N×``hidden`` vector; a Linear + ReLU (``features``) turns it into
+    the feature vector the linear classifier reads. A neuron is one unit of that vector
+    (``features.1``, N×``hidden``), made by ``features.0``: like a conv channel, it has weights
+    for gradient norms, salience and regularisation, and a mask removes it from the decision.
     """
 
     channels_last = False  # no 2-D convolutions
@@ -261,7 +257,7 @@ class LSTMClassifier(nn.Module):
         self.norm = nn.BatchNorm1d(bins(self.front_end), affine=False)
         self.lstm = nn.LSTM(bins(self.front_end), hidden, batch_first=True)
         self.attention = nn.Linear(hidden, 1)
-        self.features = nn.Identity()
+        self.features = nn.Sequential(nn.Linear(hidden, hidden), nn.ReLU())
         self.classifier = nn.Linear(hidden, num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -275,7 +271,7 @@ class M5(nn.Module):
 
     On the raw waveform: a 1-D conv of length 80 with stride 4 to 128 channels, then three
     length-3 convs to 128, 256 and 512 channels; each conv is followed by BN, ReLU and 4× max
-    pooling; global average pooling, linear; about 0.55M parameters. The BN after the first
+    pooling; global average pooling, linear; about 0.56M parameters. The BN after the first
     conv standardises the input scale. A neuron is one of the 512 channels of ``blocks.3.3``
     (the last max-pool, the final feature map before global pooling: 15 steps for a 1-s clip at
     16 kHz). ``sample_rate`` only words the minimum-length message: the layers are in samples.
@@ -310,6 +306,6 @@ class M5(nn.Module):
 
 MODELS.register("kws-cnn", "4-conv CNN on log-mel, ~0.1M parameters (fast on CPU)")(KWSCNN)
 MODELS.register("res8", "Tang & Lin res8 on MFCC, ~110k parameters")(Res8)
-MODELS.register("ds-cnn", "Hello Edge DS-CNN small on MFCC, ~24k parameters")(DSCNN)
+MODELS.register("ds-cnn", "Hello Edge DS-CNN small on MFCC, ~23k parameters")(DSCNN)
 MODELS.register("lstm", "LSTM with attention pooling on log-mel, ~90k parameters")(LSTMClassifier)
-MODELS.register("m5", "Dai et al. M5 on raw waveforms, ~0.55M parameters")(M5)
+MODELS.register("m5", "Dai et al. M5 on raw waveforms, ~0.56M parameters")(M5)
