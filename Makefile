@@ -20,8 +20,8 @@ data:
 	fi
 
 demo: $(STAMP) data
-	$(BIN)/torchpurify train --dataset fashion-mnist --model small-cnn --attack badnets \
-		--poison-rate 0.1 --epochs 5 --out runs/demo-badnets
+	$(BIN)/torchpurify run configs/demo.yaml --results runs/demo/results.db --cache runs/demo/models
+	$(BIN)/torchpurify report runs/demo/results.db --out runs/demo/report
 
 test: $(STAMP) data
 	$(BIN)/python -m pytest
