@@ -650,6 +650,28 @@ def run_spec(
     out.print(f"results: {results}")
 
 
+@command("make-speech")
+def make_speech(
+    out_dir: Annotated[
+        Path, typer.Option("--out", help="Folder to write; it must not exist or be empty.")
+    ],
+    per_word: Annotated[int, typer.Option(help="Clips per keyword.")] = 1200,
+    seed: Annotated[int, typer.Option(help="Seed of every random choice.")] = 0,
+    workers: Annotated[
+        int | None, typer.Option(help="Processes synthesising (default: one per CPU core).")
+    ] = None,
+    progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
+) -> None:
+    """Synthesise the speech-synth keyword dataset (Speech Commands layout) with espeak-ng;
+    use it with --dataset speech-synth --data-root DIR."""
+    from torchpurify.data.synth import generate_speech_synth
+
+    record = generate_speech_synth(
+        out_dir, per_word=per_word, seed=seed, workers=workers, progress=progress
+    )
+    out.print(f"wrote {record['clips']} clips to {out_dir}", highlight=False)
+
+
 @command("list")
 def list_(
     what: Annotated[Listing, typer.Argument(help="datasets, models, attacks or defenses")],

@@ -27,6 +27,7 @@ BACKGROUND = "_background_noise_"
 SILENCE, UNKNOWN = "silence", "unknown"
 OFFICIAL_URL = "http://download.tensorflow.org/data/speech_commands_v0.02.tar.gz"
 SPLITS = ("training", "validation", "testing")
+LISTS = {"validation": VALIDATION_LIST, "testing": TESTING_LIST}
 
 
 @dataclass(frozen=True)
@@ -46,7 +47,7 @@ def word_folders(root: Path) -> list[str]:
 
 def missing_speech_commands(root: Path) -> str | None:
     """What ``root`` lacks to be a Speech Commands folder, or None when complete."""
-    lists = [name for name in (VALIDATION_LIST, TESTING_LIST) if not (root / name).is_file()]
+    lists = [name for name in LISTS.values() if not (root / name).is_file()]
     if lists:
         return f"missing {' and '.join(lists)}"
     absent = sorted(set(KEYWORDS) - set(word_folders(root)), key=KEYWORDS.index)
@@ -75,20 +76,20 @@ def _read_list(root: Path, name: str) -> set[str]:
 
 def _split_files(root: Path, words: list[str]) -> dict[str, dict[str, list[Path]]]:
     """split → word → sorted clip paths, by the two list files; the rest is training."""
-    held_out = {"validation": _read_list(root, VALIDATION_LIST)}
-    held_out["testing"] = _read_list(root, TESTING_LIST)
+    held_out = {split: _read_list(root, name) for split, name in LISTS.items()}
     files: dict[str, dict[str, list[Path]]] = {split: {} for split in SPLITS}
+    found = set()
     for word in words:
         for path in sorted((root / word).glob("*.wav")):
             name = f"{word}/{path.name}"
             split = next((s for s, names in held_out.items() if name in names), "training")
             files[split].setdefault(word, []).append(path)
+            found.add(name)
     for split, names in held_out.items():
-        absent = sorted(n for n in names if n.split("/")[0] in words and not (root / n).is_file())
+        absent = sorted(n for n in names - found if n.split("/")[0] in words)
         if absent:
-            list_name = VALIDATION_LIST if split == "validation" else TESTING_LIST
             raise UserError(
-                f"{root / list_name} names {len(absent)} clips that are missing (first: "
+                f"{root / LISTS[split]} names {len(absent)} clips that are missing (first: "
                 f"{absent[0]}); unpack the dataset again"
             )
     return files

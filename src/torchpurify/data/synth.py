@@ -79,16 +79,16 @@ class Augmentation:
     pitch: tuple[int, int] = (15, 85)  # espeak base pitch, 0–99
     pitch_range: tuple[int, int] = (10, 95)  # espeak intonation range, 0–99
     speed: tuple[float, float] = (0.85, 1.15)  # resampling: tempo and formants together
-    edge_cut_s: float = 0.05  # the word may start or end this far outside the second
+    edge_cut_s: float = 0.03  # the word may start or end this far outside the second
     reverb_p: float = 0.5
     rt60_s: tuple[float, float] = (0.1, 0.7)  # exponentially decaying noise impulse response
     drr_db: tuple[float, float] = (-3.0, 12.0)  # direct-to-reverberant ratio
     filter_p: float = 0.4  # a random band limit: low-pass or high-pass Butterworth
-    lowpass_hz: tuple[float, float] = (2500.0, 7000.0)
+    lowpass_hz: tuple[float, float] = (3500.0, 7500.0)
     highpass_hz: tuple[float, float] = (100.0, 500.0)
-    noise_p: float = 0.9
+    noise_p: float = 0.85
     noise_kinds: tuple[str, ...] = ("white", "pink", "brown", "babble")
-    snr_db: tuple[float, float] = (-5.0, 20.0)  # speech power over the word / noise power
+    snr_db: tuple[float, float] = (0.0, 24.0)  # speech power over the word / noise power
     babble_talkers: tuple[int, int] = (3, 7)
     peak_db: tuple[float, float] = (-30.0, -1.0)  # final gain, as peak level in dBFS
 
@@ -209,7 +209,8 @@ def speak(
 
     ``voice`` is an accent, optionally with a variant (``"en-gb-scotland+f3"``; see
     :func:`english_accents` and :func:`voice_variants`); ``rate`` is in words per minute,
-    ``pitch`` and ``pitch_range`` are espeak's 0–99 scales.
+    ``pitch`` and ``pitch_range`` are espeak's 0–99 scales. espeak keeps some state between
+    utterances, so a second call with the same arguments may differ in the last bits.
     """
     for name, value in (("rate", rate), ("pitch", pitch), ("pitch_range", pitch_range)):
         _check_range(name, value)
@@ -224,6 +225,7 @@ def speak(
 # ---------------------------------------------------------------- one clip
 
 
+@functools.cache
 def speakers(split: str) -> list[tuple[str, str]]:
     """The (accent, variant) pairs whose voices belong to ``split``."""
     accents = (*TRAIN_ACCENTS, VALIDATION_ACCENT, TEST_ACCENT)
