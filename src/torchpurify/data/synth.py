@@ -30,7 +30,7 @@ import numpy as np
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
 from scipy.signal import butter, fftconvolve, firwin, resample_poly, sosfilt
 
-from torchpurify.data.speech import KEYWORDS, SAMPLE_RATE, TESTING_LIST, VALIDATION_LIST
+from torchpurify.data.speech import KEYWORDS, LISTS, SAMPLE_RATE
 from torchpurify.errors import UserError
 
 ESPEAK_RATE = 22050
@@ -88,7 +88,7 @@ class Augmentation:
     highpass_hz: tuple[float, float] = (100.0, 500.0)
     noise_p: float = 0.85
     noise_kinds: tuple[str, ...] = ("white", "pink", "brown", "babble")
-    snr_db: tuple[float, float] = (0.0, 24.0)  # speech power over the word / noise power
+    snr_db: tuple[float, float] = (3.0, 27.0)  # speech power over the word / noise power
     babble_talkers: tuple[int, int] = (3, 7)
     peak_db: tuple[float, float] = (-30.0, -1.0)  # final gain, as peak level in dBFS
 
@@ -251,6 +251,11 @@ def _uniform(rng: np.random.Generator, bounds: tuple[float, float]) -> float:
     return float(rng.uniform(*bounds))
 
 
+def _integer(rng: np.random.Generator, bounds: tuple[int, int]) -> int:
+    """Uniform over ``bounds``, both ends included."""
+    return int(rng.integers(bounds[0], bounds[1] + 1))
+
+
 def _trim(samples: np.ndarray, threshold: float = 0.02) -> np.ndarray:
     """``samples`` without the leading and trailing silence espeak adds around a word."""
     loud = np.flatnonzero(np.abs(samples) > threshold * max(np.abs(samples).max(), 1))
@@ -302,7 +307,7 @@ def coloured_noise(rng: np.random.Generator, exponent: float, n: int = SAMPLE_RA
 def _babble(rng: np.random.Generator, pool: list[np.ndarray], aug: Augmentation) -> np.ndarray:
     """Several background talkers: random one-second stretches of the block's phrase pool."""
     mix = np.zeros(SAMPLE_RATE)
-    for _ in range(int(rng.integers(aug.babble_talkers[0], aug.babble_talkers[1] + 1))):
+    for _ in range(_integer(rng, aug.babble_talkers)):
         phrase = pool[int(rng.integers(len(pool)))]
         looped = np.resize(phrase, max(len(phrase), SAMPLE_RATE))  # repeats short phrases
         start = int(rng.integers(len(looped) - SAMPLE_RATE + 1))
@@ -332,15 +337,21 @@ def _speed(samples: np.ndarray, speed: float) -> np.ndarray:
 
 
 def render_clip(
-    engine: _Espeak, word: str, split: str, rng: np.random.Generator, pool: list[np.ndarray],
+    engine: _Espeak,
+    word: str,
+    split: str,
+    rng: np.random.Generator,
+    pool: list[np.ndarray],
     aug: Augmentation = AUGMENTATION,
-) -> tuple[np.ndarray, str]:  # fmt: skip
-    """One augmented one-second clip of ``word`` as int16, and the voice that spoke it."""
+) -> tuple[np.ndarray, str]:
+    """One augmented one-second clip of ``word`` as int16, and the voice that spoke it.
+
+    ``pool`` holds the background phrases babble is mixed from (see :func:`_babble_pool`).
+    """
     voices = speakers(split)
     accent, variant = voices[int(rng.integers(len(voices)))]
     voice = f"{accent}+{variant}"
-    rate, pitch, spread = (int(rng.integers(lo, hi + 1)) for lo, hi in (
-        aug.rate, aug.pitch, aug.pitch_range))  # fmt: skip
+    rate, pitch, spread = (_integer(rng, r) for r in (aug.rate, aug.pitch, aug.pitch_range))
     samples = _trim(engine.synthesize(word, voice, rate, pitch, spread))
     audio, (lo, hi) = _place(_speed(samples, _uniform(rng, aug.speed)), rng, aug)
     if rng.random() < aug.reverb_p:
@@ -459,7 +470,7 @@ def generate_speech_synth(
     """
     if per_word < 1:
         raise UserError(f"per_word must be at least 1, got {per_word}")
-    workers = workers or multiprocessing.cpu_count()
+    workers = multiprocessing.cpu_count() if workers is None else workers
     if workers < 1:
         raise UserError(f"workers must be at least 1, got {workers}")
     out = Path(out).expanduser()
@@ -473,13 +484,14 @@ def generate_speech_synth(
         jobs = [(staging, seed, s, min(s + BLOCK, total)) for s in range(0, total, BLOCK)]
         lists: dict[str, list[str]] = {split: [] for split in SPLITS}
         columns = ("{task.description}", BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
-        with Progress(*columns, disable=not progress) as bar, _fresh_processes(workers) as pool:
+        processes = _fresh_processes(min(workers, len(jobs)))
+        with Progress(*columns, disable=not progress) as bar, processes as pool:
             task = bar.add_task("speech-synth", total=total)
             for written in pool.imap(_render_block, jobs):
                 for path, split in written:
                     lists[split].append(path)
                 bar.advance(task, len(written))
-        for split, name in (("validation", VALIDATION_LIST), ("testing", TESTING_LIST)):
+        for split, name in LISTS.items():
             (staging / name).write_text("".join(f"{p}\n" for p in sorted(lists[split])))
         record = manifest(per_word, seed)
         (staging / "manifest.json").write_text(json.dumps(record, indent=2) + "\n")
