@@ -88,7 +88,7 @@ class Augmentation:
     highpass_hz: tuple[float, float] = (100.0, 500.0)
     noise_p: float = 0.85
     noise_kinds: tuple[str, ...] = ("white", "pink", "brown", "babble")
-    snr_db: tuple[float, float] = (3.0, 27.0)  # speech power over the word / noise power
+    snr_db: tuple[float, float] = (5.0, 30.0)  # speech power over the word / noise power
     babble_talkers: tuple[int, int] = (3, 7)
     peak_db: tuple[float, float] = (-30.0, -1.0)  # final gain, as peak level in dBFS
 
