@@ -176,7 +176,7 @@ _register("speech-synth", "espeak keywords, 10 classes, noisy 1-s 16 kHz clips, 
     Source(
         partial(read_speech_commands, name="speech-synth"),
         missing_speech_synth,
-        _SPEECH_EXPECTED + " and manifest.json",
+        _SPEECH_EXPECTED + " and manifest.json, as `torchpurify make-speech` writes",
         generate=generate_speech_synth,
     )
 )
