@@ -172,19 +172,26 @@ def prepare_model(
     return row
 
 
-def model_row(job: ModelJob, folder: Path, card: dict[str, Any]) -> dict[str, Any]:
-    metrics = card["metrics"]
+def job_columns(job: ModelJob) -> dict[str, Any]:
+    """The columns models and cells share: which data, architecture, attack and seed."""
     attack = job.attack
     return {
-        "key": job.key,
         "dataset": job.dataset.name,
         "model": job.model,
         "attack": attack_name(attack),
         "attack_params": attack.params if attack else {},
         "poison_rate": attack.poison_rate if attack else None,
-        "target": attack.target if attack else None,
         "target_mode": attack.target_mode if attack else None,
         "seed": job.seed,
+    }
+
+
+def model_row(job: ModelJob, folder: Path, card: dict[str, Any]) -> dict[str, Any]:
+    metrics = card["metrics"]
+    return {
+        "key": job.key,
+        **job_columns(job),
+        "target": job.attack.target if job.attack else None,
         "train_recipe": job.recipe,
         "path": str(folder),
         "acc": metrics["acc"],
@@ -229,18 +236,11 @@ def run_cell(
         net, card, defense, root=cell.model.dataset.root, defender_fraction=cell.defender_fraction
     )
     record = result.card["defense"]
-    job, attack = cell.model, cell.model.attack
     return {
         "key": cell.key,
         "spec_hash": spec_hash,
-        "model_key": job.key,
-        "dataset": job.dataset.name,
-        "model": job.model,
-        "attack": attack_name(attack),
-        "attack_params": attack.params if attack else {},
-        "poison_rate": attack.poison_rate if attack else None,
-        "target_mode": attack.target_mode if attack else None,
-        "seed": job.seed,
+        "model_key": cell.model.key,
+        **job_columns(cell.model),
         "defense": cell.defense.name,
         "label": cell.label,
         "defense_params": record["params"],
