@@ -12,7 +12,6 @@ from dataclasses import dataclass
 from torch import nn
 
 from torchpurify.defenses.base import Clean, Purified, register_defense
-from torchpurify.defenses.gnft import FineTuneRecipe
 from torchpurify.defenses.pruning import (
     HoldoutProbe,
     fine_tune_within_budget,
@@ -20,6 +19,7 @@ from torchpurify.defenses.pruning import (
     largest_passing,
     prune_first,
 )
+from torchpurify.defenses.recipe import FineTuneRecipe
 from torchpurify.neurons import activation_stats, default_neuron_layer
 from torchpurify.train import Cost
 

@@ -15,8 +15,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from torchpurify.defenses.base import Clean, Defense, Purified, register_defense
-from torchpurify.train import Cost, FrozenRunningStats, TrainConfig, fit
+from torchpurify.defenses.base import Clean, Purified, register_defense
+from torchpurify.defenses.recipe import FineTuneRecipe
+from torchpurify.train import Cost, FrozenRunningStats, fit
 
 
 def _norms(grads: list[torch.Tensor], per_tensor: bool) -> list[torch.Tensor]:
@@ -108,39 +109,6 @@ def gradient_norm_step(
         return loss
 
     return step
-
-
-@dataclass
-class FineTuneRecipe(Defense):
-    """The fine-tuning recipe shared by FT and GN-FT (and the fine-tuning inside other methods)."""
-
-    epochs: int = 20
-    lr: float = 0.01
-    momentum: float = 0.9
-    weight_decay: float = 5e-4
-    # Re-estimating BatchNorm statistics on clean-only data alone revives a pruned backdoor
-    # (methods.md §11.1); frozen, the running statistics stay those the model was trained with.
-    freeze_bn_stats: bool = False
-
-    def validate(self) -> None:
-        self.require("epochs", self.epochs >= 1, "at least 1")
-        self.require("lr", self.lr > 0, "positive")
-        self.require("momentum", 0 <= self.momentum < 1, "in [0, 1)")
-        self.require("weight_decay", self.weight_decay >= 0, "≥ 0")
-
-    def train_config(self, epochs: int | None = None) -> TrainConfig:
-        return TrainConfig(
-            epochs=self.epochs if epochs is None else epochs,
-            batch_size=self.batch_size,
-            lr=self.lr,
-            momentum=self.momentum,
-            weight_decay=self.weight_decay,
-            schedule="cosine",
-            freeze_bn_stats=self.freeze_bn_stats,
-            seed=self.seed,
-            device=self.device,
-            progress=self.progress,
-        )
 
 
 @register_defense

@@ -20,13 +20,13 @@ import torch
 from torch import nn
 
 from torchpurify.defenses.base import Clean, Purified, register_defense
-from torchpurify.defenses.gnft import FineTuneRecipe
 from torchpurify.defenses.pruning import (
     HoldoutProbe,
     fine_tune_within_budget,
     largest_passing,
     prune_first,
 )
+from torchpurify.defenses.recipe import FineTuneRecipe
 from torchpurify.errors import UserError
 from torchpurify.metrics import accuracy, predict
 from torchpurify.neurons import (

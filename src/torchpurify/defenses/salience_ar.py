@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from torchpurify.defenses.base import Clean, Purified, register_defense
-from torchpurify.defenses.gnft import FineTuneRecipe
+from torchpurify.defenses.recipe import FineTuneRecipe
 from torchpurify.errors import check
 from torchpurify.neurons import BenignSalience, default_neuron_layer, list_layers, producer_of
 from torchpurify.train import fit
