@@ -9,7 +9,7 @@ from torch.func import functional_call, hessian
 from torchpurify.defenses import build_defense
 from torchpurify.defenses.gnft import gradient_norm_direction
 from torchpurify.errors import UserError
-from torchpurify.train import Cost
+from torchpurify.train import count_passes
 
 
 def tiny_model(seed=0, bn=False):
@@ -70,22 +70,22 @@ def test_approx_leaves_weights_and_bn_statistics_as_one_pass_would():
     model.train()
     reference = copy.deepcopy(model)
     F.cross_entropy(reference(x), y)  # one plain forward pass updates the running statistics once
-    cost = Cost()
-    gradient_norm_direction(model, x, y, mode="approx", r=0.5, alpha=0.9, cost=cost)
+    with count_passes(model) as cost:
+        gradient_norm_direction(model, x, y, mode="approx", r=0.5, alpha=0.9)
     for (name, a), b in zip(
         model.state_dict().items(), reference.state_dict().values(), strict=True
     ):
         assert torch.equal(a, b), name
-    assert (cost.forward, cost.backward) == (2, 2)
+    assert (cost.forward, cost.backward) == (2 * len(x), 2 * len(x))
 
 
 def test_alpha_zero_is_the_plain_gradient_in_one_pass():
     model, (x, y) = tiny_model(), batch()
-    cost = Cost()
-    direction, _ = gradient_norm_direction(model, x, y, alpha=0.0, cost=cost)
+    with count_passes(model) as cost:
+        direction, _ = gradient_norm_direction(model, x, y, alpha=0.0)
     plain = torch.autograd.grad(F.cross_entropy(model(x), y), list(model.parameters()))
     assert torch.allclose(flat(direction), flat(plain))
-    assert (cost.forward, cost.backward) == (1, 1)
+    assert (cost.forward, cost.backward) == (len(x), len(x))
 
 
 def test_per_tensor_normalisation_matches_its_exact_penalty():
@@ -119,11 +119,12 @@ def test_bad_hyper_parameters_name_the_parameter(name, params, message):
 
 def test_partial_second_pass_keeps_the_full_batch_gradient_and_the_estimate():
     model, (x, y) = tiny_model(), batch()
-    cost = Cost()
-    half, _ = gradient_norm_direction(model, x, y, r=1e-3, alpha=0.7, second_pass=0.5, cost=cost)
+    with count_passes(model) as cost:
+        half, _ = gradient_norm_direction(model, x, y, r=1e-3, alpha=0.7, second_pass=0.5)
     exact, _ = gradient_norm_direction(model, x, y, mode="exact", r=1e-3, alpha=0.7)
     assert F.cosine_similarity(flat(half), flat(exact), dim=0) >= 0.99
-    assert (cost.forward, cost.backward) == (3, 3)
+    # The first pass in two halves and the second on one half: 1.5 batches, not 3 passes.
+    assert (cost.forward, cost.backward) == (3 * len(x) // 2, 3 * len(x) // 2)
     # With α → 0 the direction is the plain full-batch gradient, not the half batch's.
     plain = torch.autograd.grad(F.cross_entropy(model(x), y), list(model.parameters()))
     tiny_alpha, _ = gradient_norm_direction(model, x, y, r=0.5, alpha=1e-9, second_pass=0.5)

@@ -1,11 +1,22 @@
+import copy
+import math
+
 import pytest
 import torch
 
 from torchpurify.data.base import Split
-from torchpurify.errors import UserError
+from torchpurify.errors import Divergence, UserError
 from torchpurify.metrics import accuracy
 from torchpurify.models import build_model
-from torchpurify.train import TrainConfig, augment_batch, fit, resolve_device, standard_step
+from torchpurify.train import (
+    TrainConfig,
+    Trainer,
+    augment_batch,
+    count_passes,
+    fit,
+    resolve_device,
+    standard_step,
+)
 
 
 def bright_or_dark(n=256, seed=0):
@@ -31,7 +42,10 @@ def test_training_learns_and_counts_passes():
     result = fit(model, data, config(), val=bright_or_dark(seed=1))
     assert accuracy(model, bright_or_dark(seed=2)) > 0.95
     assert len(result.history) == 3 and result.history[-1]["val_acc"] > 0.95
-    assert result.cost.forward == result.cost.backward == 3 * (256 // 32)
+    # Samples, counted by hooks: 3 epochs × 8 batches of 32 forward and backward, and the
+    # 256 validation samples of each epoch forward only.
+    assert result.cost.backward == 3 * 8 * 32
+    assert result.cost.forward == 3 * 8 * 32 + 3 * 256
     assert result.cost.seconds > 0
     assert not model.training
 
@@ -73,11 +87,43 @@ def test_augmentation_keeps_shape_and_moves_pixels():
     assert out.shape == x.shape and not torch.equal(out, x)
 
 
-def test_divergence_is_reported():
+def test_divergence_is_its_own_error_not_a_user_error():
     data = bright_or_dark()
     data.x[0, 0, 0, 0] = float("nan")
-    with pytest.raises(UserError, match="diverged"):
+    with pytest.raises(Divergence, match="diverged") as caught:
         fit(build_model("lenet5", (1, 8, 8), 2), data, config(epochs=1))
+    assert not isinstance(caught.value, UserError)
+
+
+def test_cosine_schedule_is_torchs_and_trainer_runs_epoch_by_epoch():
+    torch.manual_seed(0)
+    model = build_model("lenet5", (1, 8, 8), 2)
+    rates = []
+    with Trainer(model, bright_or_dark(), config(epochs=4, lr=0.1)) as trainer:
+        assert isinstance(trainer.scheduler, torch.optim.lr_scheduler.CosineAnnealingLR)
+        for epoch in range(4):
+            rates.append(trainer.optimizer.param_groups[0]["lr"])
+            assert trainer.epoch()["epoch"] == epoch + 1
+        with pytest.raises(UserError, match="all 4 epochs"):
+            trainer.epoch()
+    expected = [0.1 * 0.5 * (1 + math.cos(math.pi * e / 4)) for e in range(4)]
+    assert rates == pytest.approx(expected)
+    assert len(trainer.result.history) == 4 and not model.training
+
+
+def test_passes_are_counted_by_samples_in_one_place():
+    model = build_model("lenet5", (1, 8, 8), 2)
+    x = torch.rand(10, 1, 8, 8)
+    with count_passes(model) as cost:
+        model(x)  # forward only
+        with torch.no_grad():
+            model(x[:4])
+        loss = model(x[:6]).sum()
+        torch.autograd.grad(loss, list(model.parameters()))
+        copy.deepcopy(model)(x[:3])  # a copy made inside the block counts into the same cost
+    assert (cost.forward, cost.backward) == (10 + 4 + 6 + 3, 6)
+    model(x)
+    assert cost.forward == 23 and not model._forward_hooks
 
 
 @pytest.mark.parametrize(

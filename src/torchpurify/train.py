@@ -20,7 +20,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, Ti
 from torch import nn
 
 from torchpurify.data.base import Split
-from torchpurify.errors import UserError, check
+from torchpurify.errors import Divergence, UserError, check
 from torchpurify.metrics import accuracy
 
 console = Console(stderr=True)
@@ -43,7 +43,9 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
 
 @dataclass
 class Cost:
-    """What a run spent: wall seconds and forward/backward passes over mini-batches."""
+    """What a run spent: wall seconds, and the samples it passed forward and backward through
+    the model. :class:`count_passes` is the one place passes are counted: a batch of 128 counts
+    128, a second pass on half of it 64, a holdout probe of 540 images 540."""
 
     seconds: float = 0.0
     forward: int = 0
@@ -55,8 +57,60 @@ class Cost:
         self.backward += other.backward
 
 
+class count_passes:  # noqa: N801 (a context manager, used like a function)
+    """Within the block, every call of ``model`` (its root module, however it is reached: a
+    training step, a holdout probe, trigger inversion) adds its batch size to ``cost.forward``,
+    and every backward pass through its output adds it to ``cost.backward``.
+
+    The hook is a plain function, so a ``copy.deepcopy`` of the model made inside the block
+    counts into the same ``cost``; :meth:`strip` removes it from such a copy.
+    """
+
+    def __init__(self, model: nn.Module, cost: Cost | None = None) -> None:
+        self.model = model
+        self.cost = cost if cost is not None else Cost()
+
+        def hook(module, args, output) -> None:
+            tensor = output if isinstance(output, torch.Tensor) else _first_tensor(output)
+            if tensor is None or tensor.dim() == 0:
+                return
+            samples = int(tensor.shape[0])
+            self.cost.forward += samples
+            if tensor.requires_grad:
+                tensor.register_hook(lambda grad: _add_backward(self.cost, samples))
+
+        self.hook = hook
+
+    def __enter__(self) -> Cost:
+        self.model.register_forward_hook(self.hook)
+        return self.cost
+
+    def __exit__(self, *exc) -> None:
+        self.strip(self.model)
+
+    def strip(self, model: nn.Module) -> None:
+        """Remove this counter's hook from ``model`` (the counted model or a copy of it)."""
+        for key, hook in list(model._forward_hooks.items()):
+            if hook is self.hook:
+                del model._forward_hooks[key]
+
+
+def _first_tensor(output) -> torch.Tensor | None:
+    if isinstance(output, (tuple, list)):
+        return next((t for t in output if isinstance(t, torch.Tensor)), None)
+    return None
+
+
+def _add_backward(cost: Cost, samples: int) -> None:
+    cost.backward += samples
+
+
 class Step(Protocol):
-    """One update on a batch; returns the (detached) training loss and counts its passes."""
+    """One update on a batch; returns the (detached) training loss.
+
+    Passes are counted by :func:`fit` (:class:`count_passes`), not by the step; ``cost`` is
+    the run's :class:`Cost`, for a step that wants to read it.
+    """
 
     def __call__(
         self,
@@ -73,8 +127,6 @@ def standard_step(model, x, y, optimizer, cost) -> torch.Tensor:
     optimizer.zero_grad(set_to_none=True)
     loss = F.cross_entropy(model(x), y)
     loss.backward()
-    cost.forward += 1
-    cost.backward += 1
     optimizer.step()
     return loss.detach()
 
@@ -161,6 +213,119 @@ def augment_batch(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     return torch.stack([c.flip(-1) if f else c for c, f in zip(crops, flips, strict=True)])
 
 
+class Trainer:
+    """The one training loop, one epoch at a time: :func:`fit` runs every epoch; a method whose
+    schedule changes between epochs (Salience-AR) calls :meth:`epoch` in its own loop, so the
+    schedule reads top to bottom. Use as a context manager; :attr:`result` holds the history and
+    cost, and leaving the block puts the model in evaluation mode with contiguous weights.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        data: Split,
+        config: TrainConfig,
+        *,
+        step: Step = standard_step,
+        val: Split | None = None,
+        description: str = "train",
+    ) -> None:
+        check(len(data) >= 2, f"the training split has {len(data)} samples; it needs at least 2")
+        self.model, self.data, self.config = model, data, config
+        self.step, self.val, self.description = step, val, description
+        self.device = resolve_device(config.device)
+        # channels_last is faster for some CNNs on CPU and slower for others
+        # (benchmarks/train_throughput.py); models state a preference with a class attribute.
+        preferred = getattr(model, "channels_last", True)
+        wanted = preferred if config.channels_last is None else config.channels_last
+        use_channels_last = wanted and data.x.dim() == 4
+        self.memory_format = torch.channels_last if use_channels_last else torch.contiguous_format
+        model.to(device=self.device, memory_format=self.memory_format)
+        self.optimizer = make_optimizer([p for p in model.parameters() if p.requires_grad], config)
+        self.batches_per_epoch = max(1, len(data) // config.batch_size)
+        total = config.epochs * self.batches_per_epoch
+        self.scheduler = (
+            torch.optim.lr_scheduler.CosineAnnealingLR(self.optimizer, T_max=total)
+            if config.schedule == "cosine"
+            else None
+        )
+        self.generator = torch.Generator().manual_seed(config.seed)
+        self.result = TrainResult()
+        self.epochs_done = 0
+        self.counter = count_passes(model, self.result.cost)
+        self.start = time.perf_counter()
+
+    def __enter__(self) -> Trainer:
+        self.counter.__enter__()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.counter.__exit__()
+        self.model.to(memory_format=torch.contiguous_format)
+        self.model.eval()
+        self.result.cost.seconds += time.perf_counter() - self.start
+
+    def epoch(self) -> dict:
+        """Train one epoch (whole batches of a fresh shuffle); return its history record."""
+        config, model, device = self.config, self.model, self.device
+        check(
+            self.epochs_done < config.epochs,
+            f"{self.description}: all {config.epochs} epochs of the schedule have run",
+        )
+        self.epochs_done += 1
+        epoch = self.epochs_done
+        model.train()
+        if config.freeze_bn_stats:
+            # Evaluation-mode BatchNorm: normalise with the running statistics and keep them.
+            # (Batch statistics with frozen running ones train weights for a normalisation
+            # the model never evaluates with: ACC collapsed, methods.md §11.1.)
+            for module in model.modules():
+                if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                    module.eval()
+        order = torch.randperm(len(self.data), generator=self.generator)
+        loss_sum = torch.zeros((), device=device)
+        columns = (
+            TextColumn("{task.description}"),
+            BarColumn(),
+            TextColumn("{task.completed}/{task.total} batches"),
+            TextColumn("loss {task.fields[loss]:.3f}"),
+            TimeElapsedColumn(),
+            TimeRemainingColumn(),
+        )
+        with Progress(
+            *columns, console=console, transient=True, disable=not config.progress
+        ) as bar:
+            task = bar.add_task(
+                f"{self.description} {epoch}/{config.epochs}",
+                total=self.batches_per_epoch,
+                loss=0.0,
+            )
+            for b in range(self.batches_per_epoch):
+                # Whole batches only: the remainder joins the next shuffle (no size-1 BN batch).
+                idx = order[b * config.batch_size : (b + 1) * config.batch_size]
+                x = self.data.x[idx].to(device, non_blocking=True)
+                y = self.data.y[idx].to(device, non_blocking=True)
+                if config.augment and x.dim() == 4:
+                    x = augment_batch(x, self.generator)
+                x = x.contiguous(memory_format=self.memory_format) if x.dim() == 4 else x
+                loss = self.step(model, x, y, self.optimizer, self.result.cost)
+                if self.scheduler is not None:
+                    self.scheduler.step()
+                loss_sum += loss
+                if config.progress and (b % 10 == 0 or b == self.batches_per_epoch - 1):
+                    bar.update(task, completed=b + 1, loss=float(loss))
+        record = {"epoch": epoch, "loss": float(loss_sum) / self.batches_per_epoch}
+        if not math.isfinite(record["loss"]):
+            raise Divergence(
+                f"training diverged (loss is {record['loss']} in epoch {epoch}); lower --lr"
+            )
+        if self.val is not None and len(self.val):
+            record["val_acc"] = accuracy(model, self.val, device=device)
+        record["seconds"] = time.perf_counter() - self.start
+        self.result.history.append(record)
+        return record
+
+
 def fit(
     model: nn.Module,
     data: Split,
@@ -174,78 +339,12 @@ def fit(
     """Train ``model`` in place on ``data`` following ``config``; return history and cost.
 
     ``val`` (if given) is evaluated after each epoch for the history only: nothing here
-    selects or stops on it. ``on_epoch`` receives each epoch's record.
+    selects or stops on it. ``on_epoch`` receives each epoch's record. A non-finite epoch loss
+    raises :class:`~torchpurify.errors.Divergence`.
     """
-    check(len(data) >= 2, f"the training split has {len(data)} samples; it needs at least 2")
-    device = resolve_device(config.device)
-    # channels_last is faster for some CNNs on CPU and slower for others
-    # (benchmarks/train_throughput.py); models state a preference with a class attribute.
-    preferred = getattr(model, "channels_last", True)
-    wanted = preferred if config.channels_last is None else config.channels_last
-    use_channels_last = wanted and data.x.dim() == 4
-    memory_format = torch.channels_last if use_channels_last else torch.contiguous_format
-    model.to(device=device, memory_format=memory_format)
-    optimizer = make_optimizer([p for p in model.parameters() if p.requires_grad], config)
-    batches_per_epoch = max(1, len(data) // config.batch_size)
-    total = config.epochs * batches_per_epoch
-    if config.schedule == "cosine":
-        scheduler = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lambda i: 0.5 * (1 + math.cos(math.pi * min(i, total) / total))
-        )
-    else:
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda i: 1.0)
-    generator = torch.Generator().manual_seed(config.seed)
-    result = TrainResult()
-    start = time.perf_counter()
-    columns = (
-        TextColumn("{task.description}"),
-        BarColumn(),
-        TextColumn("{task.completed}/{task.total} batches"),
-        TextColumn("loss {task.fields[loss]:.3f}"),
-        TimeElapsedColumn(),
-        TimeRemainingColumn(),
-    )
-    with Progress(*columns, console=console, transient=True, disable=not config.progress) as bar:
-        for epoch in range(1, config.epochs + 1):
-            task = bar.add_task(
-                f"{description} {epoch}/{config.epochs}", total=batches_per_epoch, loss=0.0
-            )
-            model.train()
-            if config.freeze_bn_stats:
-                # Evaluation-mode BatchNorm: normalise with the running statistics and keep them.
-                # (Batch statistics with frozen running ones train weights for a normalisation
-                # the model never evaluates with: ACC collapsed, methods.md §11.1.)
-                for module in model.modules():
-                    if isinstance(module, nn.modules.batchnorm._BatchNorm):
-                        module.eval()
-            order = torch.randperm(len(data), generator=generator)
-            loss_sum = torch.zeros((), device=device)
-            for b in range(batches_per_epoch):
-                # Whole batches only: the remainder joins the next shuffle (no size-1 BN batch).
-                idx = order[b * config.batch_size : (b + 1) * config.batch_size]
-                x = data.x[idx].to(device, non_blocking=True)
-                y = data.y[idx].to(device, non_blocking=True)
-                if config.augment and x.dim() == 4:
-                    x = augment_batch(x, generator)
-                x = x.contiguous(memory_format=memory_format) if x.dim() == 4 else x
-                loss = step(model, x, y, optimizer, result.cost)
-                scheduler.step()
-                loss_sum += loss
-                if config.progress and (b % 10 == 0 or b == batches_per_epoch - 1):
-                    bar.update(task, completed=b + 1, loss=float(loss))
-            record = {"epoch": epoch, "loss": float(loss_sum) / batches_per_epoch}
-            if not math.isfinite(record["loss"]):
-                raise UserError(
-                    f"training diverged (loss is {record['loss']} in epoch {epoch}); lower --lr"
-                )
-            if val is not None and len(val):
-                record["val_acc"] = accuracy(model, val, device=device)
-            record["seconds"] = time.perf_counter() - start
-            result.history.append(record)
-            bar.remove_task(task)
+    with Trainer(model, data, config, step=step, val=val, description=description) as trainer:
+        for _ in range(config.epochs):
+            record = trainer.epoch()
             if on_epoch is not None:
                 on_epoch(record)
-    model.to(memory_format=torch.contiguous_format)
-    model.eval()
-    result.cost.seconds += time.perf_counter() - start
-    return result
+    return trainer.result

@@ -17,7 +17,7 @@ from torch import nn
 
 from torchpurify.defenses.base import Clean, Purified, register_defense
 from torchpurify.defenses.recipe import FineTuneRecipe
-from torchpurify.train import Cost, FrozenRunningStats, fit
+from torchpurify.train import FrozenRunningStats, fit
 
 
 def _norms(grads: list[torch.Tensor], per_tensor: bool) -> list[torch.Tensor]:
@@ -38,16 +38,15 @@ def gradient_norm_direction(
     alpha: float = 0.7,
     per_tensor: bool = False,
     second_pass: float = 1.0,
-    cost: Cost | None = None,
 ) -> tuple[list[torch.Tensor], torch.Tensor]:
     """The update direction of the gradient-norm-penalised loss, and the plain loss.
 
     Returns one tensor per trainable parameter (same order as ``model.parameters()``);
     the model's weights are unchanged on return. With ``second_pass`` < 1 (approx only) the
     second pass sees just that leading fraction of the batch, and the direction is
-    ``g1 + α·(g2_sub − g1_sub)``: the same expectation for ~(1 + second_pass)× the plain cost.
+    ``g1 + α·(g2_sub − g1_sub)``: the same expectation for ~(1 + second_pass)× the plain cost
+    (passes are counted by the samples they see, :class:`torchpurify.train.count_passes`).
     """
-    cost = cost if cost is not None else Cost()
     params = [p for p in model.parameters() if p.requires_grad]
     if mode == "exact":
         loss = F.cross_entropy(model(x), y)
@@ -55,20 +54,14 @@ def gradient_norm_direction(
         norms = _norms(list(grads), per_tensor)
         penalty = sum(g.norm() for g in grads) if per_tensor else norms[0]
         direction = torch.autograd.grad(loss + alpha * r * penalty, params)
-        cost.forward += 1
-        cost.backward += 2
         return [d.detach() for d in direction], loss.detach()
     m = len(x) if alpha == 0 else max(1, min(len(x), round(second_pass * len(x))))
     loss = F.cross_entropy(model(x[:m]), y[:m])
     g1_sub = [g.detach() for g in torch.autograd.grad(loss, params)]
-    cost.forward += 1
-    cost.backward += 1
     g1 = g1_sub
     if m < len(x):  # the rest of the batch, so the plain part of the step sees all of it
         rest = F.cross_entropy(model(x[m:]), y[m:])
         g_rest = torch.autograd.grad(rest, params)
-        cost.forward += 1
-        cost.backward += 1
         share = m / len(x)
         g1 = [share * a + (1 - share) * b for a, b in zip(g1_sub, g_rest, strict=True)]
         loss = share * loss + (1 - share) * rest
@@ -82,8 +75,6 @@ def gradient_norm_direction(
     try:
         with FrozenRunningStats(model):
             g2 = torch.autograd.grad(F.cross_entropy(model(x[:m]), y[:m]), params)
-        cost.forward += 1
-        cost.backward += 1
     finally:
         with torch.no_grad():
             for p, original in zip(params, originals, strict=True):
@@ -100,7 +91,7 @@ def gradient_norm_step(
     def step(model, x, y, optimizer, cost):
         direction, loss = gradient_norm_direction(
             model, x, y, mode=mode, r=r, alpha=alpha, per_tensor=per_tensor,
-            second_pass=second_pass, cost=cost,
+            second_pass=second_pass,
         )  # fmt: skip
         params = [p for p in model.parameters() if p.requires_grad]
         for p, d in zip(params, direction, strict=True):
@@ -143,7 +134,7 @@ class GradientNormFineTuning(FineTuneRecipe):
             ),
             description=self.name,
         )
-        return Purified(model, {"history": result.history}, result.cost)
+        return Purified(model, {"history": result.history})
 
 
 @register_defense
@@ -154,4 +145,4 @@ class FineTuning(FineTuneRecipe):
 
     def run(self, model: nn.Module, clean: Clean) -> Purified:
         result = fit(model, clean.tune, self.train_config(), description=self.name)
-        return Purified(model, {"history": result.history}, result.cost)
+        return Purified(model, {"history": result.history})

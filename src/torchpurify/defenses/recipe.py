@@ -5,6 +5,7 @@ option to keep BatchNorm's running statistics frozen.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 from torchpurify.defenses.base import Defense
@@ -28,6 +29,10 @@ class FineTuneRecipe(Defense):
         self.require("lr", self.lr > 0, "positive")
         self.require("momentum", 0 <= self.momentum < 1, "in [0, 1)")
         self.require("weight_decay", self.weight_decay >= 0, "≥ 0")
+
+    def back_off(self) -> FineTuneRecipe:
+        """The guard's smaller step: the same recipe at half the learning rate."""
+        return dataclasses.replace(self, lr=self.lr / 2)
 
     def train_config(self, epochs: int | None = None) -> TrainConfig:
         return TrainConfig(

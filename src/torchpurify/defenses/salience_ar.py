@@ -18,7 +18,7 @@ from torchpurify.defenses.base import Clean, Purified, register_defense
 from torchpurify.defenses.recipe import FineTuneRecipe
 from torchpurify.errors import check
 from torchpurify.neurons import BenignSalience, default_neuron_layer, list_layers, producer_of
-from torchpurify.train import fit
+from torchpurify.train import Trainer
 
 
 def adaptive_penalty_grad(w: torch.Tensor, alpha: float) -> torch.Tensor:
@@ -75,55 +75,59 @@ class SalienceAR(FineTuneRecipe):
                 and isinstance(getattr(modules[name], "weight", None), torch.Tensor),
                 f"salience-ar: layer {name!r} is not a module with weights",
             )
+        weights = {name: modules[name].weight for name in layers}
         salience = BenignSalience(layers, decay=self.eta).warm_up(
             model, clean.tune, self.batch_size
         )
-        selected: dict[str, torch.Tensor] = {}
-        ratios: list[float] = []
-
-        def select(epoch: int) -> None:
-            ratio = self.beta + (1 - self.beta) * epoch / self.epochs
-            ratios.append(ratio)
-            for name in layers:
-                scores = salience.weight_salience(name).flatten()
-                k = round(ratio * scores.numel())
-                chosen = scores.argsort(descending=self.target == "high")[:k]
-                mask = torch.zeros(scores.numel(), dtype=torch.bool, device=scores.device)
-                mask[chosen] = True
-                selected[name] = mask.view_as(modules[name].weight)
-
-        def step(model, x, y, optimizer, cost):
-            optimizer.zero_grad(set_to_none=True)
-            loss = F.cross_entropy(model(x), y)
-            loss.backward()
-            cost.forward += 1
-            cost.backward += 1
-            salience.update(model)  # the clean loss's gradient, before the penalty is added
-            with torch.no_grad():
-                for name in layers:
-                    weight = modules[name].weight
-                    mask = selected[name].to(weight.device)
-                    weight.grad += mask * adaptive_penalty_grad(weight, self.alpha)
-            optimizer.step()
-            return loss.detach()
-
-        select(0)
-        result = fit(
-            model,
-            clean.tune,
-            self.train_config(),
-            step=step,
-            on_epoch=lambda record: (
-                select(record["epoch"]) if record["epoch"] < self.epochs else None
-            ),
-            description=self.name,
-        )
+        step = AdaptiveRegularisedStep(salience, weights, self.alpha)
+        ratios = []
+        config = self.train_config()
+        with Trainer(model, clean.tune, config, step=step, description=self.name) as trainer:
+            for epoch in range(self.epochs):
+                # The schedule: AR acts on a share of each layer's weights that grows from β to
+                # 1, the least salient first (target="low"), ranked by the salience so far.
+                ratio = self.beta + (1 - self.beta) * epoch / self.epochs
+                step.selected = {
+                    name: self.infected(salience.weight_salience(name), ratio) for name in layers
+                }
+                trainer.epoch()
+                ratios.append(ratio)
         log = {
             "layers": layers,
             "ratios": ratios,
             "neuron_salience": {name: salience.neuron_salience(name).tolist() for name in layers},
-            "history": result.history,
+            "history": trainer.result.history,
         }
-        result.cost.backward += -(-len(clean.tune) // self.batch_size)  # the warm-up pass
-        result.cost.forward += -(-len(clean.tune) // self.batch_size)
-        return Purified(model, log, result.cost)
+        return Purified(model, log)
+
+    def infected(self, scores: torch.Tensor, ratio: float) -> torch.Tensor:
+        """A mask (shaped like ``scores``) of the ``ratio`` share of weights at the infected end of
+        the salience ranking: the least salient for ``target="low"``, the most for ``"high"``."""
+        flat = scores.flatten()
+        chosen = flat.argsort(descending=self.target == "high")[: round(ratio * flat.numel())]
+        mask = torch.zeros(flat.numel(), dtype=torch.bool, device=flat.device)
+        mask[chosen] = True
+        return mask.view_as(scores)
+
+
+class AdaptiveRegularisedStep:
+    """One update: the clean loss's gradient (which also updates benign salience), plus the AR
+    penalty's gradient on the weights in :attr:`selected` (a mask per layer, set each epoch)."""
+
+    def __init__(
+        self, salience: BenignSalience, weights: dict[str, torch.Tensor], alpha: float
+    ) -> None:
+        self.salience, self.weights, self.alpha = salience, weights, alpha
+        self.selected: dict[str, torch.Tensor] = {}
+
+    def __call__(self, model, x, y, optimizer, cost) -> torch.Tensor:
+        optimizer.zero_grad(set_to_none=True)
+        loss = F.cross_entropy(model(x), y)
+        loss.backward()
+        self.salience.update(model)  # the clean loss's gradient, before the penalty is added
+        with torch.no_grad():
+            for name, weight in self.weights.items():
+                mask = self.selected[name].to(weight.device)
+                weight.grad += mask * adaptive_penalty_grad(weight, self.alpha)
+        optimizer.step()
+        return loss.detach()
