@@ -5,9 +5,7 @@ import copy
 import json
 import re
 import shutil
-import sqlite3
 import subprocess
-from contextlib import closing
 from html.parser import HTMLParser
 
 import pytest
@@ -17,24 +15,8 @@ from torchpurify.cli import app
 from torchpurify.diagnostics import RULES, neuron_identification, neuron_table, pruning_curve
 from torchpurify.errors import UserError
 from torchpurify.report import mean_std, write_report
+from torchpurify.store import CELL_COLUMNS, MODEL_COLUMNS, Store
 
-SCHEMA = """
-CREATE TABLE models (
-  key TEXT PRIMARY KEY, dataset TEXT NOT NULL, model TEXT NOT NULL, attack TEXT NOT NULL,
-  attack_params TEXT NOT NULL, poison_rate REAL, target INTEGER, target_mode TEXT,
-  seed INTEGER NOT NULL, train_recipe TEXT NOT NULL, path TEXT NOT NULL, acc REAL, asr REAL,
-  ra REAL, train_seconds REAL, identification TEXT, neuron_table TEXT, pruning_curve TEXT,
-  created_at TEXT NOT NULL);
-CREATE TABLE cells (
-  key TEXT PRIMARY KEY, spec_hash TEXT NOT NULL, model_key TEXT NOT NULL REFERENCES models(key),
-  dataset TEXT NOT NULL, model TEXT NOT NULL, attack TEXT NOT NULL, attack_params TEXT NOT NULL,
-  poison_rate REAL, target_mode TEXT, seed INTEGER NOT NULL,
-  defense TEXT NOT NULL, label TEXT NOT NULL, defense_params TEXT NOT NULL,
-  defender_fraction REAL NOT NULL,
-  acc_before REAL, asr_before REAL, ra_before REAL, acc_after REAL, asr_after REAL,
-  ra_after REAL, der REAL, seconds REAL, forward_passes INTEGER, backward_passes INTEGER,
-  log TEXT, versions TEXT NOT NULL, started_at TEXT NOT NULL, finished_at TEXT NOT NULL);
-"""
 VERSIONS = {"torchpurify": "0.1.0", "torch": "2.4.0", "python": "3.11.2"}
 SETTING = ("dataset", "model", "attack", "attack_params", "poison_rate", "target_mode")
 METRICS = ("acc", "asr", "ra")
@@ -49,19 +31,13 @@ CLEAN = named(SETTING, ("gratings", "small-cnn", "none", {}, None, None))
 CLEAN_LABEL = "ft <lr 0.01> & more"  # must come out escaped
 
 
-def insert(store, table, row):
-    row = {k: json.dumps(v) if isinstance(v, (dict, list)) else v for k, v in row.items()}
-    columns, marks = ", ".join(row), ", ".join("?" * len(row))
-    store.execute(f"INSERT INTO {table} ({columns}) VALUES ({marks})", list(row.values()))
-
-
 def make_store(path, models=(), cells=()):
-    with closing(sqlite3.connect(path)) as store, store:
-        store.executescript(SCHEMA)
+    """A results store written through :class:`Store`; columns a row leaves out are NULL."""
+    with Store(path) as store:
         for row in models:
-            insert(store, "models", row)
+            store.add_model({**dict.fromkeys(MODEL_COLUMNS), **row})
         for row in cells:
-            insert(store, "cells", row)
+            store.add_cell({**dict.fromkeys(CELL_COLUMNS), **row})
     return path
 
 
@@ -268,8 +244,8 @@ def make_not_a_store(tmp_path, kind):
     ("kind", "fragment"),
     [
         ("missing", "does not exist"),
-        ("text", "not a readable"),
-        ("empty", "not a readable"),
+        ("text", "not a torchpurify results store (not an SQLite file)"),
+        ("empty", "empty SQLite file, not a torchpurify results store"),
         ("no-rows", "holds no models"),
     ],
 )

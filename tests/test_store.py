@@ -1,11 +1,14 @@
 """The SQLite results store: its exact layout, round trips and no duplicates."""
 
+import os
 import sqlite3
+import time
+from pathlib import Path
 
 import pytest
 
 from torchpurify.errors import UserError
-from torchpurify.store import CELL_COLUMNS, MODEL_COLUMNS, Store, utc_now
+from torchpurify.store import CELL_COLUMNS, MODEL_COLUMNS, Store, model_lease, utc_now
 
 
 def model_row(key="m1", **extra):
@@ -93,8 +96,72 @@ def test_a_file_that_is_not_a_store_is_a_user_error(tmp_path):
         Store(tmp_path / "notes.db")
     with pytest.raises(UserError, match="is a directory"):
         Store(tmp_path)
-    other = sqlite3.connect(tmp_path / "other.db")
-    other.execute("CREATE TABLE cells (key TEXT PRIMARY KEY)")
-    other.commit()
+    old = sqlite3.connect(tmp_path / "old.db")
+    old.execute("CREATE TABLE models (key TEXT PRIMARY KEY)")
+    old.execute("CREATE TABLE cells (key TEXT PRIMARY KEY)")
+    old.commit()
     with pytest.raises(UserError, match="another layout"):
-        Store(tmp_path / "other.db")
+        Store(tmp_path / "old.db")
+
+
+def test_the_sqlite_file_of_another_program_is_refused_and_left_unchanged(tmp_path):
+    path = tmp_path / "app.db"
+    other = sqlite3.connect(path)
+    other.execute("CREATE TABLE people (name TEXT)")
+    other.commit()
+    other.close()
+    before = path.read_bytes()
+    with pytest.raises(UserError, match="another program \\(tables: people\\)"):
+        Store(path)
+    assert path.read_bytes() == before
+    tables = sqlite3.connect(path).execute("SELECT name FROM sqlite_master").fetchall()
+    assert tables == [("people",)]
+
+
+def test_a_read_only_store_is_named_as_read_only(tmp_path, monkeypatch):
+    path = tmp_path / "r.db"
+    with Store(path) as store:
+        store.add_model(model_row())
+    # chmod cannot stop root, so the permission answer is faked; the message is what is tested.
+    real_access = os.access
+    monkeypatch.setattr(os, "access", lambda p, mode: Path(p) != path and real_access(p, mode))
+    with pytest.raises(UserError, match="r.db is read-only"):
+        Store(path)
+    with Store(path, readonly=True) as store:  # reading needs no write permission
+        assert [m["key"] for m in store.models()] == ["m1"]
+
+
+def test_readonly_opening_never_creates_or_writes(tmp_path):
+    with pytest.raises(UserError, match="does not exist"):
+        Store(tmp_path / "missing.db", readonly=True)
+    assert not (tmp_path / "missing.db").exists()
+    (tmp_path / "empty.db").touch()
+    with pytest.raises(UserError, match="empty SQLite file"):
+        Store(tmp_path / "empty.db", readonly=True)
+    assert (tmp_path / "empty.db").stat().st_size == 0
+
+
+def test_a_claimed_key_is_skipped_by_another_runner_until_its_lease_is_stale(tmp_path):
+    path = tmp_path / "r.db"
+    with Store(path) as first, Store(path) as second:
+        assert first.claim("c1", "a") and first.claim("c1", "a")  # a lease is re-entrant
+        assert not second.claim("c1", "b")
+        assert second.live_leases() == {"c1": "a"}
+        first.connection.execute("UPDATE leases SET heartbeat = heartbeat - 1000")
+        first.connection.commit()
+        assert second.claim("c1", "b")  # "a" fell silent: the cell is taken over
+        assert not first.claim("c1", "a")
+        second.add_cell(cell_row("c1"))  # a finished cell ends its lease
+        assert second.live_leases() == {}
+
+
+def test_a_runner_keeps_its_leases_alive_and_releases_them_on_exit(tmp_path):
+    path = tmp_path / "r.db"
+    with Store(path, lease_seconds=0.4) as store, Store(path, lease_seconds=0.4) as other:
+        with store.runner() as runner:
+            assert runner.claim("c1") and runner.claim(model_lease("m1"))
+            time.sleep(1.0)  # more than a lease's life: only the heartbeat keeps it
+            assert not other.claim("c1", "someone else")
+            assert set(other.live_leases()) == {"c1", "model:m1"}
+        assert other.live_leases() == {}
+        assert other.claim("c1", "someone else")

@@ -111,6 +111,50 @@ class Schedule(str, Enum):
     constant = "constant"
 
 
+Arch = Annotated[
+    str | None,
+    typer.Option(
+        help="Architecture: a registered name or your own module:function. Needed for a bare "
+        ".pt/.pth/.safetensors file; for a model directory it allows the module:function its "
+        "card names.",
+    ),
+]
+TrustCode = Annotated[
+    bool,
+    typer.Option(
+        "--trust-code",
+        help="Import and call the module:function architecture a model card names, without "
+        "naming it with --arch. Only for models you trust: it runs their code.",
+    ),
+]
+CleanPath = Annotated[
+    Path | None,
+    typer.Option(
+        "--clean",
+        help="Your clean data: ROOT/<class>/*.png|jpg, ROOT/<word>/*.wav, or an .npz with x and y "
+        "(folder names map to output indices: the model's class names, else numbers, else "
+        "sorted). Needed for a bare weights file.",
+    ),
+]
+TuneFraction = Annotated[
+    float, typer.Option(help="With --clean: the share of it the defense trains on; the rest is "
+                        "the holdout every stopping rule reads.")  # fmt: skip
+]
+Normalize = Annotated[
+    str | None,
+    typer.Option(
+        help="With a bare image model: MEAN,STD (or one mean per channel, then one std per "
+        "channel) applied to [0, 1] pixels before the model; recorded in the card.",
+    ),
+]
+NumClasses = Annotated[
+    int | None,
+    typer.Option(help="With a bare weights file: its output count (default: from --clean)."),
+]
+SampleRate = Annotated[
+    int | None,
+    typer.Option(help="With audio: the model's sample rate (default: its own, else 16000)."),
+]
 DataRoot = Annotated[
     str | None,
     typer.Option(help="The dataset's folder (default: $TORCHPURIFY_DATA, system packages, cache)."),
@@ -118,6 +162,9 @@ DataRoot = Annotated[
 Device = Annotated[str, typer.Option(help="auto, cpu or cuda[:N].")]
 Settings = Annotated[
     list[str] | None, typer.Option("--set", help="Attack parameter KEY=VALUE (repeatable).")
+]
+Force = Annotated[
+    bool, typer.Option("--force", help="Replace an earlier torchpurify output at --out.")
 ]
 
 
@@ -154,9 +201,11 @@ def train(
     val_fraction: float = 0.1,
     as_json: Annotated[bool, typer.Option("--json", help="Print the metrics as JSON.")] = False,
     progress: Annotated[bool, typer.Option(help="Show progress bars.")] = True,
+    force: Force = False,
 ) -> None:
     """Train a model, backdoored with --attack or clean without, and report ACC / ASR / RA."""
     from torchpurify.experiment import AttackSpec, DataSpec, train_model
+    from torchpurify.outputs import check_output
     from torchpurify.train import TrainConfig
 
     if attack is None and (poison_rate is not None or settings or clean_label is not None):
@@ -184,6 +233,7 @@ def train(
         device=device,
         progress=progress,
     )
+    check_output(out_dir, "model", force)
 
     def report(record: dict) -> None:
         val = f"  val acc {record['val_acc']:.4f}" if "val_acc" in record else ""
@@ -208,10 +258,8 @@ def evaluate(
         Path, typer.Option(help="A model directory, or a .safetensors/.pt/.pth file.")
     ],
     dataset: Annotated[str | None, typer.Option(help="Dataset (default: the model's own).")] = None,
-    arch: Annotated[
-        str | None,
-        typer.Option(help="Architecture of a bare weights file: name or module:function."),
-    ] = None,
+    arch: Arch = None,
+    trust_code: TrustCode = False,
     attack: Annotated[
         str | None, typer.Option(help="Measure this attack's trigger instead of the model's own.")
     ] = None,
@@ -240,7 +288,11 @@ def evaluate(
         raise UserError(f"{model} does not record its dataset; pass --dataset")
     data = load_dataset(name, root=data_root)
     net, card = load_model(
-        model, architecture=arch, input_shape=data.input_shape, num_classes=data.num_classes
+        model,
+        arch,
+        input_shape=data.input_shape,
+        num_classes=data.num_classes,
+        trust_code=trust_code,
     )
     if tuple(card["input_shape"]) != data.input_shape:
         raise UserError(
@@ -279,7 +331,13 @@ def evaluate(
 
 @command()
 def purify(
-    model: Annotated[Path, typer.Option(help="A model directory written by `torchpurify train`.")],
+    model: Annotated[
+        Path,
+        typer.Option(
+            help="A model directory, or your own .pt/.pth/.safetensors state dict (with --arch "
+            "and --clean)."
+        ),
+    ],
     defense: Annotated[str, typer.Option(help="Defense name (see `torchpurify list defenses`).")],
     out_dir: Annotated[
         Path, typer.Option("--out", help="Directory to write the purified model to.")
@@ -297,23 +355,100 @@ def purify(
     device: Device = "auto",
     as_json: Annotated[bool, typer.Option("--json", help="Print the results as JSON.")] = False,
     progress: Annotated[bool, typer.Option(help="Show progress bars.")] = True,
+    force: Force = False,
+    arch: Arch = None,
+    trust_code: TrustCode = False,
+    clean: CleanPath = None,
+    test: Annotated[
+        Path | None,
+        typer.Option(help="With --clean: test data (same layouts); ACC before and after."),
+    ] = None,
+    triggered: Annotated[
+        Path | None,
+        typer.Option(
+            help="With --clean: a folder of triggered test inputs in their TRUE class folders; "
+            "ASR/RA are measured on it (needs --target)."
+        ),
+    ] = None,
+    attack: Annotated[
+        str | None,
+        typer.Option(help="With --clean and --test: the trigger to measure ASR/RA with."),
+    ] = None,
+    attack_settings: Annotated[
+        list[str] | None,
+        typer.Option("--attack-set", help="Parameter KEY=VALUE of --attack (repeatable)."),
+    ] = None,
+    target: Annotated[
+        int | None, typer.Option(help="With --attack or --triggered: the attack's target label.")
+    ] = None,
+    target_mode: Annotated[TargetMode, typer.Option()] = TargetMode.all_to_one,
+    tune_fraction: TuneFraction = 0.8,
+    normalize: Normalize = None,
+    num_classes: NumClasses = None,
+    sample_rate: SampleRate = None,
+    export: Annotated[
+        Path | None,
+        typer.Option(
+            help="Also write the purified weights, every mask folded in, as a plain state dict "
+            "(.pt/.pth) or .safetensors that loads into your own class with load_state_dict.",
+        ),
+    ] = None,
+    estimate: Annotated[
+        bool | None,
+        typer.Option(
+            "--estimate/--no-estimate",
+            help="The defender-side backdoor estimate (trigger inversion on the holdout) before "
+            "and after. Default: on with --clean when no trigger is named.",
+        ),
+    ] = None,
 ) -> None:
-    """Purify a model with a defense; print ACC, ASR and RA before and after, and DER."""
+    """Purify a model with a defense; print ACC, ASR and RA before and after, and DER.
+
+    Your own model: --model FILE --arch NAME|module:function --clean PATH [--test PATH]."""
     from torchpurify.defenses import build_defense
     from torchpurify.experiment import purify_model
     from torchpurify.models.io import load_model
+    from torchpurify.outputs import check_output
 
-    if not model.is_dir():
-        raise UserError(
-            f"{model} is not a model directory; purify needs the model card written by "
-            "`torchpurify train` (it records the data the defender may use)"
-        )
+    if not model.exists():
+        raise UserError(f"model {model} does not exist; give a model directory or weights file")
+    own_options = {
+        "--test": test, "--triggered": triggered, "--attack": attack,
+        "--attack-set": attack_settings, "--target": target, "--normalize": normalize,
+        "--num-classes": num_classes, "--sample-rate": sample_rate, "--export": export,
+    }  # fmt: skip
+    if clean is None:
+        if not model.is_dir():
+            raise UserError(
+                f"{model} is a weights file: give your clean data with --clean PATH (and its "
+                "architecture with --arch); only a model directory written by `torchpurify "
+                "train` can rebuild its defender data from its card"
+            )
+        given = [option for option, value in own_options.items() if value]
+        if given:
+            raise UserError(f"{', '.join(given)} go with --clean PATH (your own clean data)")
     chosen = build_defense(
         defense, device=device, seed=seed, progress=progress, **parse_settings(settings)
     )
-    net, card = load_model(model)
+    check_output(out_dir, "model", force)
+    if clean is not None:
+        _purify_own(
+            model, clean, chosen, out_dir, arch=arch, trust_code=trust_code, test=test,
+            triggered=triggered, attack=attack, attack_settings=attack_settings, target=target,
+            target_mode=target_mode.value, tune_fraction=tune_fraction, normalize=normalize,
+            num_classes=num_classes, sample_rate=sample_rate, export=export, estimate=estimate,
+            as_json=as_json,
+        )  # fmt: skip
+        return
+    net, card = load_model(model, arch, trust_code=trust_code)
     result = purify_model(
-        net, card, chosen, root=data_root, defender_fraction=defender_fraction, out=out_dir
+        net,
+        card,
+        chosen,
+        root=data_root,
+        defender_fraction=defender_fraction,
+        seed=seed,
+        out=out_dir,
     )
     record = result.card["defense"]
     if as_json:
@@ -348,31 +483,108 @@ def purify(
     out.print(f"saved {out_dir}")
 
 
-def _model_and_holdout(model: Path, data_root: str | None, defender_fraction: float):
-    """A model directory, and the defender's clean holdout rebuilt from its card."""
+def _purify_own(model: Path, clean: Path, chosen, out_dir: Path, *, as_json: bool, **options):
+    """``purify --clean``: your own model and data (torchpurify.api.purify_own); print it."""
+    from torchpurify.api import parse_normalize, purify_own
+
+    options["normalize"] = parse_normalize(options["normalize"])
+    options["attack_params"] = parse_settings(options.pop("attack_settings"), "--attack-set")
+    options["test_path"] = options.pop("test")
+    options["triggered_path"] = options.pop("triggered")
+    result = purify_own(model, clean, chosen, out_dir, **options)
+    record = result.record
+    if as_json:
+        keys = ("defense", "seconds", "forward_passes", "backward_passes", "estimate")
+        summary = {k: v for k, v in record.to_dict().items() if k in keys}
+        summary["before"] = result.before.to_dict() if result.before else None
+        summary["after"] = result.after.to_dict() if result.after else None
+        print(json.dumps(summary))
+        return
+    plain = {"markup": False, "highlight": False, "soft_wrap": True}
+    for note in result.notes:
+        err.print(f"note: {note}", **plain)
+    if result.before is not None:
+        out.print(
+            metrics_table(
+                {"before": result.before.to_dict(), f"after {chosen.name}": result.after.to_dict()},
+                title=f"{model} — your test data",
+            )
+        )
+    else:
+        out.print("no --test data: ACC/ASR not measured", **plain)
+    if record.estimate is not None:
+        out.print(f"backdoor estimate (clean holdout only): {record.estimate['summary']}", **plain)
+    out.print(
+        f"{record.seconds:.1f} s   {record.forward_passes} forward / {record.backward_passes} "
+        f"backward passes   defender data: {record.tune_size} tune, {record.holdout_size} holdout",
+        **plain,
+    )
+    out.print(f"saved {out_dir}", **plain)
+    if options.get("export") is not None:
+        out.print(f"exported {options['export']} (masks folded; load_state_dict into your class)",
+                  **plain)  # fmt: skip
+
+
+def _model_and_holdout(
+    model: Path, data_root: str | None, defender_fraction: float, *, arch: str | None = None,
+    trust_code: bool = False, clean: Path | None = None, tune_fraction: float = 0.8,
+    seed: int | None = None, normalize: str | None = None, num_classes: int | None = None,
+    sample_rate: int | None = None,
+):  # fmt: skip
+    """A model and the defender's clean holdout: drawn from your --clean data, or rebuilt from
+    the card of a model directory written by `torchpurify train`."""
     from torchpurify.experiment import defender_data
     from torchpurify.models.io import load_model
 
+    if not model.exists():
+        raise UserError(f"model {model} does not exist; give a model directory or weights file")
+    if clean is not None:
+        from torchpurify.api import load_own, parse_normalize, split_clean
+
+        own = load_own(
+            model, clean, arch, trust_code=trust_code, normalize=parse_normalize(normalize),
+            num_classes=num_classes, sample_rate=sample_rate,
+        )  # fmt: skip
+        for note in own.notes:
+            err.print(f"note: {note}", markup=False, highlight=False)
+        holdout = split_clean(own.data.split, tune_fraction, seed or 0).holdout
+        return own.model, own.card, holdout
     if not model.is_dir():
-        raise UserError(f"{model} is not a model directory written by `torchpurify train`")
-    net, card = load_model(model)
-    _, holdout, _ = defender_data(card, root=data_root, fraction=defender_fraction)
+        raise UserError(
+            f"{model} is a weights file: give your clean data with --clean PATH and the "
+            "architecture with --arch"
+        )
+    net, card = load_model(model, arch, trust_code=trust_code)
+    _, holdout, _ = defender_data(card, root=data_root, fraction=defender_fraction, seed=seed)
     return net, card, holdout
 
 
 @command()
 def detect(
-    model: Annotated[Path, typer.Option(help="A model directory written by `torchpurify train`.")],
+    model: Annotated[
+        Path, typer.Option(help="A model directory, or your own weights file (with --clean).")
+    ],
     steps: Annotated[int, typer.Option(help="Optimisation steps per label.")] = 300,
     seed: int = 0,
     defender_fraction: float = 0.05,
     data_root: DataRoot = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
+    arch: Arch = None,
+    trust_code: TrustCode = False,
+    clean: CleanPath = None,
+    tune_fraction: TuneFraction = 0.8,
+    normalize: Normalize = None,
+    num_classes: NumClasses = None,
+    sample_rate: SampleRate = None,
 ) -> None:
     """Neural-Cleanse trigger inversion on clean data: suspected target and anomaly per label."""
     from torchpurify.diagnostics import detect as run_detect
 
-    net, _, holdout = _model_and_holdout(model, data_root, defender_fraction)
+    net, _, holdout = _model_and_holdout(
+        model, data_root, defender_fraction, arch=arch, trust_code=trust_code, clean=clean,
+        tune_fraction=tune_fraction, seed=seed if clean is not None else None,
+        normalize=normalize, num_classes=num_classes, sample_rate=sample_rate,
+    )  # fmt: skip
     result = run_detect(net, holdout, steps=steps, seed=seed)
     if as_json:
         print(json.dumps(result))
@@ -413,30 +625,56 @@ def inspect(
     ] = False,
     defender_fraction: float = 0.05,
     data_root: DataRoot = None,
+    force: Force = False,
+    arch: Arch = None,
+    trust_code: TrustCode = False,
+    clean: CleanPath = None,
+    tune_fraction: TuneFraction = 0.8,
+    seed: Annotated[int, typer.Option(help="With --clean: seed of the holdout split.")] = 0,
+    normalize: Normalize = None,
+    num_classes: NumClasses = None,
+    sample_rate: SampleRate = None,
+    attack: Annotated[
+        str | None, typer.Option(help="With --clean: the attack whose trigger to inspect.")
+    ] = None,
+    settings: Settings = None,
+    target: Annotated[int | None, typer.Option(help="With --attack: its target label.")] = None,
+    target_mode: Annotated[TargetMode, typer.Option()] = TargetMode.all_to_one,
 ) -> None:
     """Per-neuron diagnostics with the attack's TRUE trigger (a research view, not a defense):
     neuron table, ℓ∞-vs-ℓ1 bias plot, gradient norms by neuron group, Fine-Pruning curve, and
     the neuron-identification benchmark (ROC-AUC and precision@k of every scoring rule)."""
     from torchpurify import diagnostics
+    from torchpurify.card import targeting
     from torchpurify.experiment import trigger_of
     from torchpurify.neurons import invert_triggers
     from torchpurify.neurons.inversion import value_range_of
+    from torchpurify.outputs import check_output, staged_output
 
-    net, card, holdout = _model_and_holdout(model, data_root, defender_fraction)
-    trigger = trigger_of(card)
+    check_output(out_dir, "inspect", force)
+    net, card, holdout = _model_and_holdout(
+        model, data_root, defender_fraction, arch=arch, trust_code=trust_code, clean=clean,
+        tune_fraction=tune_fraction, seed=seed if clean is not None else None,
+        normalize=normalize, num_classes=num_classes, sample_rate=sample_rate,
+    )  # fmt: skip
+    if attack is not None or settings or target is not None:
+        from torchpurify.api import trigger_for
+
+        trigger = trigger_for(
+            attack, parse_settings(settings), card.input_shape, target, card.num_classes, False
+        )
+        how = targeting({"target": target, "target_mode": target_mode.value}, card.num_classes)
+    else:
+        trigger, how = trigger_of(card), card.how
     if trigger is None:
-        raise UserError(f"{model} records no attack: inspect needs a backdoored model")
-    attack = card["attack"]
-    out_dir.mkdir(parents=True, exist_ok=True)
+        raise UserError(
+            f"{model} records no attack: inspect needs the trigger (--attack NAME --set k=v "
+            "--target T)"
+        )
     table = diagnostics.neuron_table(net, holdout, trigger, layer=layer)
-    diagnostics.write_csv(table, out_dir / "neurons.csv")
-    diagnostics.plot_bias(table, out_dir / "bias.png")
-    diagnostics.plot_gradient_groups(table, out_dir / "gradient_groups.png")
     curve = diagnostics.pruning_curve(
-        net, holdout, trigger, attack["target"], layer=layer, mode=attack["target_mode"]
+        net, holdout, trigger, how.target, layer=layer, mode=how.mode
     )
-    diagnostics.write_csv(curve, out_dir / "pruning_curve.csv")
-    diagnostics.plot_pruning_curve(curve, out_dir / "pruning_curve.png")
     inverted_trigger = None
     if inverted:
         inversion = invert_triggers(net, holdout, value_range=value_range_of(holdout.x))
@@ -447,7 +685,13 @@ def inspect(
     identification = diagnostics.neuron_identification(
         net, holdout, trigger, layer=layer, inverted_trigger=inverted_trigger
     )
-    (out_dir / "identification.json").write_text(json.dumps(identification, indent=2) + "\n")
+    with staged_output(out_dir, "inspect", force) as folder:
+        diagnostics.write_csv(table, folder / "neurons.csv")
+        diagnostics.plot_bias(table, folder / "bias.png")
+        diagnostics.plot_gradient_groups(table, folder / "gradient_groups.png")
+        diagnostics.write_csv(curve, folder / "pruning_curve.csv")
+        diagnostics.plot_pruning_curve(curve, folder / "pruning_curve.png")
+        (folder / "identification.json").write_text(json.dumps(identification, indent=2) + "\n")
     summary = Table(
         title=f"neuron identification — {identification['layer']}, "
         f"{identification['channels']} channels, top {identification['k']} by true-trigger bias"
@@ -529,16 +773,15 @@ def trigger_demo(
     ] = None,
     settings: Settings = None,
     seed: Annotated[int, typer.Option(help="Seed of the trigger's random pattern.")] = 0,
+    force: Force = False,
 ) -> None:
     """Apply an audio trigger to a one-second clip: write clean.wav, triggered.wav (16-bit PCM)
     and their log-magnitude spectrograms clean.png, triggered.png (one colour scale)."""
-    import soundfile
     import torch
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
 
     from torchpurify.attacks import ATTACKS, build_attack
     from torchpurify.attacks.audio import audio_attack_names, fft_size
+    from torchpurify.outputs import check_output, staged_output
 
     ATTACKS.get(attack)
     audio = audio_attack_names()
@@ -553,8 +796,7 @@ def trigger_demo(
     # names it.
     valid_rate = isinstance(rate, int) and not isinstance(rate, bool) and rate > 0
     trigger = build_attack(attack, (rate if valid_rate else 16000,), seed=seed, **params)
-    if out_dir.exists() and not out_dir.is_dir():
-        raise UserError(f"--out {out_dir} is a file; give a directory")
+    check_output(out_dir, "trigger-demo", force)
     clip, notes = _one_second_clip(input_path, rate)
     clean = torch.from_numpy(clip)
     waves = {"clean": clean, "triggered": trigger(clean)}
@@ -568,31 +810,40 @@ def trigger_demo(
 
     spectrograms = {name: decibels(wave) for name, wave in waves.items()}
     top = max(float(db.max()) for db in spectrograms.values())
-    out_dir.mkdir(parents=True, exist_ok=True)
     written = []
-    for name, wave in waves.items():
-        soundfile.write(out_dir / f"{name}.wav", wave.numpy(), rate, subtype="PCM_16")
-        figure = Figure(figsize=(6.0, 4.0), layout="constrained")
-        FigureCanvasAgg(figure)
-        axes = figure.subplots()
-        image = axes.imshow(
-            spectrograms[name].numpy(),
-            origin="lower",
-            aspect="auto",
-            extent=(0.0, len(wave) / rate, 0.0, rate / 2),
-            vmin=top - 80,
-            vmax=top,
-            cmap="magma",
-        )
-        axes.set_xlabel("time (s)")
-        axes.set_ylabel("frequency (Hz)")
-        axes.set_title(name if name == "clean" else f"triggered: {attack}")
-        figure.colorbar(image, ax=axes, label="magnitude (dB)")
-        figure.savefig(out_dir / f"{name}.png", dpi=120)
-        written += [f"{name}.wav", f"{name}.png"]
+    with staged_output(out_dir, "trigger-demo", force) as folder:
+        for name, wave in waves.items():
+            written += _demo_files(folder, name, wave, rate, spectrograms[name], top, attack)
     plain = {"markup": False, "highlight": False, "soft_wrap": True}
     out.print(f"clip: {', '.join(notes)}; {rate} Hz, 1 s", **plain)
     out.print(f"wrote {', '.join(written)} to {out_dir}", **plain)
+
+
+def _demo_files(folder: Path, name: str, wave, rate: int, decibels, top: float, attack: str):
+    """``NAME.wav`` (16-bit PCM) and ``NAME.png``, its spectrogram on the shared colour scale."""
+    import soundfile
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    soundfile.write(folder / f"{name}.wav", wave.numpy(), rate, subtype="PCM_16")
+    figure = Figure(figsize=(6.0, 4.0), layout="constrained")
+    FigureCanvasAgg(figure)
+    axes = figure.subplots()
+    image = axes.imshow(
+        decibels.numpy(),
+        origin="lower",
+        aspect="auto",
+        extent=(0.0, len(wave) / rate, 0.0, rate / 2),
+        vmin=top - 80,
+        vmax=top,
+        cmap="magma",
+    )
+    axes.set_xlabel("time (s)")
+    axes.set_ylabel("frequency (Hz)")
+    axes.set_title(name if name == "clean" else f"triggered: {attack}")
+    figure.colorbar(image, ax=axes, label="magnitude (dB)")
+    figure.savefig(folder / f"{name}.png", dpi=120)
+    return [f"{name}.wav", f"{name}.png"]
 
 
 @command()
@@ -601,12 +852,13 @@ def report(
     out_dir: Annotated[
         Path, typer.Option("--out", help="Directory for report.md, report.html and the figures.")
     ],
+    force: Force = False,
 ) -> None:
     """Tables and plots of a results store: report.md (figures beside it) and report.html
     (one self-contained page: images embedded, no external resources)."""
     from torchpurify.report import write_report
 
-    for path in write_report(db, out_dir):
+    for path in write_report(db, out_dir, force=force):
         print(path)
 
 

@@ -1,10 +1,10 @@
 """The results report (design.md: store → report): the tables and plots of a results store as
 ``report.md`` with its figures beside it, and as ``report.html``, one self-contained page.
 
-The store is only read (SQLite opened read-only). Numbers are the mean ± sample standard
-deviation over seeds; a seed run more than once counts once, with its latest record. The report
-is built once as a list of blocks (headings, tables, figures, notes) and rendered twice, so the
-Markdown and the HTML say the same thing.
+The store is only read (a :class:`~torchpurify.store.Store` opened read-only). Numbers are the
+mean ± sample standard deviation over seeds; a seed run more than once counts once, with its
+latest record. The report is built once as a list of blocks (headings, tables, figures, notes)
+and rendered twice, so the Markdown and the HTML say the same thing.
 """
 
 from __future__ import annotations
@@ -14,10 +14,8 @@ import html
 import json
 import math
 import re
-import sqlite3
 import statistics
 from collections import defaultdict
-from contextlib import closing
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -28,20 +26,10 @@ from torchpurify.diagnostics import (
     plot_gradient_groups,
     plot_pruning_curve,
 )
-from torchpurify.errors import UserError, check
+from torchpurify.errors import check
+from torchpurify.outputs import check_output, staged_output
+from torchpurify.store import Store
 
-MODEL_COLUMNS = (
-    "key", "dataset", "model", "attack", "attack_params", "poison_rate", "target_mode", "seed",
-    "acc", "asr", "ra", "identification", "neuron_table", "pruning_curve", "created_at",
-)  # fmt: skip
-CELL_COLUMNS = (
-    "key", "model_key", "dataset", "model", "attack", "attack_params", "poison_rate",
-    "target_mode", "seed", "label", "acc_before", "asr_before", "ra_before", "acc_after",
-    "asr_after", "ra_after", "der", "seconds", "log", "versions", "started_at", "finished_at",
-)  # fmt: skip
-JSON_COLUMNS = (
-    "attack_params", "identification", "neuron_table", "pruning_curve", "log", "versions",
-)  # fmt: skip
 NO_DEFENSE = "no defense"
 FIGURES = "figures"
 
@@ -51,33 +39,10 @@ FIGURES = "figures"
 
 def read_store(db: Path) -> tuple[list[dict], list[dict]]:
     """The ``models`` and ``cells`` rows of a results store, JSON columns decoded."""
-    check(
-        db.is_file(),
-        f"{db} does not exist; give the results store (SQLite file) the experiment runner wrote",
-    )
-    try:
-        with closing(sqlite3.connect(f"{db.resolve().as_uri()}?mode=ro", uri=True)) as store:
-            models = _select(store, "models", MODEL_COLUMNS)
-            cells = _select(store, "cells", CELL_COLUMNS)
-    except (sqlite3.DatabaseError, json.JSONDecodeError) as error:
-        raise UserError(
-            f"{db} is not a readable torchpurify results store ({error}); give the SQLite file "
-            "the experiment runner wrote"
-        ) from None
+    with Store(db, readonly=True) as store:
+        models, cells = store.models(), store.cells()
     check(len(models) > 0, f"{db} holds no models yet; run an experiment before reporting")
     return models, cells
-
-
-def _select(store: sqlite3.Connection, table: str, columns: tuple[str, ...]) -> list[dict]:
-    rows = store.execute(f"SELECT {', '.join(columns)} FROM {table}").fetchall()
-    decoded = []
-    for values in rows:
-        row = dict(zip(columns, values, strict=True))
-        for column in JSON_COLUMNS:
-            if row.get(column) is not None:
-                row[column] = json.loads(row[column])
-        decoded.append(row)
-    return decoded
 
 
 # ----------------------------------------------------------------------------- grouping
@@ -219,13 +184,18 @@ def _present(values: list) -> list[float]:
     return [v for v in values if v is not None and not math.isnan(v)]
 
 
+def fmt(value: float | None, digits: int = 3) -> str:
+    """A number to ``digits`` places; ``–`` for none."""
+    return "–" if value is None else f"{value:.{digits}f}"
+
+
 def mean_std(values: list, digits: int = 3) -> str:
     """``mean ± std`` of the values present (sample std; none for one value), ``–`` for none;
     ``(k of n)`` when only k of the n seeds have the value."""
     present = _present(values)
     if not present:
         return "–"
-    text = f"{statistics.fmean(present):.{digits}f}"
+    text = fmt(statistics.fmean(present), digits)
     if len(present) > 1:
         text += f" ± {statistics.stdev(present):.{digits}f}"
     if len(present) < len(values):
@@ -551,13 +521,19 @@ def _write(path: Path, text: str) -> Path:
     return path
 
 
-def write_report(db: str | Path, out: str | Path) -> tuple[Path, Path]:
+def write_report(db: str | Path, out: str | Path, force: bool = False) -> tuple[Path, Path]:
     """Write ``report.md`` (figures under ``out/figures``) and the self-contained
-    ``report.html`` for the results store ``db``; return their paths."""
+    ``report.html`` for the results store ``db``; return their paths. ``out`` must be new, an
+    empty folder, or (with ``force``) an earlier report, which is replaced whole."""
     db, out = Path(db), Path(out)
+    check_output(out, "report", force)
     models, cells = read_store(db)
-    check(not out.exists() or out.is_dir(), f"{out} is a file; give a directory for the report")
-    out.mkdir(parents=True, exist_ok=True)
+    with staged_output(out, "report", force) as folder:
+        _write_pages(db, folder, models, cells)
+    return out / "report.md", out / "report.html"
+
+
+def _write_pages(db: Path, out: Path, models: list[dict], cells: list[dict]) -> None:
     settings = group_settings(models, cells)
     blocks = [
         *header(db, models, cells),
@@ -566,6 +542,5 @@ def write_report(db: str | Path, out: str | Path) -> tuple[Path, Path]:
         *identification_section(settings),
         *gradient_section(settings, out),
     ]
-    markdown = _write(out / "report.md", render_markdown(blocks))
-    page = _write(out / "report.html", render_html(blocks, out))
-    return markdown, page
+    _write(out / "report.md", render_markdown(blocks))
+    _write(out / "report.html", render_html(blocks, out))

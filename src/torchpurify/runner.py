@@ -6,11 +6,16 @@ row reaches the store only when its work has finished, so an interrupted run is 
 running it again: finished cells are skipped, a half-done cell is redone, nothing is counted
 twice. Two executors: ``local`` (in this process, one thing at a time) and ``ray`` (models and
 cells as Ray tasks; only this process writes to the store).
+
+Several ``run`` processes may share one store and cache: each claims a model or a cell (a lease
+in the store, kept alive by a heartbeat) before working on it and skips what another holds, so
+they split the grid; at the end each waits for the others' cells, taking over any whose runner
+died. Staging folders left in the cache by a killed save are swept at the start.
 """
 
 from __future__ import annotations
 
-import statistics
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,13 +27,16 @@ from rich.table import Table
 
 from torchpurify import diagnostics
 from torchpurify.attacks import build_attack
+from torchpurify.card import targeting
 from torchpurify.data import load_dataset
 from torchpurify.errors import UserError, check
 from torchpurify.experiment import defender_data, purify_model, train_model, trigger_of
 from torchpurify.models import build_model
 from torchpurify.models.io import CARD, load_model, versions
+from torchpurify.outputs import check_writable, sweep_staging
+from torchpurify.report import fmt, mean_std
 from torchpurify.spec import CellJob, ExperimentSpec, ModelJob, attack_name, cell_jobs, model_jobs
-from torchpurify.store import Store, utc_now
+from torchpurify.store import Runner, Store, model_lease, utc_now
 from torchpurify.train import resolve_device
 
 EXECUTORS = ("local", "ray")
@@ -52,6 +60,7 @@ class Work:
     spec: ExperimentSpec
     models: list[ModelStage]
     cells: list[CellJob]  # the cells not yet in the store
+    cache: Path
     spec_hash: str
     cpus_per_task: int
     progress: bool
@@ -81,14 +90,22 @@ def run_experiment(
     )
     console = console or Console(stderr=True)
     cache = Path(cache).resolve()
+    check_writable(cache, "--cache")
     models = model_jobs(spec)
     cells = cell_jobs(spec, models)
-    with Store(results) as store:
+    if not Path(results).exists():
+        check_grid(spec)  # before the results file is created: a bad spec leaves nothing behind
+        checked = True
+    else:
+        checked = False
+    with Store(results) as store, store.runner() as runner:
+        sweep_staging(cache, keep=_models_in_work(store))
         pending = [cell for cell in cells if not store.has_cell(cell.key)]
         work = Work(
             spec=spec,
             models=[stage_of(spec, job, cache, pending, store) for job in models],
             cells=pending,
+            cache=cache,
             spec_hash=spec.hash(),
             cpus_per_task=cpus_per_task or spec.cpus_per_task,
             progress=progress and executor == "local",
@@ -96,13 +113,22 @@ def run_experiment(
         report = Reporter(console if progress else None, len(cells), len(cells) - len(pending))
         report.start(store.path, sum(stage.action == "train" for stage in work.models))
         if pending or any(stage.action for stage in work.models):
-            check_grid(spec)
-            execute = run_ray if executor == "ray" else run_local
-            execute(work, store, report)
+            if not checked:
+                check_grid(spec)
+            if executor == "ray":
+                run_ray(work, store, runner, report)
+            run_local(work, store, runner, report)  # after Ray: what others left, if anything
+        report.finish()
         rows = store.cells(cell.key for cell in cells)
     if progress:
         print_summary(console, rows)
     return rows
+
+
+def _models_in_work(store: Store) -> set[str]:
+    """Model keys a live runner is training: their staging folders are not stale."""
+    prefix = model_lease("")
+    return {key[len(prefix) :] for key in store.live_leases() if key.startswith(prefix)}
 
 
 def stage_of(
@@ -165,7 +191,8 @@ def prepare_model(
         model, card = result.model, result.card
         row = model_row(job, stage.folder, card)
     else:
-        model, card = load_model(stage.folder)
+        # The spec names the architecture, so a module:function in it is the user's own.
+        model, card = load_model(stage.folder, job.model)
         row = {**stage.row, "path": str(stage.folder)}
     if spec.diagnostics and card.get("attack"):
         row.update(diagnose(model, card, job, spec))
@@ -212,11 +239,9 @@ def diagnose(model, card: dict[str, Any], job: ModelJob, spec: ExperimentSpec) -
         card, root=job.dataset.root, fraction=spec.defender_fraction, progress=False
     )
     trigger = trigger_of(card)
-    attack = card["attack"]
+    how = targeting(card["attack"], len(card["classes"]))
     model = model.to(resolve_device(spec.device))
-    curve = diagnostics.pruning_curve(
-        model, holdout, trigger, attack["target"], mode=attack["target_mode"]
-    )
+    curve = diagnostics.pruning_curve(model, holdout, trigger, how.target, mode=how.mode)
     return {
         "identification": diagnostics.neuron_identification(model, holdout, trigger),
         "neuron_table": diagnostics.neuron_table(model, holdout, trigger),
@@ -230,7 +255,7 @@ def run_cell(
 ) -> dict[str, Any]:  # fmt: skip
     """Purify the cell's model (``model`` is its store row) with the cell's defense; the row."""
     started = utc_now()
-    net, card = load_model(model["path"])
+    net, card = load_model(model["path"], cell.model.model)
     defense = cell.defense.build(cell.model.seed, spec.device, progress)
     result = purify_model(
         net, card, defense, root=cell.model.dataset.root, defender_fraction=cell.defender_fraction
@@ -261,20 +286,55 @@ def run_cell(
 # ----------------------------------------------------------------------------- executors
 
 
-def run_local(work: Work, store: Store, report: Reporter) -> None:
-    """In this process: each model (when it needs work), then its pending cells."""
-    for stage in work.models:
-        cells = work.cells_of(stage.job.key)
-        row = stage.row
-        if stage.action:
-            row = prepare_model(stage, work.spec, work.progress)
-            store.add_model(row)
-            report.model(stage, row)
-        for cell in cells:
-            result = run_cell(cell, {**row, "path": str(stage.folder)}, work.spec, work.spec_hash,
-                              work.progress)  # fmt: skip
-            store.add_cell(result)
-            report.cell(result)
+def run_local(work: Work, store: Store, runner: Runner, report: Reporter) -> None:
+    """In this process: each model (when it needs work), then its pending cells — skipping what
+    another runner has claimed, then waiting for it (and taking over from a dead one)."""
+    poll = min(5.0, store.lease_seconds / 4)
+    while True:
+        elsewhere = 0
+        for job in (stage.job for stage in work.models):
+            cells = [cell for cell in work.cells_of(job.key) if not store.has_cell(cell.key)]
+            row = ready_model(job, cells, work, store, runner, report)
+            if row is False:  # nothing to do for this model
+                continue
+            if row is None:  # another runner is training it
+                elsewhere += len(cells) or 1
+                continue
+            for cell in cells:
+                if not runner.claim(cell.key):
+                    elsewhere += 1
+                    continue
+                if store.has_cell(cell.key):  # finished by another runner a moment ago
+                    runner.release(cell.key)
+                    continue
+                result = run_cell(cell, row, work.spec, work.spec_hash, work.progress)
+                store.add_cell(result)
+                report.cell(result)
+        if not elsewhere:
+            return
+        report.waiting(elsewhere)
+        time.sleep(poll)
+
+
+def ready_model(
+    job: ModelJob, cells: list[CellJob], work: Work, store: Store, runner: Runner,
+    report: Reporter,
+) -> dict[str, Any] | None | bool:  # fmt: skip
+    """The model's store row with its folder, training or diagnosing it first when needed;
+    None while another runner holds it, False when neither it nor ``cells`` need work."""
+    stage = stage_of(work.spec, job, work.cache, cells, store)
+    if stage.action is None:
+        return {**stage.row, "path": str(stage.folder)} if cells else False
+    if not runner.claim(model_lease(job.key)):
+        return None
+    stage = stage_of(work.spec, job, work.cache, cells, store)  # it may have finished meanwhile
+    if stage.action is None:
+        runner.release(model_lease(job.key))
+        return {**stage.row, "path": str(stage.folder)} if cells else False
+    row = prepare_model(stage, work.spec, work.progress)
+    store.add_model(row)  # ends the lease
+    report.model(stage, row)
+    return {**row, "path": str(stage.folder)}
 
 
 def import_ray():
@@ -293,8 +353,9 @@ def in_worker(function: Callable, threads: int, *args) -> Any:
     return function(*args)
 
 
-def run_ray(work: Work, store: Store, report: Reporter) -> None:
-    """Models and cells as Ray tasks (a cell waits for its model); this process writes rows."""
+def run_ray(work: Work, store: Store, runner: Runner, report: Reporter) -> None:
+    """Models and cells as Ray tasks (a cell waits for its model); this process writes rows.
+    Models and cells another runner holds are left to :func:`run_local` afterwards."""
     ray = import_ray()
     started_here = not ray.is_initialized()
     if started_here:
@@ -309,12 +370,16 @@ def run_ray(work: Work, store: Store, report: Reporter) -> None:
         threads = work.cpus_per_task
         jobs, model_refs, stages = {}, {}, {}
         for stage in work.models:
+            if stage.action and not runner.claim(model_lease(stage.job.key)):
+                continue  # another runner trains it
             stages[stage.job.key] = stage
             if stage.action:
                 ref = task.remote(prepare_model, threads, stage, work.spec)
                 model_refs[stage.job.key] = ref
                 jobs[ref] = stage
         for cell in work.cells:
+            if cell.model.key not in stages or not runner.claim(cell.key):
+                continue
             stage = stages[cell.model.key]
             model = model_refs.get(cell.model.key) or {**stage.row, "path": str(stage.folder)}
             ref = task.remote(run_cell, threads, cell, model, work.spec, work.spec_hash)
@@ -369,15 +434,13 @@ def ray_result(ray, ref) -> dict[str, Any]:
 # ----------------------------------------------------------------------------- reporting
 
 
-def fmt(value: float | None, digits: int = 3) -> str:
-    return "–" if value is None else f"{value:.{digits}f}"
-
-
 class Reporter:
     """Progress lines: one per trained model and one per finished cell (silent without console)."""
 
     def __init__(self, console: Console | None, total: int, done: int) -> None:
         self.console, self.total, self.done = console, total, done
+        self.ran = 0  # cells this process ran
+        self.waited = False
 
     def say(self, text: str) -> None:
         if self.console is not None:
@@ -395,8 +458,17 @@ class Reporter:
             f"{row['train_seconds']:.1f} s"
         )
 
+    def waiting(self, elsewhere: int) -> None:
+        if not self.waited:
+            self.say(f"{elsewhere} cells or models are claimed by another runner; waiting for them")
+            self.waited = True
+
+    def finish(self) -> None:
+        self.say(f"this runner ran {self.ran} cells")
+
     def cell(self, row: dict[str, Any]) -> None:
         self.done += 1
+        self.ran += 1
         self.say(
             f"[{self.done}/{self.total}] {row['dataset']}/{row['model']}/{row['attack']}/"
             f"seed {row['seed']} {row['label']}: "
@@ -404,16 +476,6 @@ class Reporter:
             f"ASR {fmt(row['asr_before'])}→{fmt(row['asr_after'])}  "
             f"DER {fmt(row['der'])}  {row['seconds']:.1f} s"
         )
-
-
-def mean_std(values: list[float | None]) -> str:
-    """``0.912 ± 0.010`` over seeds (sample std); the mean alone for one value; – for none."""
-    values = [v for v in values if v is not None]
-    if not values:
-        return "–"
-    if len(values) == 1:
-        return fmt(values[0])
-    return f"{statistics.fmean(values):.3f} ± {statistics.stdev(values):.3f}"
 
 
 SUMMARY_COLUMNS = {

@@ -4,12 +4,22 @@ Rows are written only when their work has finished, each in one transaction, and
 digests of :mod:`torchpurify.spec`: an interrupted run leaves no half-written row, and running
 the same spec again skips what is there. JSON columns hold nested records; reports read the file
 with plain SQL.
+
+Several runners may share one store: before a model is trained or a cell is run, its runner
+*claims* it with a row in ``leases`` (owner and heartbeat time); the others skip what is claimed.
+A background thread refreshes the heartbeat of the owner's leases, and a lease whose heartbeat
+is older than ``lease_seconds`` (a killed runner) may be claimed again.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import socket
 import sqlite3
+import threading
+import time
+import uuid
 from collections.abc import Iterable
 from datetime import datetime, timezone
 from pathlib import Path
@@ -46,7 +56,15 @@ CREATE TABLE IF NOT EXISTS cells (
   versions TEXT NOT NULL,          -- JSON: torchpurify, torch, numpy, python versions
   started_at TEXT NOT NULL, finished_at TEXT NOT NULL
 );
+CREATE TABLE IF NOT EXISTS leases (
+  key TEXT PRIMARY KEY,            -- a cell key, or 'model:' + a model key
+  owner TEXT NOT NULL,             -- host:pid:random of the runner working on it
+  heartbeat REAL NOT NULL          -- Unix time of the owner's last sign of life
+);
 """
+TABLES = ("models", "cells", "leases")
+SQLITE_HEADER = b"SQLite format 3\x00"
+LEASE_SECONDS = 120.0  # a runner silent this long is taken for dead
 MODEL_JSON = ("attack_params", "train_recipe", "identification", "neuron_table", "pruning_curve")
 CELL_JSON = ("attack_params", "defense_params", "log", "versions")
 
@@ -75,24 +93,80 @@ class Store:
     """A results file (created on first use). Use as a context manager, or call :meth:`close`.
 
     Write methods take rows whose JSON columns are Python values; read methods give them back
-    decoded. Several processes may read while one writes (WAL mode).
+    decoded. Several processes may read while one writes (WAL mode). ``readonly`` opens an
+    existing store without ever writing to it (reports).
     """
 
-    def __init__(self, path: str | Path) -> None:
+    def __init__(
+        self, path: str | Path, readonly: bool = False, lease_seconds: float = LEASE_SECONDS
+    ) -> None:
         self.path = Path(path)
-        if self.path.is_dir():
-            raise UserError(
-                f"results store {self.path} is a directory; give a file like results.db"
-            )
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.readonly = readonly
+        self.lease_seconds = lease_seconds
+        self._check_file()
         try:
-            self.connection = sqlite3.connect(self.path, timeout=60)
+            if readonly:
+                uri = f"{self.path.resolve().as_uri()}?mode=ro"
+                self.connection = sqlite3.connect(uri, uri=True, timeout=60)
+            else:
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+                self.connection = sqlite3.connect(self.path, timeout=60)
             self.connection.row_factory = sqlite3.Row
-            self.connection.execute("PRAGMA journal_mode=WAL")
-            self.connection.executescript(SCHEMA)
+            self._check_tables()
+            if not readonly:
+                self.connection.execute("PRAGMA journal_mode=WAL")
+                self.connection.executescript(SCHEMA)
         except sqlite3.DatabaseError as error:
             raise UserError(f"{self.path} is not a torchpurify results store ({error})") from None
         self._check_columns()
+
+    def _check_file(self) -> None:
+        """One line for each way the file cannot be a store here, before SQLite touches it."""
+        path = self.path
+        if path.is_dir():
+            raise UserError(f"results store {path} is a directory; give a file like results.db")
+        exists = path.is_file()
+        if self.readonly and not exists:
+            raise UserError(
+                f"{path} does not exist; give the results store (SQLite file) the runner wrote"
+            )
+        if exists and path.stat().st_size > 0:
+            with open(path, "rb") as file:
+                if file.read(len(SQLITE_HEADER)) != SQLITE_HEADER:
+                    raise UserError(
+                        f"{path} is not a torchpurify results store (not an SQLite file); "
+                        "give a new file name or the store the runner wrote"
+                    )
+        if self.readonly:
+            return
+        if exists and not os.access(path, os.R_OK | os.W_OK):
+            raise UserError(
+                f"results store {path} is read-only; make it writable or give another "
+                "--results file"
+            )
+        folder = path.resolve().parent
+        while not folder.exists():
+            folder = folder.parent
+        if not os.access(folder, os.W_OK | os.X_OK):
+            raise UserError(
+                f"cannot write in {folder}, where the results store {path.name} and its journal "
+                "go; choose a writable place"
+            )
+
+    def _check_tables(self) -> None:
+        """Refuse the SQLite file of another program instead of adding tables to it."""
+        rows = self.connection.execute(
+            "SELECT name FROM sqlite_master WHERE type = 'table' AND name NOT LIKE 'sqlite_%'"
+        ).fetchall()
+        found = {row[0] for row in rows}
+        ours = {"models", "cells"} <= found and found <= set(TABLES)
+        if found and not ours:
+            raise UserError(
+                f"{self.path} is an SQLite database of another program (tables: "
+                f"{', '.join(sorted(found)[:5])}); give a new results file"
+            )
+        if self.readonly and not found:
+            raise UserError(f"{self.path} is an empty SQLite file, not a torchpurify results store")
 
     def _check_columns(self) -> None:
         for table, columns in (("models", MODEL_COLUMNS), ("cells", CELL_COLUMNS)):
@@ -119,7 +193,8 @@ class Store:
         self._insert("INSERT OR REPLACE", "models", MODEL_COLUMNS, _encode(row, MODEL_JSON))
 
     def add_cell(self, row: dict[str, Any]) -> bool:
-        """Record a finished cell in one transaction; False when its key was already there."""
+        """Record a finished cell in one transaction (its lease, if any, ends with it); False
+        when its key was already there."""
         return self._insert("INSERT OR IGNORE", "cells", CELL_COLUMNS, _encode(row, CELL_JSON))
 
     def _insert(self, verb: str, table: str, columns: tuple[str, ...], row: dict) -> bool:
@@ -129,9 +204,43 @@ class Store:
             raise ValueError(f"{table} row: missing {missing}, unknown {unknown}")
         names = ", ".join(columns)
         marks = ", ".join(f":{c}" for c in columns)
-        with self.connection:  # one transaction: the whole row or nothing
+        lease = row["key"] if table == "cells" else model_lease(row["key"])
+        with self.connection:  # one transaction: the whole row (and its lease's end) or nothing
             cursor = self.connection.execute(f"{verb} INTO {table} ({names}) VALUES ({marks})", row)
+            self.connection.execute("DELETE FROM leases WHERE key = ?", (lease,))
         return cursor.rowcount == 1
+
+    # ------------------------------------------------------------------------- leases
+
+    def claim(self, key: str, owner: str) -> bool:
+        """Take the lease on ``key`` for ``owner``: True when it was free, stale or already
+        ``owner``'s; False while another runner holds it. Atomic across processes."""
+        now = time.time()
+        with self.connection:
+            cursor = self.connection.execute(
+                "INSERT INTO leases (key, owner, heartbeat) VALUES (?, ?, ?) "
+                "ON CONFLICT(key) DO UPDATE SET owner = excluded.owner, "
+                "heartbeat = excluded.heartbeat "
+                "WHERE leases.owner = excluded.owner OR leases.heartbeat < ?",
+                (key, owner, now, now - self.lease_seconds),
+            )
+        return cursor.rowcount == 1
+
+    def release(self, key: str, owner: str) -> None:
+        with self.connection:
+            self.connection.execute("DELETE FROM leases WHERE key = ? AND owner = ?", (key, owner))
+
+    def live_leases(self) -> dict[str, str]:
+        """Keys claimed by a runner that is still beating, and their owners."""
+        rows = self.connection.execute(
+            "SELECT key, owner FROM leases WHERE heartbeat >= ?",
+            (time.time() - self.lease_seconds,),
+        ).fetchall()
+        return {key: owner for key, owner in rows}
+
+    def runner(self) -> Runner:
+        """A new owner for leases, with its heartbeat (use as a context manager)."""
+        return Runner(self)
 
     # ------------------------------------------------------------------------- reading
 
@@ -158,6 +267,54 @@ class Store:
         rows = self.connection.execute(f"SELECT * FROM {table} ORDER BY {order}, key").fetchall()
         wanted = None if keys is None else set(keys)
         return [_decode(r, json_columns) for r in rows if wanted is None or r["key"] in wanted]
+
+
+def model_lease(key: str) -> str:
+    """The lease key of training (or diagnosing) the model ``key``."""
+    return f"model:{key}"
+
+
+class Runner:
+    """One runner's identity on a store: claims keys, and while it is open a thread refreshes
+    the heartbeat of its leases every quarter of ``lease_seconds``; closing releases them."""
+
+    def __init__(self, store: Store) -> None:
+        self.store = store
+        self.owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._beat, daemon=True, name="store-heartbeat")
+
+    def __enter__(self) -> Runner:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        with self.store.connection:
+            self.store.connection.execute("DELETE FROM leases WHERE owner = ?", (self.owner,))
+
+    def claim(self, key: str) -> bool:
+        return self.store.claim(key, self.owner)
+
+    def release(self, key: str) -> None:
+        self.store.release(key, self.owner)
+
+    def _beat(self) -> None:
+        # SQLite connections belong to one thread: the heartbeat has its own.
+        connection = sqlite3.connect(self.store.path, timeout=60)
+        try:
+            while not self._stop.wait(self.store.lease_seconds / 4):
+                try:
+                    with connection:
+                        connection.execute(
+                            "UPDATE leases SET heartbeat = ? WHERE owner = ?",
+                            (time.time(), self.owner),
+                        )
+                except sqlite3.OperationalError:  # busy past the timeout: beat next time
+                    continue
+        finally:
+            connection.close()
 
 
 def _columns(table: str) -> tuple[str, ...]:

@@ -1,34 +1,60 @@
 """Model artifacts: a directory with ``model.safetensors`` and ``model.json``.
 
-Models under test are untrusted, so loading never unpickles: weights come from safetensors,
-or from a ``.pt``/``.pth`` state dict through ``torch.load(weights_only=True)``. Saving writes a
-temporary directory and renames it into place, so an interrupted save leaves nothing behind.
+Models under test are untrusted, so loading never runs code from the model file:
+
+- weights come from safetensors, or from a ``.pt``/``.pth`` state dict through
+  ``torch.load(weights_only=True)`` — never an unpickled object;
+- the card is checked field by field (:class:`~torchpurify.card.ModelCard`), its architecture
+  arguments must be plain JSON values that the architecture's signature accepts, and a model
+  that would hold far more values than its weights file is refused before it is allocated;
+- a card naming a registered architecture builds it; a card naming a ``module:function``
+  reference is refused unless the caller names the same reference (``arch=``, ``--arch``) or
+  passes ``trust_code=True`` (``--trust-code``): only then is that module imported.
+
+Saving writes a temporary directory and renames it into place, so an interrupted save leaves
+nothing behind. :func:`export_weights` writes a plain state dict (masks folded into the
+weights) that loads into the user's own class without torchpurify.
 """
 
 from __future__ import annotations
 
 import json
-import os
+import math
 import platform
-import shutil
-import tempfile
 import warnings
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from torchpurify.errors import UserError
-from torchpurify.models import architecture_of, build_model
-from torchpurify.neurons.masks import attach_masks, masked_layers
+from torchpurify.card import FORMAT, FORMAT_VERSION, Architecture, ModelCard
+from torchpurify.errors import UserError, check
+from torchpurify.models import architecture_of, build_model, is_reference
+from torchpurify.models.image import Normalize
+from torchpurify.neurons.masks import attach_masks, fold_masks, masked_layers
+from torchpurify.outputs import staged_output
 
 WEIGHTS = "model.safetensors"
 CARD = "model.json"
-FORMAT = "torchpurify-model"
-FORMAT_VERSION = 1
+MAX_CARD_BYTES = 64 << 20
+
+__all__ = [
+    "CARD",
+    "FORMAT",
+    "FORMAT_VERSION",
+    "WEIGHTS",
+    "Normalized",
+    "allow_architecture",
+    "export_weights",
+    "load_model",
+    "read_card",
+    "read_weights",
+    "save_model",
+]
 
 
 def versions() -> dict[str, str]:
@@ -41,59 +67,79 @@ def versions() -> dict[str, str]:
     }
 
 
+class Normalized(nn.Module):
+    """A user's image model behind its input normalisation (``--normalize MEAN,STD``).
+
+    ``model`` is the user's own module unchanged, so ``wrapped.model.state_dict()`` loads into
+    the user's class.
+    """
+
+    def __init__(self, model: nn.Module, mean: Sequence[float], std: Sequence[float]) -> None:
+        super().__init__()
+        self.normalize = Normalize(mean, std)
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(self.normalize(x))
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The user's own module inside a :class:`Normalized` wrapper (the model itself otherwise)."""
+    return model.model if isinstance(model, Normalized) else model
+
+
 def _plain_state(model: nn.Module) -> dict[str, torch.Tensor]:
     # safetensors refuses shared or non-contiguous storage; clone each tensor on the CPU.
     return {k: v.detach().to("cpu").contiguous().clone() for k, v in model.state_dict().items()}
 
 
-def save_model(model: nn.Module, directory: str | Path, card: dict[str, Any]) -> Path:
-    """Write ``model`` and its card atomically to ``directory`` (replacing an existing artifact)."""
+def save_model(model: nn.Module, directory: str | Path, card: Mapping[str, Any]) -> Path:
+    """Write ``model`` and its card atomically to ``directory``: a new or empty folder, or an
+    existing model artifact (replaced); anything else there is refused (outputs.py)."""
     directory = Path(directory)
-    architecture = card.get("architecture") or architecture_of(model)
+    architecture = card.get("architecture") or architecture_of(unwrap(model))
     if architecture is None:
         raise UserError("cannot save a model without its architecture; build it with build_model")
-    card = {
+    if isinstance(architecture, Architecture):
+        architecture = architecture.to_dict()
+    record = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
-        **card,
+        **dict(card),
         "architecture": architecture,
         # Masked layers and their channel counts, so loading can re-create the mask buffers.
         "masks": {name: mask.numel() for name, mask in masked_layers(model).items()},
         "versions": versions(),
     }
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
-    try:
+    if isinstance(model, Normalized):
+        record["normalize"] = {
+            "mean": model.normalize.mean.flatten().tolist(),
+            "std": model.normalize.std.flatten().tolist(),
+        }
+    checked = ModelCard.from_dict(record, source=f"the card for {directory}").to_dict()
+    # Written beside the target and renamed into place; only an artifact is ever replaced.
+    with staged_output(directory, "model") as staging:
         save_file(_plain_state(model), str(staging / WEIGHTS))
-        (staging / CARD).write_text(json.dumps(card, indent=2, sort_keys=True) + "\n")
-        if directory.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{directory.name}.old.", dir=directory.parent))
-            os.replace(directory, old / "artifact")
-            os.replace(staging, directory)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(staging, directory)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
+        (staging / CARD).write_text(json.dumps(checked, indent=2, sort_keys=True) + "\n")
     return directory
 
 
-def read_card(directory: str | Path) -> dict[str, Any]:
+def read_card(directory: str | Path) -> ModelCard:
+    """The checked card of a model directory (:class:`~torchpurify.card.ModelCard`)."""
     path = Path(directory) / CARD
     if not path.is_file():
         raise UserError(f"{directory} is not a torchpurify model: {CARD} is missing")
+    if path.stat().st_size > MAX_CARD_BYTES:
+        raise UserError(f"{path} is larger than {MAX_CARD_BYTES >> 20} MiB: not a model card")
     try:
         card = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as error:
         raise UserError(
-            f"{path} is not valid JSON ({error}); retrain or restore the file"
+            f"{path} is not valid JSON ({str(error)[:200]}); retrain or restore the file"
         ) from None
     if not isinstance(card, dict) or card.get("format") != FORMAT:
         raise UserError(f"{path} is not a torchpurify model card")
-    if card.get("format_version", 0) > FORMAT_VERSION:
-        raise UserError(f"{path} was written by a newer torchpurify; upgrade torchpurify")
-    return card
+    return ModelCard.from_dict(card, source=str(path))
 
 
 def read_weights(path: str | Path) -> dict[str, torch.Tensor]:
@@ -129,6 +175,15 @@ def read_weights(path: str | Path) -> dict[str, torch.Tensor]:
     )
 
 
+def weights_size(path: str | Path) -> int | None:
+    """Values held by a safetensors file, read from its header only (None when unreadable)."""
+    try:
+        with safe_open(str(path), "pt") as file:
+            return sum(math.prod(file.get_slice(key).get_shape()) for key in file.keys())
+    except Exception:  # a corrupt file is reported when it is read
+        return None
+
+
 def load_state(model: nn.Module, state: dict[str, torch.Tensor], source: str) -> nn.Module:
     """Load ``state`` strictly into ``model``, refusing mismatches and non-finite weights."""
     own = model.state_dict()
@@ -153,38 +208,128 @@ def load_state(model: nn.Module, state: dict[str, torch.Tensor], source: str) ->
     return model
 
 
-def load_model(path: str | Path, **build: Any) -> tuple[nn.Module, dict[str, Any]]:
+def allow_architecture(
+    recorded: str, source: str, arch: str | None = None, trust_code: bool = False
+) -> None:
+    """Refuse to build a card's ``module:function`` architecture the user did not name.
+
+    A registered name is always allowed. A reference is allowed only when ``arch`` names the
+    same reference or ``trust_code`` is set; ``arch`` naming a different architecture is refused.
+    """
+    if arch is not None and arch != recorded:
+        raise UserError(
+            f"{source} records the architecture {recorded!r} but --arch is {arch!r}; "
+            "leave out --arch for a model directory, or give the same name"
+        )
+    if is_reference(recorded) and arch != recorded and not trust_code:
+        raise UserError(
+            f"{source} asks to run Python code: its card names the architecture {recorded!r}, "
+            "a function that would be imported and called. Only if you trust this model, name "
+            f"it yourself with --arch {recorded} or pass --trust-code (Python: "
+            f"arch={recorded!r} or trust_code=True)"
+        )
+
+
+def load_model(
+    path: str | Path,
+    arch: str | None = None,
+    *,
+    input_shape: Sequence[int] | None = None,
+    num_classes: int | None = None,
+    kwargs: Mapping[str, Any] | None = None,
+    normalize: tuple[Sequence[float], Sequence[float]] | None = None,
+    trust_code: bool = False,
+    architecture: str | None = None,
+) -> tuple[nn.Module, ModelCard]:
     """Load a model artifact directory, or a bare weights file given its architecture.
 
-    For a directory, the card says how to build the model. For a bare ``.safetensors``,
-    ``.pt`` or ``.pth`` file pass ``architecture=``, ``input_shape=``, ``num_classes=`` (and
-    ``kwargs=``); the returned card then holds just that.
+    For a directory, the card says how to build the model; a ``module:function`` architecture in
+    it is built only when ``arch`` names the same reference or ``trust_code`` is True. For a bare
+    ``.safetensors``, ``.pt`` or ``.pth`` file pass ``arch`` (a registered name or your own
+    ``module:function``), ``input_shape`` and ``num_classes`` (and ``kwargs``, and ``normalize``
+    as ``(mean, std)`` to wrap an image model in its input normalisation); the returned card
+    then holds just that. ``architecture`` is the older name of ``arch``.
     """
+    arch = arch if arch is not None else architecture
     path = Path(path)
     if path.is_dir():
         card = read_card(path)
-        spec = card["architecture"]
-        model = build_model(
-            spec["name"], card["input_shape"], len(card["classes"]), **spec.get("kwargs", {})
-        )
-        attach_masks(model, card.get("masks") or {})
+        allow_architecture(card.architecture.name, str(path), arch, trust_code)
+        held = weights_size(path / WEIGHTS)
+        limit = {} if held is None else {"max_elements": 2 * held + (1 << 22)}
+        try:
+            model = build_model(
+                card.architecture.name,
+                card.input_shape,
+                card.num_classes,
+                **limit,
+                **card.architecture.kwargs,
+            )
+        except UserError as error:
+            raise UserError(f"{path / CARD}: {error}") from None
+        if card.normalize is not None:
+            model = Normalized(model, card.normalize["mean"], card.normalize["std"])
+        attach_masks(model, card.masks)
         load_state(model, read_weights(path / WEIGHTS), str(path))
         return model.eval(), card
     if not path.exists():
         raise UserError(f"model {path} does not exist")
-    missing = [k for k in ("architecture", "input_shape", "num_classes") if build.get(k) is None]
+    missing = [
+        option
+        for option, value in (
+            ("--arch", arch),
+            ("input shape", input_shape),
+            ("classes", num_classes),
+        )
+        if value is None
+    ]
     if missing:
         raise UserError(
             f"{path.name} is a bare weights file: also give {', '.join(missing)} "
-            "(--arch NAME or module:function, and --dataset)"
+            "(--arch NAME or module:function, and --clean or --dataset for the data)"
         )
-    kwargs = build.get("kwargs") or {}
-    model = build_model(build["architecture"], build["input_shape"], build["num_classes"], **kwargs)
-    load_state(model, read_weights(path), str(path))
-    card = {
-        "architecture": {"name": build["architecture"], "kwargs": kwargs},
-        "input_shape": list(build["input_shape"]),
-        "classes": [str(i) for i in range(build["num_classes"])],
+    state = read_weights(path)
+    held = sum(t.numel() for t in state.values())
+    kwargs = dict(kwargs or {})
+    model = build_model(
+        arch, tuple(input_shape), num_classes, max_elements=2 * held + (1 << 22), **kwargs
+    )
+    record: dict[str, Any] = {
+        "format": FORMAT,
+        "architecture": {"name": arch, "kwargs": kwargs},
+        "input_shape": list(input_shape),
+        "classes": [str(i) for i in range(num_classes)],
         "attack": None,
     }
-    return model.eval(), card
+    if normalize is not None:
+        check(len(input_shape) == 3, "--normalize applies to image models (C×H×W inputs)")
+        mean, std = normalize
+        model = Normalized(model, mean, std)
+        record["normalize"] = {"mean": list(mean), "std": list(std)}
+    load_state(unwrap(model), state, str(path))
+    return model.eval(), ModelCard.from_dict(record, source=str(path))
+
+
+def export_weights(model: nn.Module, path: str | Path) -> Path:
+    """Write the weights of ``model`` for the user's own class: masks folded into the weights,
+    no mask buffers, no normalisation wrapper. ``.safetensors`` or ``.pt``/``.pth`` by suffix;
+    load it with ``YourNet(...).load_state_dict(torch.load(path))``."""
+    path = Path(path)
+    check(
+        path.suffix in (".safetensors", ".pt", ".pth"),
+        f"--export {path} must end in .safetensors, .pt or .pth",
+    )
+    check(not path.is_dir(), f"--export {path} is a folder; give a file name")
+    state = _plain_state(unwrap(fold_masks(model)))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    staging = path.with_name(f".{path.name}.partial")
+    try:
+        if path.suffix == ".safetensors":
+            save_file(state, str(staging))
+        else:
+            torch.save(state, staging)
+        staging.replace(path)
+    except BaseException:
+        staging.unlink(missing_ok=True)
+        raise
+    return path
