@@ -1,7 +1,15 @@
 """Defenses by name: ``build_defense("gnft", alpha=0.9).purify(model, Clean(tune, holdout))``."""
 
 # Importing the modules registers their defenses.
-from torchpurify.defenses import fine_pruning, gnft, linf_pruning, salience_ar  # noqa: F401
+from torchpurify.defenses import (  # noqa: F401
+    anp,
+    clp,
+    fine_pruning,
+    gnft,
+    linf_pruning,
+    rnp,
+    salience_ar,
+)
 from torchpurify.defenses.base import DEFENSES, Clean, Defense, Purified, build_defense
 
 __all__ = ["DEFENSES", "Clean", "Defense", "Purified", "build_defense"]

@@ -1,0 +1,149 @@
+"""CLP: channel Lipschitzness-based pruning (Zheng, Zhang, Wang, Zhu, ECCV 2022; methods.md §6).
+
+Data-free. For output channel k of a convolution with weights W (C_out × C_in × kernel), the
+upper bound of the channel's Lipschitz constant (UCLC) is the spectral norm of its weights,
+reshaped to a C_in × |kernel| matrix, times the scale of the BatchNorm that normalises it:
+
+    UCLC_k = σ_max(W_k) · |γ_k| / sqrt(running_var_k + ε)
+
+(the factor is 1 when no BatchNorm follows). A backdoor channel reacts strongly to a small
+input pattern, so it has an outlying UCLC: within each layer, channels with
+``UCLC_k > mean + u · std`` are pruned, u = 3 by default (the paper's).
+
+The reference code pairs every BatchNorm2d with the last Conv2d *registered* before it, which
+breaks when a conv has no BatchNorm after it (rkteddy/channel-Lipschitzness-based-pruning#2)
+and on pre-activation blocks. Here a conv (1-D or 2-D) is paired with a BatchNorm only when the
+BatchNorm is the next module run after it, with at most channel-wise modules (ReLU, pooling,
+dropout) in between and the same channel count; otherwise its own weights bound the channel.
+A pruned channel is masked at the output of the BatchNorm when paired (the reference zeroes
+that BatchNorm's weight and bias), else at the conv's output — with the persistent neuron masks.
+A model without convolutions (the LSTM) has its hidden Linear units scored the same way.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from torchpurify.defenses.base import Clean, Defense, Purified, register_defense
+from torchpurify.neurons import list_layers, mask_channels
+from torchpurify.neurons.masks import ZERO_PRESERVING
+from torchpurify.train import Cost
+
+CONVS = (nn.Conv1d, nn.Conv2d)
+NORMS = (nn.BatchNorm1d, nn.BatchNorm2d)
+
+
+@dataclass(frozen=True)
+class Unit:
+    """A weighted layer whose output channels are neurons: ``layer`` makes them, ``norm`` (when
+    a BatchNorm directly normalises them) is where they are masked, ``channels`` counts them."""
+
+    layer: str
+    norm: str | None
+    channels: int
+
+    @property
+    def masked_at(self) -> str:
+        return self.norm or self.layer
+
+
+def weighted_units(model: nn.Module, example: torch.Tensor, kinds=CONVS) -> list[Unit]:
+    """Every ``kinds`` leaf module that runs on ``example``, in call order, with the BatchNorm
+    that normalises its output when there is one. Linear layers count only when their output's
+    axis 1 is their ``out_features`` (not an attention score over time), and the last weighted
+    layer run (the classifier) never counts."""
+    infos = list_layers(model, example)
+    leaves = [i for i in infos if next(model.get_submodule(i.name).children(), None) is None]
+    weighted = [i for i, info in enumerate(leaves) if _width(model, info) is not None]
+    units = []
+    for position in weighted[:-1]:
+        info = leaves[position]
+        module = model.get_submodule(info.name)
+        if not isinstance(module, kinds) or _width(model, info) != info.channels:
+            continue
+        norm = None
+        for later in leaves[position + 1 :]:
+            following = model.get_submodule(later.name)
+            if isinstance(following, NORMS) and later.channels == info.channels:
+                norm = later.name
+                break
+            if not isinstance(following, ZERO_PRESERVING):
+                break
+        units.append(Unit(info.name, norm, info.channels))
+    return units
+
+
+def _width(model: nn.Module, info) -> int | None:
+    module = model.get_submodule(info.name)
+    if isinstance(module, CONVS):
+        return module.out_channels
+    if isinstance(module, nn.Linear):
+        return module.out_features
+    return None
+
+
+def channel_lipschitz(model: nn.Module, unit: Unit) -> torch.Tensor:
+    """UCLC of each output channel of ``unit`` (see the module docstring)."""
+    weight = model.get_submodule(unit.layer).weight.detach()
+    matrices = weight.reshape(weight.shape[0], weight.shape[1], -1).float().cpu()
+    bound = torch.linalg.matrix_norm(matrices, ord=2)
+    if unit.norm is not None:
+        norm = model.get_submodule(unit.norm)
+        scale = torch.ones_like(bound)
+        if norm.weight is not None:
+            scale = norm.weight.detach().abs().float().cpu()
+        if norm.running_var is not None:
+            scale = scale / (norm.running_var.detach().float().cpu() + norm.eps).sqrt()
+        bound = bound * scale
+    return bound
+
+
+@register_defense
+@dataclass
+class ChannelLipschitzPruning(Defense):
+    name = "clp"
+    summary = "prune channels with outlying Lipschitz upper bounds, data-free (Zheng et al. 2022)"
+
+    u: float = 3.0
+    # conv: convolutions only (the paper); conv+linear: hidden Linear units too; auto: conv,
+    # or the hidden Linear units of a model without convolutions.
+    layers: str = "auto"
+
+    def validate(self) -> None:
+        self.require("u", self.u >= 0, "≥ 0")
+        self.require(
+            "layers", self.layers in ("auto", "conv", "conv+linear"), "auto, conv or conv+linear"
+        )
+
+    def run(self, model: nn.Module, clean: Clean) -> Purified:
+        # Data-free: two holdout inputs only tell which modules run, in which order.
+        example = clean.holdout.x[:2]
+        kinds = CONVS + (nn.Linear,) if self.layers == "conv+linear" else CONVS
+        units = weighted_units(model, example, kinds)
+        if not units and self.layers == "auto":
+            units = weighted_units(model, example, (nn.Linear,))
+        pruned: dict[str, list[int]] = {}
+        scores: dict[str, list[float]] = {}
+        for unit in units:
+            if unit.channels < 2:
+                continue
+            bound = channel_lipschitz(model, unit)
+            threshold = bound.mean() + self.u * bound.std()
+            index = torch.nonzero(bound > threshold).flatten()
+            scores[unit.masked_at] = [round(float(v), 4) for v in bound]
+            if len(index):
+                mask_channels(model, unit.masked_at, index, num_channels=unit.channels)
+                pruned[unit.masked_at] = index.tolist()
+        log = {
+            "u": self.u,
+            "units": [
+                {"layer": u.layer, "batchnorm": u.norm, "channels": u.channels} for u in units
+            ],
+            "pruned": pruned,
+            "num_pruned": sum(len(v) for v in pruned.values()),
+            "uclc": scores,
+        }
+        return Purified(model, log, Cost(forward=1))
