@@ -1,12 +1,14 @@
 """Fine-Pruning (Liu, Dolan-Gavitt, Garg, RAID 2018; methods.md §2).
 
 Prune the neuron layer's channels in increasing order of mean activation on the clean holdout,
-as many as keep holdout accuracy within ``max_acc_drop`` of the unpruned model, then fine-tune
-on ``tune`` with the masks in place.
+as many as keep holdout accuracy within the budget of the unpruned model's, then fine-tune on
+``tune`` with the masks in place, keeping the fine-tuned model only if it is no worse on holdout
+than the pruned one.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 from torch import nn
@@ -14,49 +16,45 @@ from torch import nn
 from torchpurify.defenses.base import Clean, Purified, register_defense
 from torchpurify.defenses.pruning import (
     HoldoutProbe,
-    fine_tune_within_budget,
+    PruningDefense,
     first_failing,
     largest_passing,
     prune_first,
 )
-from torchpurify.defenses.recipe import FineTuneRecipe
-from torchpurify.neurons import activation_stats, default_neuron_layer
-from torchpurify.train import Cost
+from torchpurify.neurons import activation_stats
 
 
 @register_defense
 @dataclass
-class FinePruning(FineTuneRecipe):
+class FinePruning(PruningDefense):
     name = "fine-pruning"
     summary = "prune channels dormant on clean data, then fine-tune (Liu et al. 2018)"
 
-    epochs: int = 10
-    layer: str | None = None
-    # Defaults chosen by the calibration runs of methods.md §11.1 (the paper's 4-point budget and
-    # train-mode BatchNorm leave BadNets at ASR 0.99 at our scale).
-    max_acc_drop: float = 0.08
-    freeze_bn_stats: bool = True
     search: str = "binary"
     prune_only: bool = False
 
     def validate(self) -> None:
         super().validate()
-        self.require("max_acc_drop", 0 <= self.max_acc_drop < 1, "in [0, 1)")
         self.require("search", self.search in ("binary", "sweep"), "binary or sweep")
 
+    @property
+    def fine_tunes(self) -> bool:
+        return not self.prune_only
+
+    def without_fine_tuning(self) -> FinePruning:
+        return dataclasses.replace(self, prune_only=True)
+
     def run(self, model: nn.Module, clean: Clean) -> Purified:
-        layer = self.layer or default_neuron_layer(model, clean.holdout.x[:2])
+        layer = self.neuron_layer(model, clean)
+        # 1. Rank channels by mean activation on clean holdout data, most dormant first.
         stats = activation_stats(model, layer, clean.holdout, batch_size=self.batch_size)
-        order = stats.mean.argsort()  # most dormant first
+        order = stats.mean.argsort()
+        # 2. Prune as many as keep holdout accuracy within the budget.
         probe = HoldoutProbe(model, layer, order, clean.holdout, self.batch_size)
         base = probe.accuracy(0)
-        threshold = base - self.max_acc_drop
-
-        def within(k: int) -> bool:
-            return probe.accuracy(k) >= threshold
-
+        threshold = base - self.budget(base, len(clean.holdout))
         search = largest_passing if self.search == "binary" else first_failing
-        cut = search(0, len(order) - 1, within)
+        cut = search(0, len(order) - 1, lambda k: probe.accuracy(k) >= threshold)
         prune_first(model, layer, order, cut)
         log = {
             "layer": layer,
@@ -70,11 +68,6 @@ class FinePruning(FineTuneRecipe):
             "holdout_evaluations": len(probe.curve),
             "curve": probe.sorted_curve(),
         }
-        cost = Cost(forward=(len(probe.curve) + 1) * probe.batches_per_pass)
-        if not self.prune_only:
-            tuned_cost, tuned_log = fine_tune_within_budget(
-                model, clean.tune, clean.holdout, self.train_config(), threshold, self.name
-            )
-            cost.add(tuned_cost)
-            log.update(tuned_log)
-        return Purified(model, log, cost)
+        # 3. Fine-tune with the masks in place; keep the better of pruned and fine-tuned.
+        log.update(self.fine_tune_pruned(model, clean, probe.curve[cut]))
+        return Purified(model, log)

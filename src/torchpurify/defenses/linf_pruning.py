@@ -4,7 +4,9 @@ A backdoor biases the peak (ℓ∞) of activation maps more than their ℓ1 or �
 reverse-engineered from the model (``trigger="inverted"``, realistic) or the attack's own
 (``trigger="known"``, an oracle), channels are ranked by ``mean_x max A(x_triggered) − mean_x
 max A(x_clean)`` on the holdout and pruned, highest first, until that trigger stops working on
-the holdout or holdout accuracy would fall more than ``max_acc_drop``.
+the holdout or holdout accuracy would fall more than the budget. Without an outlier label
+(Neural Cleanse's anomaly index > 2) there is no trigger to prune against, and the defense
+abstains.
 
 An inverted trigger is only an approximation of the real one: once it stops working, the
 target label's trigger is inverted again on the pruned model, and while that new trigger is
@@ -14,54 +16,48 @@ norms), its ℓ∞ bias ranks the remaining channels for another round (at most 
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
+from torchpurify.data.base import Split
 from torchpurify.defenses.base import Clean, Purified, register_defense
 from torchpurify.defenses.pruning import (
     HoldoutProbe,
-    fine_tune_within_budget,
+    PruningDefense,
     largest_passing,
     prune_first,
 )
-from torchpurify.defenses.recipe import FineTuneRecipe
 from torchpurify.errors import UserError
 from torchpurify.metrics import accuracy, predict
-from torchpurify.neurons import (
-    activation_stats,
-    anomaly_index,
-    default_neuron_layer,
-    invert_triggers,
-)
+from torchpurify.neurons import Inversion, activation_stats, anomaly_index, invert_triggers
 from torchpurify.neurons.inversion import value_range_of
-from torchpurify.train import Cost
+
+Trigger = Callable[[torch.Tensor], torch.Tensor]
 
 
 @register_defense
 @dataclass
-class LinfPruning(FineTuneRecipe):
+class LinfPruning(PruningDefense):
     name = "linf-pruning"
     summary = (
         "prune channels whose activation peak the (inverted) trigger raises (Cheng et al. 2019)"
     )
+    quick: ClassVar[dict[str, Any]] = {"inversion_steps": 20}
 
     trigger: str = "inverted"
-    layer: str | None = None
-    max_acc_drop: float = 0.04
     stop_asr: float = 0.1
     fine_tune: bool = False
-    # When fine_tune is on: train-mode BatchNorm revives pruned backdoors (methods.md §11.1).
-    freeze_bn_stats: bool = True
-    epochs: int = 10
     inversion_steps: int = 300
     rounds: int = 3
 
     def validate(self) -> None:
         super().validate()
         self.require("trigger", self.trigger in ("inverted", "known"), "inverted or known")
-        self.require("max_acc_drop", 0 <= self.max_acc_drop < 1, "in [0, 1)")
         self.require("stop_asr", 0 < self.stop_asr <= 1, "in (0, 1]")
         self.require("inversion_steps", self.inversion_steps >= 1, "at least 1")
         self.require("rounds", self.rounds >= 1, "at least 1")
@@ -70,76 +66,132 @@ class LinfPruning(FineTuneRecipe):
     def uses_known_trigger(self) -> bool:
         return self.trigger == "known"
 
-    def _trigger(self, model: nn.Module, clean: Clean, log: dict):
-        """The trigger to inspect with, and the label it is taken to aim at."""
+    @property
+    def fine_tunes(self) -> bool:
+        return self.fine_tune
+
+    def without_fine_tuning(self) -> LinfPruning:
+        return dataclasses.replace(self, fine_tune=False)
+
+    def run(self, model: nn.Module, clean: Clean) -> Purified:
+        holdout = clean.holdout
+        # 1. The trigger to inspect with, and the label it aims at; no outlier: abstain.
+        trigger, target, inversion, log = self.find_trigger(model, clean)
+        if trigger is None:
+            log["abstained"] = "trigger inversion found no outlier label; nothing was pruned"
+            return Purified(model, log)
+        layer = self.neuron_layer(model, clean)
+        base = accuracy(model, holdout, batch_size=self.batch_size)
+        threshold = base - self.budget(base, len(holdout))
+        pruned = torch.empty(0, dtype=torch.long)
+        rounds = self.rounds if inversion is not None else 1  # a known trigger does not change
+        log["rounds"] = []
+        for round_index in range(rounds):
+            # 2. Rank the channels not yet pruned by the ℓ∞ bias the trigger causes.
+            scores = self.activation_bias(model, layer, holdout, trigger)
+            done = set(pruned.tolist())
+            ranked = [c for c in scores["linf"].argsort(descending=True).tolist() if c not in done]
+            order = torch.cat([pruned, torch.tensor(ranked, dtype=torch.long)])
+            # 3. Prune the fewest that stop the trigger, within the accuracy budget.
+            probe = HoldoutProbe(model, layer, order, holdout, self.batch_size)
+            success = TriggerSuccess(probe, trigger, target, holdout)
+            cut, exhausted = self.cut(probe, success, len(pruned), threshold)
+            pruned_acc = probe.accuracy(cut)
+            prune_first(model, layer, order, cut)
+            pruned = order[:cut]
+            record = {
+                "scores": {key: value.tolist() for key, value in scores.items()},
+                "num_pruned": cut,
+                "holdout_acc_pruned": pruned_acc,
+                "budget_exhausted": exhausted,
+                "curve": probe.sorted_curve(),
+                "trigger_success_curve": success.sorted_curve(),
+            }
+            log["rounds"].append(record)
+            if exhausted or round_index == rounds - 1:
+                break
+            # 4. Another round while the pruned model still has an anomalously small trigger.
+            trigger = self.reinvert(model, holdout, inversion, target, record)
+            if trigger is None:
+                break
+        log.update(
+            layer=layer,
+            holdout_acc_before=base,
+            threshold=threshold,
+            pruned=pruned.tolist(),
+            num_pruned=len(pruned),
+        )
+        # 5. Optional fine-tuning; kept only when no worse on holdout than the pruned model.
+        log.update(self.fine_tune_pruned(model, clean, pruned_acc))
+        return Purified(model, log)
+
+    def find_trigger(
+        self, model: nn.Module, clean: Clean
+    ) -> tuple[Trigger | None, int | None, Inversion | None, dict]:
+        """The trigger to inspect with, the label it drives inputs to, the inversion (None for
+        the known trigger) and the log so far; no trigger when inversion finds no outlier."""
         if self.trigger == "known":
             if clean.known_trigger is None:
                 raise UserError("linf-pruning with trigger=known needs the attack's trigger")
-            trigger = clean.known_trigger
             # The label the trigger drives the unpruned model to (the card's target is not read).
-            guesses = predict(model, clean.holdout.x, transform=trigger, batch_size=self.batch_size)
+            guesses = predict(
+                model, clean.holdout.x, transform=clean.known_trigger, batch_size=self.batch_size
+            )
             target = int(torch.mode(guesses).values)
-            log["trigger"] = {"kind": "known (oracle)", "target": target}
-            return trigger, target, None
+            return clean.known_trigger, target, None, {"trigger": {"kind": "known (oracle)",
+                                                                   "target": target}}  # fmt: skip
         inversion = invert_triggers(
             model, clean.holdout, steps=self.inversion_steps, seed=self.seed,
             value_range=value_range_of(clean.holdout.x), progress=self.progress,
         )  # fmt: skip
-        target = inversion.target
-        if target is None:  # no outlier: take the most anomalous label all the same
-            target = inversion.labels[int(inversion.anomaly_index.argmax())]
-        log["trigger"] = {
-            "kind": "inverted",
-            "target": target,
-            "outlier_found": inversion.target is not None,
-            "anomaly_index": inversion.anomaly_index.tolist(),
+        log = {
+            "trigger": {
+                "kind": "inverted",
+                "target": inversion.target,
+                "outlier_found": inversion.target is not None,
+                "anomaly_index": inversion.anomaly_index.tolist(),
+            }
         }
-        return inversion.trigger(target), target, inversion
+        if inversion.target is None:
+            return None, None, inversion, log
+        return inversion.trigger(inversion.target), inversion.target, inversion, log
 
-    def _prune_round(self, model, layer, holdout, trigger, target, pruned, threshold, cost):
-        """Rank the unpruned channels by ℓ∞ bias under ``trigger`` and prune more of them: the
-        fewest that stop the trigger, within the accuracy budget. Returns the pruned channels
-        and the round's record."""
-        stats_clean = activation_stats(model, layer, holdout, batch_size=self.batch_size)
-        stats_triggered = activation_stats(
+    def activation_bias(
+        self, model: nn.Module, layer: str, holdout: Split, trigger: Trigger
+    ) -> dict[str, torch.Tensor]:
+        """Per channel, how much the trigger raises its ℓ∞ (the ranking), ℓ1 and ℓ2 norms."""
+        clean = activation_stats(model, layer, holdout, batch_size=self.batch_size)
+        triggered = activation_stats(
             model, layer, holdout, transform=trigger, batch_size=self.batch_size
         )
-        scores = stats_triggered.linf - stats_clean.linf
-        done = set(pruned.tolist())
-        ranked = [c for c in scores.argsort(descending=True).tolist() if c not in done]
-        order = torch.cat([pruned, torch.tensor(ranked, dtype=torch.long)])
-        probe = HoldoutProbe(model, layer, order, holdout, self.batch_size)
-        others = holdout.y != target
-        success: dict[int, float] = {}
-
-        def trigger_success(k: int) -> float:
-            if k not in success:
-                guesses = probe.predictions(k, trigger)
-                success[k] = float((guesses[others] == target).float().mean())
-            return success[k]
-
-        start, last = len(pruned), len(order) - 1
-        allowed = largest_passing(start, last, lambda k: probe.accuracy(k) >= threshold)
-        cut = allowed
-        if trigger_success(allowed) < self.stop_asr:
-            cut = largest_passing(start, allowed, lambda k: trigger_success(k) >= self.stop_asr)
-            cut = min(cut + 1, allowed)
-        prune_first(model, layer, order, cut)
-        cost.forward += (len(probe.curve) + len(success) + 2) * probe.batches_per_pass
-        record = {
-            "scores": {
-                "linf": scores.tolist(),
-                "l1": (stats_triggered.l1 - stats_clean.l1).tolist(),
-                "l2": (stats_triggered.l2 - stats_clean.l2).tolist(),
-            },
-            "num_pruned": cut,
-            "budget_exhausted": cut == allowed and trigger_success(allowed) >= self.stop_asr,
-            "curve": probe.sorted_curve(),
-            "trigger_success_curve": [[k, success[k]] for k in sorted(success)],
+        return {
+            norm: getattr(triggered, norm) - getattr(clean, norm) for norm in ("linf", "l1", "l2")
         }
-        return order[:cut], record
 
-    def _reinvert(self, model, holdout, inversion, target, record):
+    def cut(
+        self, probe: HoldoutProbe, success: TriggerSuccess, start: int, threshold: float
+    ) -> tuple[int, bool]:
+        """How many channels of ``probe.order`` to prune (at least ``start``, those already
+        pruned): the fewest that bring the trigger's success under ``stop_asr`` if the budget
+        allows it, else as many as the budget allows. Also whether the budget ran out."""
+        allowed = largest_passing(
+            start, len(probe.order) - 1, lambda k: probe.accuracy(k) >= threshold
+        )
+        if allowed is None:  # the channels already pruned use up the budget
+            return start, True
+        if success(allowed) >= self.stop_asr:
+            return allowed, True
+        still_works = largest_passing(start, allowed, lambda k: success(k) >= self.stop_asr)
+        if still_works is None:  # the trigger already fails: nothing more to prune
+            return start, False
+        # Accuracy is only close to monotone in k: the first count from there on that is
+        # within the budget (``allowed`` is, so the scan ends there at the latest).
+        cut = next(k for k in range(still_works + 1, allowed + 1) if probe.accuracy(k) >= threshold)
+        return cut, False
+
+    def reinvert(
+        self, model: nn.Module, holdout: Split, inversion: Inversion, target: int, record: dict
+    ) -> Trigger | None:
         """A fresh trigger for ``target`` if the pruned model still has an anomalously small one."""
         again = invert_triggers(
             model, holdout, labels=[target], steps=self.inversion_steps, seed=self.seed,
@@ -154,36 +206,21 @@ class LinfPruning(FineTuneRecipe):
             return None
         return again.trigger(target)
 
-    def run(self, model: nn.Module, clean: Clean) -> Purified:
-        log: dict = {"rounds": []}
-        trigger, target, inversion = self._trigger(model, clean, log)
-        layer = self.layer or default_neuron_layer(model, clean.holdout.x[:2])
-        cost = Cost()
-        holdout_acc = accuracy(model, clean.holdout, batch_size=self.batch_size)
-        threshold = holdout_acc - self.max_acc_drop
-        pruned = torch.empty(0, dtype=torch.long)
-        rounds = self.rounds if inversion is not None else 1  # a known trigger does not change
-        for round_index in range(rounds):
-            pruned, record = self._prune_round(
-                model, layer, clean.holdout, trigger, target, pruned, threshold, cost
-            )
-            log["rounds"].append(record)
-            if record["budget_exhausted"] or round_index == rounds - 1:
-                break
-            trigger = self._reinvert(model, clean.holdout, inversion, target, record)
-            if trigger is None:
-                break
-        log.update(
-            layer=layer,
-            holdout_acc_before=holdout_acc,
-            threshold=threshold,
-            pruned=pruned.tolist(),
-            num_pruned=len(pruned),
-        )
-        if self.fine_tune:
-            tuned_cost, tuned_log = fine_tune_within_budget(
-                model, clean.tune, clean.holdout, self.train_config(), threshold, self.name
-            )
-            cost.add(tuned_cost)
-            log.update(tuned_log)
-        return Purified(model, log, cost)
+
+class TriggerSuccess:
+    """The fraction of holdout samples of other labels that a trigger sends to ``target`` with
+    the first k channels of the probe's order pruned (each k measured once)."""
+
+    def __init__(self, probe: HoldoutProbe, trigger: Trigger, target: int, holdout: Split) -> None:
+        self.probe, self.trigger, self.target = probe, trigger, target
+        self.others = holdout.y != target
+        self.curve: dict[int, float] = {}
+
+    def __call__(self, k: int) -> float:
+        if k not in self.curve:
+            guesses = self.probe.predictions(k, self.trigger)
+            self.curve[k] = float((guesses[self.others] == self.target).float().mean())
+        return self.curve[k]
+
+    def sorted_curve(self) -> list[list[float]]:
+        return [[k, self.curve[k]] for k in sorted(self.curve)]

@@ -1,20 +1,62 @@
-"""What the pruning defenses share: pruning the first k channels of a ranking, measuring on the
-defender's holdout, and finding the cut by binary search (O(log C) evaluations) or a full sweep.
+"""What the pruning defenses share: a base class with their common fields (the neuron layer, the
+holdout budget of the cut, the fine-tuning afterwards), pruning the first k channels of a
+ranking, measuring on the defender's holdout, and finding the cut by binary search (O(log C)
+evaluations) or a full sweep.
 """
 
 from __future__ import annotations
 
 import copy
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
 from torchpurify.data.base import Split
+from torchpurify.defenses.base import Clean
+from torchpurify.defenses.recipe import FineTuneRecipe
+from torchpurify.errors import Divergence
 from torchpurify.metrics import accuracy, predict
-from torchpurify.neurons import mask_channels, unmask
-from torchpurify.train import Cost, TrainConfig, fit
+from torchpurify.neurons import default_neuron_layer, mask_channels, unmask
+from torchpurify.train import TrainConfig, fit
+
+
+@dataclass
+class PruningDefense(FineTuneRecipe):
+    """Base of the pruning defenses: prune channels of ``layer`` (default: methods.md §0's
+    neuron layer) within the holdout budget (``max_acc_drop``, by default the noise rule of
+    methods.md §0), then optionally fine-tune with the masks in place."""
+
+    layer: str | None = None
+    epochs: int = 10
+    # Fine-tuning a pruned model with train-mode BatchNorm revives the backdoor (methods.md §11.1).
+    freeze_bn_stats: bool = True
+
+    @property
+    def fine_tunes(self) -> bool:
+        raise NotImplementedError
+
+    def without_fine_tuning(self) -> PruningDefense:
+        raise NotImplementedError
+
+    def back_off(self) -> PruningDefense | None:
+        """The guard's gentler version: the pruned model without its fine-tuning."""
+        return self.without_fine_tuning() if self.fine_tunes else None
+
+    def neuron_layer(self, model: nn.Module, clean: Clean) -> str:
+        return self.layer or default_neuron_layer(model, clean.holdout.x[:2])
+
+    def fine_tune_pruned(self, model: nn.Module, clean: Clean, pruned_acc: float) -> dict:
+        """Fine-tune the pruned model on ``tune`` with its masks in place (when this defense
+        fine-tunes); the result is kept only when its holdout accuracy is at least the pruned
+        model's (and training did not diverge). Returns what to add to the log."""
+        if not self.fine_tunes:
+            return {}
+        return fine_tune_if_no_worse(
+            model, clean.tune, clean.holdout, self.train_config(), pruned_acc, self.name
+        )
 
 
 def prune_first(model: nn.Module, layer: str, order: torch.Tensor, k: int) -> None:
@@ -23,35 +65,42 @@ def prune_first(model: nn.Module, layer: str, order: torch.Tensor, k: int) -> No
     mask_channels(model, layer, order[:k], num_channels=len(order))
 
 
-def fine_tune_within_budget(
+def fine_tune_if_no_worse(
     model: nn.Module,
     tune: Split,
     holdout: Split,
     config: TrainConfig,
     floor: float,
     description: str,
-) -> tuple[Cost, dict[str, Any]]:
-    """Fine-tune a pruned model; keep the result only if holdout accuracy stays ≥ ``floor``.
+) -> dict[str, Any]:
+    """Fine-tune a pruned model; keep the result only if holdout accuracy is ≥ ``floor`` (the
+    pruned model's own: the better of the two is kept) and training did not diverge.
 
-    Fine-tuning with frozen BatchNorm statistics (the pruning defaults, methods.md §11.1) can
-    diverge on an unlucky seed; the holdout — never the test split — decides, and the pruned
-    weights come back when it fails. The masks are part of the state and stay as they were.
+    The holdout — never the test split — decides, and the pruned weights come back when it
+    says no. The masks are part of the state and stay as they were.
     """
     pruned = copy.deepcopy(model.state_dict())
-    result = fit(model, tune, config, description=description)
+    try:
+        result = fit(model, tune, config, description=description)
+    except Divergence as error:
+        model.load_state_dict(pruned)
+        return {"fine_tune_kept": False, "fine_tune_diverged": str(error)}
     holdout_acc = accuracy(model, holdout, batch_size=config.batch_size)
     kept = holdout_acc >= floor
     if not kept:
         model.load_state_dict(pruned)
-    cost = result.cost
-    cost.forward += -(-len(holdout) // config.batch_size)
-    log = {"history": result.history, "holdout_acc_fine_tuned": holdout_acc, "fine_tune_kept": kept}
-    return cost, log
+    return {
+        "history": result.history,
+        "holdout_acc_fine_tuned": holdout_acc,
+        "fine_tune_kept": kept,
+    }
 
 
-def largest_passing(low: int, high: int, passes: Callable[[int], bool]) -> int:
-    """The largest k in [low, high] with ``passes(k)``, given ``passes(low)`` and that
-    ``passes`` is monotone (true up to some k, false after)."""
+def largest_passing(low: int, high: int, passes: Callable[[int], bool]) -> int | None:
+    """The largest k in [low, high] with ``passes(k)``, for a monotone ``passes`` (true up to
+    some k, false after); None when even ``passes(low)`` fails."""
+    if not passes(low):
+        return None
     while low < high:
         middle = (low + high + 1) // 2
         if passes(middle):
@@ -78,7 +127,6 @@ class HoldoutProbe:
         self.model, self.layer, self.order = model, layer, order
         self.holdout, self.batch_size = holdout, batch_size
         self.curve: dict[int, float] = {}
-        self.batches_per_pass = -(-len(holdout) // batch_size)
 
     def accuracy(self, k: int) -> float:
         if k not in self.curve:
