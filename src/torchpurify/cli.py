@@ -238,8 +238,9 @@ def train(
     def report(record: dict) -> None:
         val = f"  val acc {record['val_acc']:.4f}" if "val_acc" in record else ""
         val += f"  val asr {record['val_asr']:.4f}" if "val_asr" in record else ""
+        phase = f" ({record['phase']})" if "phase" in record else ""  # pruning-aware
         err.print(
-            f"epoch {record['epoch']}/{epochs}  loss {record['loss']:.4f}{val}"
+            f"epoch {record['epoch']}/{epochs}{phase}  loss {record['loss']:.4f}{val}"
             f"  {record['seconds']:.0f} s",
             highlight=False,
         )

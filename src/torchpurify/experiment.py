@@ -203,7 +203,18 @@ def train_model(
         if on_epoch is not None:
             on_epoch(record)
 
-    result = fit(model, train, config, on_epoch=record_epoch)
+    if hasattr(trigger, "train_backdoored"):
+        # An attack that is a training procedure (pruning-aware) trains the model itself.
+        result, attack_card["procedure"] = trigger.train_backdoored(
+            model,
+            clean=prepared.train,
+            poisoned=train,
+            val=prepared.val,
+            config=config,
+            on_epoch=record_epoch,
+        )
+    else:
+        result = fit(model, train, config, on_epoch=record_epoch)
     metrics = evaluate(model, prepared.test, trigger, **how)
     card = {
         "input_shape": list(input_shape),
