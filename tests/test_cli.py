@@ -263,7 +263,7 @@ def test_purify_bad_input(tmp_path):
     (tmp_path / "w.pt").write_bytes(b"")
     one_line_error(
         run("purify", "--model", tmp_path / "w.pt", "--defense", "gnft", "--out", tmp_path / "x"),
-        "not a model directory",
+        "is a weights file: give your clean data with --clean",
     )
     one_line_error(
         run("purify", "--model", tmp_path, "--defense", "nope", "--out", tmp_path / "x"),

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from torchpurify.attacks import ATTACKS, build_attack, poison_split, trigger_from_dict
+from torchpurify.card import targeting
 from torchpurify.data import DATASETS, load_dataset
 from torchpurify.data.base import Dataset, Split
 from torchpurify.data.splits import defender_split, train_val_split
@@ -187,11 +188,7 @@ def train_model(
         kwargs = {"mean": mean, "std": std}
     torch.manual_seed(config.seed)
     model = build_model(model_name, input_shape, dataset.num_classes, **kwargs)
-    how = {
-        "target": attack.target if attack else 0,
-        "mode": attack.target_mode if attack else "all-to-one",
-        "num_classes": dataset.num_classes,
-    }
+    how = targeting(attack, dataset.num_classes).as_kwargs()
 
     def record_epoch(record: dict) -> None:
         # The attacker's validation split (clean, held out from training) tracks progress.
@@ -304,23 +301,21 @@ def purify_model(
     *,
     root: str | None = None,
     defender_fraction: float = 0.05,
+    seed: int | None = None,
     out: str | Path | None = None,
 ) -> Defended:
     """Run ``defense`` with the defender's clean data and measure it on the test split.
+
+    ``seed`` draws the defender's split (default: the training seed the card records).
 
     The defense itself receives only ``tune`` and ``holdout`` (and the true trigger only when
     it declares that it runs as an oracle); the test split is used here, after it returns.
     """
     tune, holdout, prepared = defender_data(
-        card, root=root, fraction=defender_fraction, progress=defense.progress
+        card, root=root, fraction=defender_fraction, seed=seed, progress=defense.progress
     )
     trigger = trigger_of(card)
-    attack = card.get("attack") or {}
-    how = {
-        "target": attack.get("target", 0),
-        "mode": attack.get("target_mode", "all-to-one"),
-        "num_classes": prepared.dataset.num_classes,
-    }
+    how = targeting(card.get("attack"), prepared.dataset.num_classes).as_kwargs()
     check(
         not defense.uses_known_trigger or trigger is not None,
         f"{defense.name} with the known trigger needs a backdoored model with a recorded attack",
@@ -339,6 +334,7 @@ def purify_model(
         "params": defense.params(),
         "oracle_trigger": defense.uses_known_trigger,
         "defender_fraction": defender_fraction,
+        "split_seed": card["data"]["seed"] if seed is None else seed,
         "tune_size": len(tune),
         "holdout_size": len(holdout),
         "before": before.to_dict(),

@@ -33,7 +33,7 @@ from torch import nn
 
 from torchpurify.card import FORMAT, FORMAT_VERSION, Architecture, ModelCard
 from torchpurify.errors import UserError, check
-from torchpurify.models import architecture_of, build_model, is_reference
+from torchpurify.models import architecture_of, build_architecture, is_reference
 from torchpurify.models.image import Normalize
 from torchpurify.neurons.masks import attach_masks, fold_masks, masked_layers
 from torchpurify.outputs import staged_output
@@ -258,12 +258,12 @@ def load_model(
         held = weights_size(path / WEIGHTS)
         limit = {} if held is None else {"max_elements": 2 * held + (1 << 22)}
         try:
-            model = build_model(
+            model = build_architecture(
                 card.architecture.name,
                 card.input_shape,
                 card.num_classes,
+                card.architecture.kwargs,
                 **limit,
-                **card.architecture.kwargs,
             )
         except UserError as error:
             raise UserError(f"{path / CARD}: {error}") from None
@@ -291,8 +291,8 @@ def load_model(
     state = read_weights(path)
     held = sum(t.numel() for t in state.values())
     kwargs = dict(kwargs or {})
-    model = build_model(
-        arch, tuple(input_shape), num_classes, max_elements=2 * held + (1 << 22), **kwargs
+    model = build_architecture(
+        arch, tuple(input_shape), num_classes, kwargs, max_elements=2 * held + (1 << 22)
     )
     record: dict[str, Any] = {
         "format": FORMAT,

@@ -1,0 +1,267 @@
+"""Your own data for your own model: an image folder, a folder of WAVs, or an ``.npz``.
+
+:func:`read_own` reads one of
+
+- an image folder ``ROOT/<class>/*.png|jpg|jpeg|ppm|bmp``: float32 C×H×W in [0, 1], resized to
+  the model's input size (or to the first image's size when the model does not say), grey when
+  the model takes one channel (or every image is grey), RGB otherwise;
+- a Speech Commands-style folder ``ROOT/<word>/*.wav`` (``_background_noise_`` and hidden folders
+  are skipped): mono float32 at the model's sample rate — several channels are averaged, another
+  rate is resampled (with a note) — padded with zeros or cut at the end to the model's length;
+- an ``.npz`` with ``x`` (N×… inputs, as the model takes them) and ``y`` (N integer labels).
+
+How folder names become the model's output indices, in this order:
+
+1. every folder name is one of the model's class names (a torchpurify model card lists them):
+   that class's index;
+2. every folder name is a whole number (``0``, ``1``, …, ``9``): that number;
+3. otherwise the folder names sorted alphabetically are 0, 1, …, K−1, and K must equal the
+   number of classes the model outputs.
+
+A label outside the model's outputs, or a class count that does not match, is one clear line.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from torchpurify.data.base import Split
+from torchpurify.data.folder import IMAGE_SUFFIXES, _open, _stack, _to_array
+from torchpurify.errors import UserError, check
+
+AUDIO_SUFFIXES = {".wav", ".flac", ".ogg"}
+
+
+@dataclass
+class OwnData:
+    """Inputs and labels read from a user's path, how they were mapped, and where they came from.
+
+    ``classes`` names the folder (or label) behind each index that occurs; ``source`` is what a
+    model card records: the path, its kind, the number of files and one SHA-256 over them.
+    """
+
+    split: Split
+    kind: str  # "images", "audio" or "npz"
+    mapping: dict[str, int]
+    source: dict[str, Any]
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        return tuple(self.split.x.shape[1:])
+
+
+def class_folders(root: Path) -> list[Path]:
+    return sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(("_", ".")))
+
+
+def folder_kind(root: Path) -> str:
+    """``images`` or ``audio``, by the files in the class folders; a UserError otherwise."""
+    suffixes = {
+        f.suffix.lower() for folder in class_folders(root) for f in folder.iterdir() if f.is_file()
+    }
+    images, audio = suffixes & IMAGE_SUFFIXES, suffixes & AUDIO_SUFFIXES
+    if images and audio:
+        raise UserError(f"{root} mixes images and audio files; give one kind of data")
+    if images:
+        return "images"
+    if audio:
+        return "audio"
+    raise UserError(
+        f"{root} has no class folders of images ({'/'.join(sorted(IMAGE_SUFFIXES))}) or audio "
+        "(.wav): lay it out as ROOT/<class>/<file>"
+    )
+
+
+def map_classes(
+    names: Sequence[str], model_classes: Sequence[str] | None, num_outputs: int | None, where: str
+) -> dict[str, int]:
+    """Folder names → output indices by the three rules of this module's docstring."""
+    check(len(names) > 0, f"{where} has no class folders; lay it out as ROOT/<class>/<file>")
+    if model_classes is not None and set(names) <= set(model_classes):
+        mapping = {name: list(model_classes).index(name) for name in names}
+    elif all(name.isdigit() for name in names):
+        mapping = {name: int(name) for name in names}
+    else:
+        mapping = {name: i for i, name in enumerate(sorted(names))}
+        check(
+            num_outputs is None or len(names) == num_outputs,
+            f"{where} has {len(names)} class folders but the model outputs {num_outputs} "
+            "classes; give one folder per class, or name the folders by their output index "
+            "(0, 1, ...)",
+        )
+    top = max(mapping.values())
+    check(
+        num_outputs is None or top < num_outputs,
+        f"{where}: class {max(mapping, key=mapping.get)!r} is label {top} but the model outputs "
+        f"only {num_outputs} classes (0..{(num_outputs or 1) - 1})",
+    )
+    return mapping
+
+
+def _digest(files: Sequence[Path], root: Path) -> str:
+    digest = hashlib.sha256()
+    for path in files:
+        digest.update(str(path.relative_to(root)).encode() + b"\0")
+        digest.update(hashlib.sha256(path.read_bytes()).digest())
+    return digest.hexdigest()
+
+
+def read_audio(path: Path, rate: int, length: int, notes: set[str]) -> np.ndarray:
+    """One clip as mono float32 at ``rate``, padded or cut to ``length`` samples."""
+    import soundfile
+    from scipy.signal import resample_poly
+
+    try:
+        audio, file_rate = soundfile.read(path, dtype="float32", always_2d=True)
+    except (RuntimeError, soundfile.LibsndfileError) as error:
+        raise UserError(f"cannot read audio file {path} ({error}); replace or delete it") from None
+    if audio.shape[1] > 1:
+        notes.add("averaged several channels to mono")
+    clip = audio.mean(axis=1)
+    if file_rate != rate:
+        common = math.gcd(rate, file_rate)
+        clip = resample_poly(clip, rate // common, file_rate // common).astype(np.float32)
+        notes.add(f"resampled from {file_rate} Hz to the model's {rate} Hz")
+    if len(clip) > length:
+        notes.add(f"cut clips longer than {length} samples")
+    elif len(clip) < length:
+        notes.add(f"padded clips shorter than {length} samples with silence")
+    out = np.zeros(length, np.float32)
+    out[: min(length, len(clip))] = clip[:length]
+    return np.clip(out, -1.0, 1.0)
+
+
+def read_own(
+    path: str | Path,
+    *,
+    input_shape: Sequence[int] | None = None,
+    model_classes: Sequence[str] | None = None,
+    num_outputs: int | None = None,
+    sample_rate: int = 16000,
+    mapping: dict[str, int] | None = None,
+) -> OwnData:
+    """Read a user's data at ``path`` for a model taking ``input_shape`` with ``num_outputs``
+    classes (either may be None when the model does not say yet). ``mapping`` reuses the class
+    mapping of the clean data for a test folder."""
+    path = Path(path)
+    check(path.exists(), f"{path} does not exist; give a folder ROOT/<class>/<file> or an .npz")
+    if path.is_file():
+        return _read_npz(path, input_shape, num_outputs)
+    kind = folder_kind(path)
+    folders = class_folders(path)
+    names = [f.name for f in folders]
+    if mapping is not None:
+        unknown = sorted(set(names) - set(mapping))
+        check(not unknown, f"{path} has classes {unknown} that the clean data does not have")
+    else:
+        mapping = map_classes(names, model_classes, num_outputs, str(path))
+    suffixes = IMAGE_SUFFIXES if kind == "images" else AUDIO_SUFFIXES
+    files = [
+        (f, mapping[folder.name])
+        for folder in folders
+        for f in sorted(folder.iterdir())
+        if f.is_file() and f.suffix.lower() in suffixes
+    ]
+    check(len(files) > 0, f"{path} holds no {kind} files in its class folders")
+    notes: set[str] = set()
+    if kind == "images":
+        split = _read_images(files, input_shape, notes)
+    else:
+        if input_shape is not None:
+            check(
+                len(input_shape) == 1,
+                f"{path} holds audio but the model takes inputs of shape {tuple(input_shape)}",
+            )
+        length = input_shape[0] if input_shape is not None else sample_rate
+        clips = [read_audio(f, sample_rate, length, notes) for f, _ in files]
+        split = Split(
+            torch.from_numpy(np.stack(clips)),
+            torch.tensor([label for _, label in files], dtype=torch.int64),
+        )
+    source = {
+        "path": str(path.resolve()),
+        "kind": kind,
+        "files": len(files),
+        "sha256": _digest([f for f, _ in files], path),
+        "classes": mapping,
+    }
+    if kind == "audio":
+        source["sample_rate"] = sample_rate
+    return OwnData(split, kind, mapping, source, sorted(notes))
+
+
+def _read_images(
+    files: list[tuple[Path, int]], input_shape: Sequence[int] | None, notes: set[str]
+) -> Split:
+    headers = []
+    for path, _ in files:
+        with _open(path, decode=False) as image:
+            headers.append((image.mode, (image.height, image.width)))
+    if input_shape is not None:
+        check(
+            len(input_shape) == 3 and input_shape[0] in (1, 3),
+            f"the images need a model taking 1×H×W or 3×H×W inputs, not {tuple(input_shape)}",
+        )
+        mode, size = ("L" if input_shape[0] == 1 else "RGB"), tuple(input_shape[1:])
+    else:
+        mode = "L" if all(m == "L" for m, _ in headers) else "RGB"
+        size = headers[0][1]
+    if any(h[1] != size for h in headers):
+        notes.add(f"resized images to {size[0]}×{size[1]}")
+    if any((m == "L") != (mode == "L") for m, _ in headers):
+        notes.add("converted images to grey" if mode == "L" else "converted images to RGB")
+    images = [_to_array(_open(path), mode, size) for path, _ in files]
+    return _stack(images, [label for _, label in files], mode, size)
+
+
+def _read_npz(path: Path, input_shape: Sequence[int] | None, num_outputs: int | None) -> OwnData:
+    check(path.suffix == ".npz", f"{path} is a file: give an .npz with x and y, or a folder")
+    try:
+        with np.load(path, allow_pickle=False) as archive:
+            check("x" in archive and "y" in archive, f"{path} needs arrays named x and y")
+            x, y = archive["x"], archive["y"]
+    except (OSError, ValueError) as error:
+        raise UserError(f"{path} is not a readable .npz without pickles ({error})") from None
+    check(
+        np.issubdtype(x.dtype, np.number) and not np.issubdtype(x.dtype, np.complexfloating),
+        f"{path}: x must hold numbers, got {x.dtype}",
+    )
+    check(
+        np.issubdtype(y.dtype, np.integer) and y.ndim == 1 and len(y) == len(x) and len(y) > 0,
+        f"{path}: y must be {len(x)} integer labels (one per row of x), got {y.dtype} {y.shape}",
+    )
+    if input_shape is not None:
+        check(
+            tuple(x.shape[1:]) == tuple(input_shape),
+            f"{path}: x has samples of shape {tuple(x.shape[1:])} but the model takes "
+            f"{tuple(input_shape)}",
+        )
+    check(int(y.min()) >= 0, f"{path}: labels must be 0 or more, got {int(y.min())}")
+    check(
+        num_outputs is None or int(y.max()) < num_outputs,
+        f"{path}: label {int(y.max())} is not an output of the model (0..{(num_outputs or 1) - 1})",
+    )
+    x = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
+    check(bool(torch.isfinite(x).all()), f"{path}: x contains NaN or infinity")
+    labels = sorted({int(v) for v in y})
+    source = {
+        "path": str(path.resolve()),
+        "kind": "npz",
+        "files": 1,
+        "sha256": hashlib.sha256(path.read_bytes()).hexdigest(),
+    }
+    return OwnData(
+        Split(x, torch.from_numpy(y.astype(np.int64))), "npz", {str(v): v for v in labels}, source
+    )
+
+
+__all__ = ["OwnData", "map_classes", "read_audio", "read_own"]
