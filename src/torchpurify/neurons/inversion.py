@@ -90,6 +90,123 @@ def _success(model, x, label, trigger, batch_size) -> float:
     return hits / len(x)
 
 
+class _EvalMode:
+    """The model in evaluation mode (channels_last where it prefers it, as in ``train.fit``) for
+    the duration of an inversion, and the data prepared the same way; restored afterwards."""
+
+    def __init__(self, model: nn.Module, data: Split, device) -> None:
+        self.model = model
+        self.device = torch.device(device) if device is not None else model_device(model)
+        wanted = data.x.dim() == 4 and getattr(model, "channels_last", True)
+        self.memory_format = torch.channels_last if wanted else torch.contiguous_format
+
+    def inputs(self, x: torch.Tensor) -> torch.Tensor:
+        return x.to(self.device, memory_format=self.memory_format)
+
+    def __enter__(self) -> _EvalMode:
+        self.was_training = self.model.training
+        self.model.eval().to(memory_format=self.memory_format)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.model.train(self.was_training).to(memory_format=torch.contiguous_format)
+
+
+def trigger_success(
+    model: nn.Module,
+    data: Split,
+    label: int,
+    trigger,
+    *,
+    batch_size: int = 256,
+    device: torch.device | str | None = None,
+) -> float:
+    """Fraction of the samples of ``data`` whose label is not ``label`` that ``trigger`` sends to
+    ``label`` (an attack success rate measured on clean data; the model is not changed)."""
+    check(isinstance(data, Split) and len(data) > 0, "data must be a non-empty Split")
+    with _EvalMode(model, data, device) as mode:
+        x = data.x[data.y != label]
+        check(len(x) > 0, f"data has no sample of a label other than {label}")
+        return _success(model, mode.inputs(x), label, trigger, batch_size)
+
+
+def _logit(p: torch.Tensor) -> torch.Tensor:
+    p = p.clamp(1e-4, 1 - 1e-4)
+    return torch.log(p) - torch.log1p(-p)
+
+
+def invert_capped(
+    model: nn.Module,
+    data: Split,
+    label: int,
+    budget: float,
+    *,
+    start: InvertedTrigger | None = None,
+    steps: int = 100,
+    batch_size: int = 64,
+    lr: float = 0.1,
+    value_range: tuple[float, float] = (0.0, 1.0),
+    seed: int = 0,
+    device: torch.device | str | None = None,
+) -> InvertedTrigger:
+    """The trigger for ``label`` that works best on ``data`` among those whose mask has an ℓ1
+    norm of at most ``budget`` (methods.md §12, the estimated ASR).
+
+    Cross-entropy towards ``label`` is minimised over mask and pattern with no size penalty;
+    instead the mask is scaled down to the budget inside the forward pass (``m·min(1, B/‖m‖₁)``),
+    so every trigger tried obeys it. ``start`` (e.g. a Neural-Cleanse trigger for the label)
+    sets the starting mask and pattern; without it the mask starts uniform. The trigger with the
+    best success on the batches of a check is returned. The model is not changed.
+    """
+    check(isinstance(data, Split) and len(data) > 0, "data must be a non-empty Split")
+    check(budget > 0, f"budget must be positive, got {budget}")
+    check(isinstance(steps, int) and steps >= 1, f"steps must be a positive integer, got {steps}")
+    low, high = value_range
+    check(low < high, f"value_range must be (low, high), got {value_range}")
+    generator = torch.Generator().manual_seed(seed * 100_003 + label)
+    with _EvalMode(model, data, device) as mode:
+        x = mode.inputs(data.x[data.y != label])
+        check(len(x) > 0, f"data has no sample of a label other than {label}")
+        sample_shape = x.shape[1:]
+        mask_shape = (1, *sample_shape[1:]) if len(sample_shape) == 3 else sample_shape
+        if start is None:
+            mask_logit = torch.full(mask_shape, MASK_START, device=x.device)
+            pattern_logit = torch.randn(sample_shape, generator=generator).to(x.device)
+        else:
+            mask_logit = _logit(start.mask.to(x.device).reshape(mask_shape))
+            pattern = (start.pattern.to(x.device) - low) / (high - low)
+            pattern_logit = _logit(pattern.reshape(sample_shape))
+        mask_logit.requires_grad_()
+        pattern_logit.requires_grad_()
+        optimizer = torch.optim.Adam([mask_logit, pattern_logit], lr=lr, betas=(0.5, 0.9))
+        target = torch.full((batch_size,), label, device=x.device)
+
+        def current() -> InvertedTrigger:
+            mask = torch.sigmoid(mask_logit)
+            mask = mask * (budget / mask.sum().clamp_min(budget))
+            return InvertedTrigger(mask, low + (high - low) * torch.sigmoid(pattern_logit))
+
+        best, best_rate, hits, seen = None, -1.0, 0, 0
+        for step in range(1, steps + 1):
+            batch = x[torch.randint(len(x), (batch_size,), generator=generator).to(x.device)]
+            trigger = current()
+            logits = model(trigger(batch))
+            loss = F.cross_entropy(logits, target)
+            optimizer.zero_grad(set_to_none=True)
+            mask_logit.grad, pattern_logit.grad = torch.autograd.grad(
+                loss, [mask_logit, pattern_logit]
+            )
+            optimizer.step()
+            hits += int((logits.argmax(1) == label).sum())
+            seen += batch_size
+            if step % CHECK_EVERY == 0 or step == steps:
+                if hits / seen > best_rate:
+                    best_rate = hits / seen
+                    best = InvertedTrigger(trigger.mask.detach(), trigger.pattern.detach())
+                hits, seen = 0, 0
+    return InvertedTrigger(best.mask.cpu(), best.pattern.cpu())
+
+
 def _invert_one(model, x, label, *, steps, batch_size, lr, cost, threshold, value_range, seed):
     """Mask (sigmoid-parametrised) and pattern (squashed into value_range) for one label."""
     low, high = value_range

@@ -1,0 +1,211 @@
+"""A defender-side backdoor estimate (methods.md §12): is there a backdoor, towards which label,
+and how well would its trigger still work — from the defender's clean holdout alone.
+
+Before purification, Neural-Cleanse trigger inversion (§7, :func:`invert_triggers`) runs for
+every label. The *suspected label* is the one whose inverted trigger needs the smallest mask;
+its *trigger size* is that mask's ℓ1 norm and its *anomaly index* the MAD outlier score of the
+sizes. The *reference size* is the median size of the other labels: what it takes to turn an
+input into a class by its natural features.
+
+The *estimated ASR* is the success rate, on clean holdout samples not used to fit it, of the best
+trigger for the suspected label whose mask is at most ``budget × reference size``
+(:func:`invert_capped`) — a trigger much smaller than any natural class change. A backdoored
+model has one (est. ASR ≈ 1); a clean model, or a purified one, should not.
+
+After purification the same label is inverted again (its new trigger size and estimated ASR,
+with the same budget); other labels are not re-inverted unless ``all_labels_after`` (ten times
+the cost), so the anomaly index after compares the new size with the other labels' sizes from
+before. The anomaly index alone can give a false all-clear (it fell to 1.95 after FT while the
+true ASR stayed 0.98); the trigger size and the estimated ASR are what to read.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from torchpurify.data.base import Split
+from torchpurify.errors import check
+from torchpurify.neurons.inversion import (
+    anomaly_index,
+    invert_capped,
+    invert_triggers,
+    trigger_success,
+    value_range_of,
+)
+from torchpurify.train import console
+
+FLAG_ASR = 0.5  # a capped trigger that works on at least half the holdout flags a backdoor
+
+
+@dataclass(frozen=True)
+class EstimateConfig:
+    """How much work the estimate does. ``steps``: Neural-Cleanse steps per label (each label
+    stops early once its mask stops shrinking); ``capped_steps``: steps of the capped trigger;
+    ``budget``: the capped trigger's mask ℓ1 as a fraction of the reference size."""
+
+    steps: int = 150
+    capped_steps: int = 100
+    batch_size: int = 64
+    budget: float = 0.15
+    all_labels_after: bool = False
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "capped_steps", "batch_size"):
+            value = getattr(self, name)
+            check(
+                isinstance(value, int) and not isinstance(value, bool) and value >= 1,
+                f"estimate {name} must be a positive integer, got {value!r}",
+            )
+        check(0 < self.budget <= 1, f"estimate budget must be in (0, 1], got {self.budget}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class Estimate:
+    """The estimate at one moment (before or after a purification)."""
+
+    label: int  # the suspected target: smallest inverted mask before purification
+    flagged: bool  # est_asr ≥ FLAG_ASR
+    nc_target: int | None  # Neural Cleanse's answer: anomaly index > 2 and a working trigger
+    anomaly_index: float  # of the label's trigger size among all labels' sizes
+    trigger_size: float  # mask ℓ1 of the label's Neural-Cleanse trigger
+    reference_size: float  # median mask ℓ1 of the other labels, before purification
+    success: float  # the Neural-Cleanse trigger's success on the holdout
+    est_asr: float  # success of the best trigger within the budget, on unseen holdout samples
+    budget: float  # the capped trigger's mask ℓ1 budget
+    seconds: float
+    mask_norms: list[float]  # every label's mask ℓ1 (those not re-inverted: from before)
+
+    @property
+    def size_ratio(self) -> float:
+        """Trigger size relative to the reference (≪ 1: a shortcut to the label exists)."""
+        return self.trigger_size / self.reference_size if self.reference_size > 0 else 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "size_ratio": self.size_ratio}
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> Estimate:
+        return cls(**{key: raw[key] for key in cls.__dataclass_fields__})
+
+    def describe(self) -> str:
+        """One line for people."""
+        verdict = "backdoor suspected" if self.flagged else "no backdoor found"
+        return (
+            f"{verdict}: label {self.label}, trigger ℓ1 {self.trigger_size:.1f} "
+            f"(others' median {self.reference_size:.1f}, anomaly index {self.anomaly_index:.2f}), "
+            f"estimated ASR {self.est_asr:.3f}"
+        )
+
+
+def _halves(holdout: Split, seed: int) -> tuple[Split, Split]:
+    """Two disjoint halves of the holdout: one fits the capped trigger, the other measures it."""
+    order = torch.randperm(len(holdout), generator=torch.Generator().manual_seed(seed))
+    half = len(holdout) // 2
+    return holdout.subset(order[:half]), holdout.subset(order[half:])
+
+
+def _capped_asr(model, holdout, label, budget, start, config, value_range, device) -> float:
+    fit, measure = _halves(holdout, config.seed)
+    if not (fit.y != label).any() or not (measure.y != label).any():
+        fit = measure = holdout
+    trigger = invert_capped(
+        model, fit, label, budget, start=start, steps=config.capped_steps,
+        batch_size=config.batch_size, value_range=value_range, seed=config.seed, device=device,
+    )  # fmt: skip
+    return trigger_success(model, measure, label, trigger, device=device)
+
+
+def estimate_backdoor(
+    model: nn.Module,
+    holdout: Split,
+    config: EstimateConfig | None = None,
+    *,
+    before: Estimate | None = None,
+    value_range: tuple[float, float] | None = None,
+    device: torch.device | str | None = None,
+    progress: bool = False,
+) -> Estimate:
+    """The estimate for ``model`` on the clean ``holdout``. Without ``before``: inversion of every
+    label (use before purifying). With ``before`` (the estimate of the model before purifying):
+    its suspected label is inverted again with the same budget. The model is not changed."""
+    config = config or EstimateConfig()
+    check(isinstance(holdout, Split) and len(holdout) > 1, "holdout must be a Split of ≥ 2")
+    value_range = value_range or value_range_of(holdout.x)
+    started = time.perf_counter()
+    common = dict(
+        steps=config.steps, batch_size=config.batch_size, value_range=value_range,
+        seed=config.seed, device=device, progress=progress,
+    )  # fmt: skip
+    if before is None or config.all_labels_after:
+        inversion = invert_triggers(model, holdout, **common)
+        norms = inversion.mask_norms
+        label = int(norms.argmin()) if before is None else before.label
+        i = inversion.labels.index(label)
+        others = torch.cat([norms[:i], norms[i + 1 :]])
+        reference = float(others.median()) if before is None else before.reference_size
+        budget = config.budget * reference if before is None else before.budget
+        nc_target = inversion.target
+        trigger, success = inversion.trigger(label), float(inversion.success[i])
+    else:
+        label, reference, budget = before.label, before.reference_size, before.budget
+        inversion = invert_triggers(model, holdout, labels=[label], **common)
+        norms = torch.tensor(before.mask_norms)
+        norms[label] = inversion.mask_norms[0]
+        trigger, success = inversion.trigger(label), float(inversion.success[0])
+        nc_target = None
+    index = anomaly_index(norms)
+    if before is not None and not config.all_labels_after:
+        nc_target = label if index[label] > 2 and success >= 0.5 else None
+    if progress:
+        console.print(f"estimate: capped trigger for label {label} (ℓ1 ≤ {budget:.1f})")
+    est_asr = _capped_asr(model, holdout, label, budget, trigger, config, value_range, device)
+    return Estimate(
+        label=label,
+        flagged=est_asr >= FLAG_ASR,
+        nc_target=nc_target,
+        anomaly_index=float(index[label]),
+        trigger_size=float(norms[label]),
+        reference_size=reference,
+        success=success,
+        est_asr=est_asr,
+        budget=budget,
+        seconds=round(time.perf_counter() - started, 2),
+        mask_norms=[float(n) for n in norms],
+    )
+
+
+def compare(before: Estimate, after: Estimate) -> dict[str, Any]:
+    """The record a card, a store row and a report read: both estimates and the change."""
+    growth = after.trigger_size / before.trigger_size if before.trigger_size > 0 else None
+    return {
+        "before": before.to_dict(),
+        "after": after.to_dict(),
+        "size_growth": growth,
+        "removed": before.flagged and not after.flagged,
+    }
+
+
+def describe_change(before: Estimate, after: Estimate) -> str:
+    """One line: how the suspected label's trigger changed with purification."""
+    growth = after.trigger_size / before.trigger_size if before.trigger_size > 0 else float("inf")
+    if not before.flagged:
+        verdict = "no backdoor was suspected before"
+    elif after.flagged:
+        verdict = "the backdoor is likely still there"
+    else:
+        verdict = "the backdoor is likely removed"
+    return (
+        f"label {after.label}: trigger ℓ1 {before.trigger_size:.1f} → {after.trigger_size:.1f} "
+        f"(×{growth:.1f}), anomaly index {before.anomaly_index:.2f} → "
+        f"{after.anomaly_index:.2f}, estimated ASR {before.est_asr:.3f} → {after.est_asr:.3f}: "
+        f"{verdict}"
+    )

@@ -1,0 +1,120 @@
+"""The defender-side backdoor estimate (methods.md §12): trigger inversion on the clean holdout
+before and after purification."""
+
+import copy
+
+import pytest
+import torch
+
+from tests.conftest import TINY_CLASSES, TINY_SHAPE, gratings
+from torchpurify.data.base import Split
+from torchpurify.errors import UserError
+from torchpurify.estimate import Estimate, EstimateConfig, compare, estimate_backdoor
+from torchpurify.metrics import evaluate
+from torchpurify.models import build_model
+from torchpurify.neurons import default_neuron_layer, invert_triggers, mask_channels
+from torchpurify.neurons.inversion import invert_capped, trigger_success
+from torchpurify.neurons.stats import activation_stats
+from torchpurify.train import TrainConfig, fit
+
+# The tiny task's 3×3 patch is 6 % of a 12×12 image (1 % of a 28×28 one): a wider budget.
+CHEAP = EstimateConfig(steps=150, capped_steps=60, batch_size=32, budget=0.5)
+
+
+@pytest.fixture(scope="module")
+def tiny_clean():
+    """small-cnn trained on the clean gratings task of ``tiny_backdoor``, same recipe."""
+    torch.manual_seed(0)
+    model = build_model("small-cnn", TINY_SHAPE, TINY_CLASSES)
+    fit(model, gratings(2000, seed=0), TrainConfig(epochs=4, batch_size=64, lr=0.05,
+                                                   progress=False, device="cpu"))  # fmt: skip
+    model.eval()
+    assert evaluate(model, gratings(800, seed=1)).acc > 0.9
+    return model, gratings(300, seed=2)
+
+
+def remove_backdoor(tiny):
+    """A defense that works, by construction: mask the channels the true trigger raises most
+    (oracle pruning; the estimate never sees the trigger)."""
+    model = copy.deepcopy(tiny.model)
+    layer = default_neuron_layer(model, tiny.holdout.x[:1])
+    clean = activation_stats(model, layer, tiny.holdout).mean
+    rise = activation_stats(model, layer, tiny.holdout, transform=tiny.trigger).mean - clean
+    mask_channels(model, layer, rise.argsort(descending=True)[: len(rise) // 2].tolist())
+    return model
+
+
+def test_estimate_finds_the_target_and_its_asr_drops_after_purification(tiny_backdoor):
+    tiny = tiny_backdoor
+    model = copy.deepcopy(tiny.model)
+    before = estimate_backdoor(model, tiny.holdout, CHEAP)
+    assert before.label == tiny.target and before.flagged and before.nc_target == tiny.target
+    assert before.est_asr > 0.8 and before.anomaly_index > 2
+    assert before.trigger_size < 0.5 * before.reference_size
+    assert len(before.mask_norms) == TINY_CLASSES and before.seconds > 0
+    for a, b in zip(model.state_dict().values(), tiny.model.state_dict().values(), strict=True):
+        assert torch.equal(a, b)  # the estimate does not change the model
+
+    purified = remove_backdoor(tiny)
+    true_after = evaluate(purified, tiny.test, tiny.trigger, target=0, num_classes=TINY_CLASSES)
+    assert true_after.asr < 0.2 and true_after.acc > 0.85  # the defense did work
+    after = estimate_backdoor(purified, tiny.holdout, CHEAP, before=before)
+    assert after.label == before.label and after.budget == before.budget
+    assert after.reference_size == before.reference_size
+    assert after.est_asr < 0.5 < before.est_asr and not after.flagged
+    assert after.trigger_size > 2 * before.trigger_size
+    record = compare(before, after)
+    assert record["removed"] and record["size_growth"] > 2
+    assert Estimate.from_dict(record["after"]) == after
+
+
+def test_estimate_does_not_flag_a_clean_model(tiny_clean):
+    model, holdout = tiny_clean
+    estimate = estimate_backdoor(model, holdout, CHEAP)
+    assert not estimate.flagged and estimate.est_asr < 0.5
+    assert estimate.size_ratio > 0.5  # no shortcut much smaller than the other labels'
+
+
+def test_capped_trigger_obeys_its_budget_and_the_estimate_sees_only_its_data(tiny_backdoor):
+    tiny = tiny_backdoor
+    trigger = invert_capped(tiny.model, tiny.holdout, 0, budget=5.0, steps=20, batch_size=32)
+    assert float(trigger.mask.sum()) <= 5.0 + 1e-4 and trigger.mask.shape == (1, 12, 12)
+    assert 0 <= float(trigger.pattern.min()) and float(trigger.pattern.max()) <= 1
+    rate = trigger_success(tiny.model, tiny.holdout, 0, tiny.trigger)
+    assert rate > 0.9  # the true trigger, measured on the holdout
+
+    class Watched(Split):
+        seen: list = []
+
+        def subset(self, indices):
+            Watched.seen.append(len(indices))
+            return super().subset(indices)
+
+    holdout = Watched(tiny.holdout.x, tiny.holdout.y)
+    estimate_backdoor(tiny.model, holdout, EstimateConfig(steps=5, capped_steps=5))
+    assert Watched.seen == [len(holdout) // 2, len(holdout) - len(holdout) // 2]
+
+
+def test_estimate_works_on_waveforms(wave_net):
+    generator = torch.Generator().manual_seed(0)
+    data = Split(torch.rand(60, 64, generator=generator) * 2 - 1, torch.arange(60) % 3)
+    estimate = estimate_backdoor(wave_net, data, EstimateConfig(steps=10, capped_steps=10))
+    assert estimate.label in (0, 1, 2) and len(estimate.mask_norms) == 3
+    assert 0 <= estimate.est_asr <= 1 and estimate.budget == pytest.approx(
+        0.15 * estimate.reference_size
+    )
+    after = estimate_backdoor(
+        wave_net, data, EstimateConfig(steps=10, capped_steps=10), before=estimate
+    )
+    assert after.label == estimate.label and after.reference_size == estimate.reference_size
+    inversion = invert_triggers(wave_net, data, labels=[0], steps=5)
+    assert inversion.masks.shape == (1, 64)
+
+
+@pytest.mark.parametrize(
+    ("field", "value"), [("steps", 0), ("capped_steps", -1), ("budget", 0.0), ("budget", 2.0)]
+)
+def test_bad_settings_are_one_clear_error(field, value):
+    with pytest.raises(UserError, match=f"estimate {field}"):
+        EstimateConfig(**{field: value})
+
