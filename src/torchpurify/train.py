@@ -152,7 +152,10 @@ class TrainConfig:
     def __post_init__(self) -> None:
         check(self.epochs >= 1, f"--epochs must be at least 1, got {self.epochs}")
         check(self.batch_size >= 2, f"--batch-size must be at least 2, got {self.batch_size}")
-        check(self.lr > 0 and math.isfinite(self.lr), f"--lr must be positive, got {self.lr}")
+        check(
+            self.lr > 0 and math.isfinite(self.lr),
+            f"--lr must be a positive finite number, got {self.lr}",
+        )
         check(
             self.optimizer in ("sgd", "adam"),
             f"--optimizer must be sgd or adam, got {self.optimizer!r}",

@@ -6,6 +6,7 @@ option to keep BatchNorm's running statistics frozen.
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 
 from torchpurify.defenses.base import Defense
@@ -26,7 +27,7 @@ class FineTuneRecipe(Defense):
 
     def validate(self) -> None:
         self.require("epochs", self.epochs >= 1, "at least 1")
-        self.require("lr", self.lr > 0, "positive")
+        self.require("lr", self.lr > 0 and math.isfinite(self.lr), "a positive finite number")
         self.require("momentum", 0 <= self.momentum < 1, "in [0, 1)")
         self.require("weight_decay", self.weight_decay >= 0, "≥ 0")
 
