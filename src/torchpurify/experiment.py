@@ -23,6 +23,7 @@ from torchpurify.data.base import Dataset, Split
 from torchpurify.data.splits import defender_split, train_val_split
 from torchpurify.defenses import Clean, Defense, Purified
 from torchpurify.errors import UserError, check
+from torchpurify.estimate import EstimateConfig, compare, estimate_backdoor, estimate_cached
 from torchpurify.metrics import Metrics, der, evaluate
 from torchpurify.models import MODELS, build_model
 from torchpurify.models.io import save_model
@@ -292,6 +293,7 @@ class Defended:
     der: float | None
     purified: Purified
     card: dict[str, Any]
+    estimate: dict[str, Any] | None = None  # estimate.compare(before, after), when asked for
 
 
 def purify_model(
@@ -303,8 +305,14 @@ def purify_model(
     defender_fraction: float = 0.05,
     seed: int | None = None,
     out: str | Path | None = None,
+    estimate: EstimateConfig | None = None,
+    estimate_cache: str | Path | None = None,
 ) -> Defended:
     """Run ``defense`` with the defender's clean data and measure it on the test split.
+
+    With ``estimate``, the defender-side backdoor estimate (methods.md §12) is computed on the
+    holdout before and after purification (the one before is kept in ``estimate_cache`` when
+    given) and recorded in the card's ``estimate``.
 
     ``seed`` draws the defender's split (default: the training seed the card records).
 
@@ -322,6 +330,14 @@ def purify_model(
     )
     clean = Clean(tune, holdout, known_trigger=trigger if defense.uses_known_trigger else None)
     before = evaluate(model, prepared.test, trigger, **how)
+    guess_before = None
+    if estimate is not None:
+        show = defense.progress
+        guess_before = (
+            estimate_cached(estimate_cache, model, holdout, estimate, progress=show)
+            if estimate_cache is not None
+            else estimate_backdoor(model, holdout, estimate, progress=show)
+        )
     purified = defense.purify(model, clean)
     after = evaluate(purified.model, prepared.test, trigger, **how)
     der_value = der(before.acc, before.asr, after.acc, after.asr) if trigger is not None else None
@@ -345,7 +361,14 @@ def purify_model(
         "backward_passes": purified.cost.backward,
         "log": purified.log,
     }
+    guess = None
+    if guess_before is not None:
+        guess_after = estimate_backdoor(
+            purified.model, holdout, estimate, before=guess_before, progress=defense.progress
+        )
+        guess = {**compare(guess_before, guess_after), "config": estimate.to_dict()}
+        new_card["estimate"] = guess
     purified.model.to("cpu")
     if out is not None:
         save_model(purified.model, out, new_card)
-    return Defended(before, after, der_value, purified, new_card)
+    return Defended(before, after, der_value, purified, new_card, guess)
