@@ -118,3 +118,37 @@ def test_bad_settings_are_one_clear_error(field, value):
     with pytest.raises(UserError, match=f"estimate {field}"):
         EstimateConfig(**{field: value})
 
+
+def test_purify_model_records_the_estimate_on_the_holdout_and_reuses_the_one_before(
+    tmp_path, monkeypatch
+):
+    from torchpurify import estimate as estimate_module
+    from torchpurify import experiment
+    from torchpurify.defenses import build_defense
+
+    data = experiment.DataSpec("digits", seed=100)
+    attack = experiment.AttackSpec("badnets")
+    config = TrainConfig(epochs=3, batch_size=64, lr=0.05, progress=False, device="cpu")
+    trained = experiment.train_model(data, "small-cnn", attack, config)
+    seen = []
+    real = estimate_module.estimate_backdoor
+
+    def spy(model, holdout, *args, **kwargs):
+        seen.append(len(holdout))
+        return real(model, holdout, *args, **kwargs)
+
+    monkeypatch.setattr(experiment, "estimate_backdoor", spy)
+    monkeypatch.setattr(estimate_module, "estimate_backdoor", spy)
+    settings = EstimateConfig(steps=20, capped_steps=10)
+    cache = tmp_path / "estimate-before.json"
+    for _ in range(2):
+        result = experiment.purify_model(
+            trained.model, trained.card, build_defense("ft", epochs=1, device="cpu"),
+            defender_fraction=0.2, estimate=settings, estimate_cache=cache,
+        )  # fmt: skip
+    holdout = result.card["defense"]["holdout_size"]
+    assert seen == [holdout] * 3  # before once (then read from the cache), after twice
+    record = result.card["estimate"]
+    assert record == result.estimate and record["config"] == settings.to_dict()
+    assert record["before"]["label"] == record["after"]["label"]
+    assert 0 <= record["after"]["est_asr"] <= 1 and cache.is_file()

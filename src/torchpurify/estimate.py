@@ -21,8 +21,12 @@ true ASR stayed 0.98); the trigger size and the estimated ASR are what to read.
 
 from __future__ import annotations
 
+import hashlib
+import json
+import os
 import time
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -181,6 +185,34 @@ def estimate_backdoor(
         seconds=round(time.perf_counter() - started, 2),
         mask_norms=[float(n) for n in norms],
     )
+
+
+def estimate_cached(
+    path: str | Path,
+    model: nn.Module,
+    holdout: Split,
+    config: EstimateConfig | None = None,
+    *,
+    progress: bool = False,
+) -> Estimate:
+    """:func:`estimate_backdoor` before purification, kept in the JSON file ``path`` (next to the
+    model) and reused while the settings and the holdout are the same: every defense of a grid
+    purifies the same model, and its estimate before purification is computed once."""
+    config = config or EstimateConfig()
+    x = holdout.x.contiguous().numpy().tobytes() + holdout.y.contiguous().numpy().tobytes()
+    key = {"config": config.to_dict(), "holdout_sha256": hashlib.sha256(x).hexdigest()}
+    path = Path(path)
+    try:
+        stored = json.loads(path.read_text())
+        if stored.get("key") == key:
+            return Estimate.from_dict(stored["estimate"])
+    except (OSError, ValueError, KeyError, TypeError):
+        pass  # absent or unreadable: compute it again
+    estimate = estimate_backdoor(model, holdout, config, progress=progress)
+    staging = path.with_name(f".{path.name}.{os.getpid()}")
+    staging.write_text(json.dumps({"key": key, "estimate": estimate.to_dict()}))
+    os.replace(staging, path)  # atomic: parallel cells of one model never read half a file
+    return estimate
 
 
 def compare(before: Estimate, after: Estimate) -> dict[str, Any]:
