@@ -2,6 +2,7 @@ import pytest
 import torch
 
 from torchpurify.attacks import build_attack, poison_split, target_labels
+from torchpurify.attacks.poison import poisoning_problem
 from torchpurify.data.base import Split
 from torchpurify.errors import UserError
 
@@ -108,3 +109,27 @@ def test_too_many_noise_samples():
 def test_trigger_shape_must_match_split():
     with pytest.raises(UserError, match="shape"):
         poison_split(make_split(), build_attack("badnets", (3, 8, 8)), rate=0.1)
+
+
+@pytest.mark.parametrize(
+    ("rate", "mode", "target", "field"),
+    [
+        (float("inf"), "all-to-one", 0, "poison_rate"),
+        (True, "all-to-one", 0, "poison_rate"),
+        (0.1, "one-to-one", 0, "target_mode"),
+        (0.1, "all-to-one", -1, "target"),
+        (0.1, "all-to-one", 10, "target"),
+    ],
+)
+def test_one_range_check_for_poisoning_serves_every_entry_point(rate, mode, target, field):
+    from torchpurify.experiment import AttackSpec
+
+    problem = poisoning_problem(rate, mode, target, num_classes=10)
+    assert problem is not None and problem[0] == field
+    option = "--" + field.replace("_", "-")
+    with pytest.raises(UserError, match=f"^{option} must"):
+        poison_split(make_split(), build_attack("badnets", SHAPE), rate, target, mode, 10)
+    if target < 10:  # AttackSpec does not know the number of classes yet
+        with pytest.raises(UserError, match=f"^{option} must"):
+            AttackSpec("badnets", poison_rate=rate, target=target, target_mode=mode)
+    assert poisoning_problem(0.1, "all-to-all", 9, num_classes=10) is None

@@ -17,6 +17,7 @@ from torchpurify.defenses.pruning import (
     largest_passing,
     prune_first,
 )
+from torchpurify.errors import UserError
 from torchpurify.metrics import evaluate
 from torchpurify.models import build_model
 from torchpurify.models.io import load_model, save_model
@@ -282,3 +283,13 @@ def test_gnft_half_second_pass_counts_fewer_passes_than_a_full_one(tiny_backdoor
     # Per batch of 128: 1 + 1 passes (full), 1 + 0.5 (half); plus two holdout passes (guard).
     assert costs[1.0].backward == 2 * 128 * batches
     assert costs[0.5].backward == 192 * batches
+
+
+def test_a_defense_built_directly_is_checked_like_one_built_by_name():
+    from torchpurify.defenses.gnft import GradientNormFineTuning
+
+    with pytest.raises(UserError, match=r"^gnft: alpha must be a number, got 'x' \(default"):
+        GradientNormFineTuning(alpha="x")
+    assert GradientNormFineTuning(alpha=1).alpha == 1.0 and isinstance(
+        GradientNormFineTuning(alpha=1).alpha, float
+    )

@@ -9,6 +9,7 @@ trigger built directly from Python is checked exactly as one built from the CLI 
 from __future__ import annotations
 
 import dataclasses
+import reprlib
 import types
 import typing
 from typing import Any
@@ -17,6 +18,16 @@ from torchpurify.errors import UserError
 
 KIND_NAMES = {bool: "true or false", int: "an integer", float: "a number", str: "a string",
               dict: "a mapping", list: "a list", tuple: "a list"}  # fmt: skip
+
+
+_short = reprlib.Repr()
+_short.maxlevel, _short.maxstring, _short.maxother = 3, 60, 60
+_short.maxlist = _short.maxdict = _short.maxtuple = 6
+
+
+def shown(value: Any) -> str:
+    """A short ``repr`` for messages: deep or long values are elided, never printed whole."""
+    return _short.repr(value)
 
 
 def _options(hint: Any) -> tuple[Any, ...]:
@@ -64,7 +75,7 @@ def kind_problem(value: Any, hint: Any) -> str | None:
     """None when ``value`` fits ``hint`` (a type or a type hint), else what is wrong with it."""
     if any(_fits(value, option) for option in _options(hint)):
         return None
-    return f"must be {describe(hint)}, got {value!r}"
+    return f"must be {describe(hint)}, got {shown(value)}"
 
 
 def normalise(value: Any, hint: Any) -> Any:
@@ -96,4 +107,4 @@ def check_fields(instance: Any, owner: str, skip: tuple[str, ...] = ()) -> None:
 def require(owner: str, field: str, value: Any, ok: bool, allowed: str) -> None:
     """The range check: a one-line UserError ``owner: field must be allowed, got value``."""
     if not ok:
-        raise UserError(f"{owner}: {field} must be {allowed}, got {value!r}")
+        raise UserError(f"{owner}: {field} must be {allowed}, got {shown(value)}")

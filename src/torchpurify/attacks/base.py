@@ -14,6 +14,7 @@ from typing import Any, ClassVar, TypeVar
 
 import torch
 
+from torchpurify.checks import check_fields, kind_problem, shown
 from torchpurify.errors import UserError, check
 from torchpurify.registry import Registry
 
@@ -50,8 +51,8 @@ class Trigger:
             f"{self.name}: input_shape must be positive integers ({', '.join(self.sample_dims)}), "
             f"got {shape!r}",
         )
-        self.require("seed", int, lambda _: True, "an integer")
-        self.validate()
+        self.validate()  # the attack's own checks first: their messages say more
+        check_fields(params, self.name, skip=("input_shape",))  # then every field's kind
 
     @classmethod
     def build(cls, input_shape: tuple[int, ...], seed: int = 0, **params: Any) -> Trigger:
@@ -76,11 +77,10 @@ class Trigger:
         ``kind=float`` also accepts integers; booleans never pass as numbers.
         """
         value = getattr(self.params, field)
-        kinds = (int, float) if kind is float else (kind,)
-        if isinstance(value, bool) or not isinstance(value, kinds) or not ok(value):
+        if kind_problem(value, kind) is not None or not ok(value):
             default = next(f.default for f in dataclasses.fields(self.params) if f.name == field)
             hint = "" if default is dataclasses.MISSING else f" (default {default!r})"
-            raise UserError(f"{self.name}: {field} must be {allowed}, got {value!r}{hint}")
+            raise UserError(f"{self.name}: {field} must be {allowed}, got {shown(value)}{hint}")
 
     def apply(self, x: torch.Tensor) -> torch.Tensor:
         """Trigger a batch (N × input_shape) without modifying it; the caller clips."""

@@ -7,6 +7,7 @@ the CLI options, since that is where most users set these values.
 from __future__ import annotations
 
 import hashlib
+import math
 from dataclasses import dataclass
 
 import torch
@@ -16,6 +17,34 @@ from torchpurify.data.base import Split
 from torchpurify.errors import UserError, check
 
 MODES = ("all-to-one", "all-to-all")
+
+
+def poisoning_problem(
+    rate: float, mode: str = "all-to-one", target: int = 0, num_classes: int | None = None
+) -> tuple[str, str] | None:
+    """The one range check of how an attack poisons (CLI, spec, experiment, :func:`poison_split`):
+    a rate in (0, 1], a known target mode, a target label in [0, num_classes). Returns the first
+    wrong field and what is wrong with it (``("poison_rate", "must be in (0, 1], got 2")``)."""
+    number = not isinstance(rate, bool) and isinstance(rate, (int, float))
+    if not (number and math.isfinite(rate) and 0 < rate <= 1):
+        return "poison_rate", f"must be in (0, 1], got {rate!r}"
+    if mode not in MODES:
+        return "target_mode", f"must be one of {', '.join(MODES)}, got {mode!r}"
+    label = isinstance(target, int) and not isinstance(target, bool) and target >= 0
+    if not label or (num_classes is not None and target >= num_classes):
+        allowed = "a label ≥ 0" if num_classes is None else f"in [0, {num_classes})"
+        return "target", f"must be {allowed}, got {target!r}"
+    return None
+
+
+def check_poisoning(
+    rate: float, mode: str = "all-to-one", target: int = 0, num_classes: int | None = None
+) -> None:
+    """:func:`poisoning_problem` as a one-line UserError naming the CLI option."""
+    problem = poisoning_problem(rate, mode, target, num_classes)
+    if problem is not None:
+        field, message = problem
+        raise UserError(f"--{field.replace('_', '-')} {message}")
 
 
 def target_labels(y: torch.Tensor, target: int, mode: str, num_classes: int) -> torch.Tensor:
@@ -58,22 +87,14 @@ def poison_split(
     ``num_classes`` defaults to the largest label + 1.
     """
     n = len(split)
-    check(
-        not isinstance(rate, bool) and isinstance(rate, (int, float)) and 0 < rate <= 1,
-        f"--poison-rate must be in (0, 1], got {rate!r}",
-    )
+    if num_classes is None:
+        num_classes = int(split.y.max()) + 1
+    check_poisoning(rate, mode, target, num_classes)
     count = round(rate * n)
     check(
         count > 0,
         f"--poison-rate {rate} poisons 0 of {n} samples; use at least {1 / max(n, 1):.2g}",
     )
-    if num_classes is None:
-        num_classes = int(split.y.max()) + 1
-    check(
-        isinstance(target, int) and 0 <= target < num_classes,
-        f"--target must be in [0, {num_classes}), got {target!r}",
-    )
-    check(mode in MODES, f"--target-mode must be one of {', '.join(MODES)}, got {mode!r}")
     if clean_label is None:
         clean_label = trigger.clean_label
 
