@@ -19,7 +19,7 @@ def test_train_val_split():
     assert not np.array_equal(train_val_split(1000, val_fraction=0.1, seed=4)[1], val)
 
 
-@pytest.mark.parametrize("n, fraction", [(1000, 0.0), (1000, 1.0), (3, 0.1)])
+@pytest.mark.parametrize("n, fraction", [(1000, -0.1), (1000, 1.0), (3, 0.1)])
 def test_train_val_split_rejects(n, fraction):
     with pytest.raises(UserError):
         train_val_split(n, val_fraction=fraction)

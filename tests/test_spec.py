@@ -90,7 +90,12 @@ def test_the_grid_is_datasets_models_attacks_seeds_times_defenses(tmp_path):
         ("epochs: 1, batch", "epochs: two, batch", ": training.epochs: must be an integer, "
          "got 'two'"),
         ("epochs: 1, batch", "epochs: 0, batch", ": training: --epochs must be at least 1"),
-        ("seeds: [0, 1]", "seeds: [0, x]", ": seeds[1]: must be an integer, got 'x'"),
+        ("seeds: [0, 1]", "seeds: [0, x]", ": seeds[1]: must be an integer in 0..4294967295, "
+         "got 'x'"),
+        ("seeds: [0, 1]", "seeds: [-1]", ": seeds[0]: must be an integer in 0..4294967295, "
+         "got -1"),
+        ("seeds: [0, 1]", f"seeds: [0, {2**64}]", ": seeds[1]: must be an integer in "
+         "0..4294967295, got 18446744073709551616"),
         ("poison_rate: 0.1", "poison_rate: 2", ": attacks[1].poison_rate: must be in (0, 1]"),
         ("{prune_only: true}", "{prune_only: 3}", ": defenses[1].params.prune_only: must be "
          "true or false, got 3"),

@@ -399,7 +399,8 @@ def purify(
         typer.Option(
             "--estimate/--no-estimate",
             help="The defender-side backdoor estimate (trigger inversion on the holdout) before "
-            "and after. Default: on with --clean when no trigger is named.",
+            "and after. Default: on for a model directory; with --clean, on when no trigger is "
+            "named.",
         ),
     ] = None,
 ) -> None:
@@ -407,6 +408,7 @@ def purify(
 
     Your own model: --model FILE --arch NAME|module:function --clean PATH [--test PATH]."""
     from torchpurify.defenses import build_defense
+    from torchpurify.estimate import EstimateConfig
     from torchpurify.experiment import purify_model
     from torchpurify.models.io import load_model
     from torchpurify.outputs import check_output
@@ -450,25 +452,12 @@ def purify(
         defender_fraction=defender_fraction,
         seed=seed,
         out=out_dir,
+        estimate=None if estimate is False else EstimateConfig(),
     )
     record = result.card["defense"]
     if as_json:
-        print(
-            json.dumps(
-                {
-                    k: record[k]
-                    for k in (
-                        "name",
-                        "before",
-                        "after",
-                        "der",
-                        "seconds",
-                        "forward_passes",
-                        "backward_passes",
-                    )
-                }
-            )
-        )
+        keys = ("name", "before", "after", "der", "seconds", "forward_passes", "backward_passes")
+        print(json.dumps({**{k: record[k] for k in keys}, "estimate": result.estimate}))
         return
     table = metrics_table(
         {"before": result.before.to_dict(), f"after {chosen.name}": result.after.to_dict()},
@@ -481,6 +470,15 @@ def purify(
         f"{record['backward_passes']} backward passes   defender data: {record['tune_size']} tune, "
         f"{record['holdout_size']} holdout"
     )
+    if result.estimate is not None:
+        plain = {"markup": False, "highlight": False, "soft_wrap": True}
+        before = result.estimate["before"]
+        out.print(
+            f"backdoor estimate (clean holdout only), before: "
+            f"{'backdoor suspected' if before['flagged'] else 'no backdoor found'}; "
+            f"{result.estimate['summary']}",
+            **plain,
+        )
     out.print(f"saved {out_dir}")
 
 

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from scipy.stats import mannwhitneyu
 from torch import nn
 
 from torchpurify.data.base import Split
@@ -80,17 +81,15 @@ def _as_arrays(scores, labels) -> tuple[np.ndarray, np.ndarray]:
 
 def roc_auc(scores, labels) -> float:
     """Area under the ROC curve: the probability that a random positive scores above a random
-    negative, ties counting one half (Mann–Whitney U from average ranks; no sklearn needed)."""
+    negative, ties counting one half (scipy's Mann–Whitney U over positives × negatives)."""
     scores, labels = _as_arrays(scores, labels)
     positives, negatives = int(labels.sum()), int((~labels).sum())
     check(
         positives > 0 and negatives > 0,
         f"ROC-AUC needs positives and negatives, got {positives} and {negatives}",
     )
-    _, group, counts = np.unique(scores, return_inverse=True, return_counts=True)
-    average_rank = np.cumsum(counts) - (counts - 1) / 2  # 1-based; tied scores share a rank
-    rank_sum = average_rank[group.ravel()][labels].sum()
-    return float((rank_sum - positives * (positives + 1) / 2) / (positives * negatives))
+    u = mannwhitneyu(scores[labels], scores[~labels], method="asymptotic").statistic
+    return float(u / (positives * negatives))
 
 
 def precision_at_k(scores, labels, k: int) -> float:
@@ -352,6 +351,7 @@ def detect(
     batch_size: int = 64,
     seed: int = 0,
     value_range: tuple[float, float] | None = None,
+    progress: bool = False,
 ) -> dict:
     """Is the model backdoored, and towards which label? Neural-Cleanse trigger inversion on the
     clean holdout (§7; no trigger knowledge). ``value_range`` defaults to (0, 1) for images and
@@ -362,8 +362,9 @@ def detect(
     )
     value_range = value_range_of(holdout.x) if value_range is None else tuple(value_range)
     inversion = invert_triggers(
-        model, holdout, steps=steps, batch_size=batch_size, seed=seed, value_range=value_range
-    )
+        model, holdout, steps=steps, batch_size=batch_size, seed=seed, value_range=value_range,
+        progress=progress,
+    )  # fmt: skip
     settings = {"steps": steps, "batch_size": batch_size, "seed": seed}
     return {**inversion_summary(inversion), **settings, "value_range": list(value_range)}
 

@@ -158,6 +158,13 @@ def train_model(
             0 <= attack.target < dataset.num_classes,
             f"--target must be a label in [0, {dataset.num_classes - 1}], got {attack.target}",
         )
+        labels = torch.unique(prepared.train.y).tolist()
+        check(
+            len(labels) >= 2,
+            f"the training data of {data.dataset} holds only the labels {labels}; a backdoor "
+            "needs samples of at least two classes — add classes to the data, or train without "
+            "--attack",
+        )
         trigger = build_attack(attack.name, input_shape, seed=data.seed, **attack.params)
         poisoned = poison_split(
             prepared.train,

@@ -5,12 +5,24 @@ Names are kebab-case; every lookup of an unknown name says which names exist.
 
 from __future__ import annotations
 
+import difflib
 from collections.abc import Callable
 from typing import Generic, TypeVar
 
 from torchpurify.errors import UserError
 
 T = TypeVar("T")
+# Seeds seed numpy, torch and Python alike: 0..2**32-1 is the range all of them take as given.
+MAX_SEED = 2**32 - 1
+
+
+def suggestion(name: str, choices: list[str] | tuple[str, ...], what: str = "choose one of") -> str:
+    """' (did you mean X?)' for a near miss, else ' (choose one of: a, b, c)' (nothing when
+    ``what`` is empty)."""
+    close = difflib.get_close_matches(str(name)[:200], list(choices), n=1, cutoff=0.6)
+    if close:
+        return f" (did you mean {close[0]}?)"
+    return f" ({what}: {', '.join(choices)})" if what else ""
 
 
 class Registry(Generic[T]):
@@ -36,7 +48,7 @@ class Registry(Generic[T]):
             return self._entries[name][0]
         except KeyError:
             raise UserError(
-                f"unknown {self.kind} {name!r}; choose one of: {', '.join(self.names())}"
+                f"unknown {self.kind} {name!r}" + suggestion(name, self.names())
             ) from None
 
     def summary(self, name: str) -> str:

@@ -12,15 +12,20 @@ train size, validation fraction, seed), the architecture, the attack and the tra
 cell key covers the model key, the defense's name and full resolved hyper-parameters and the
 defender's fraction. The device and progress display are left out: they do not change what is
 computed.
+
+The YAML is read with the numbers of YAML 1.2 (``1e-3`` is a number, as in JSON) and with
+aliases bounded: a file whose aliases would expand to more than :data:`MAX_VALUES` values (a
+"billion laughs" bomb) is refused before anything walks it, and every message is cut to
+:data:`MAX_MESSAGE` characters.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import hashlib
 import json
 import re
+import reprlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,12 +33,14 @@ from typing import Any
 import yaml
 
 from torchpurify.attacks import ATTACKS
+from torchpurify.attacks.poison import poisoning_problem
+from torchpurify.checks import kind_problem, normalise
 from torchpurify.data import DATASETS
 from torchpurify.defenses import DEFENSES, Defense, build_defense
 from torchpurify.errors import UserError
 from torchpurify.experiment import AttackSpec, DataSpec
 from torchpurify.models import MODELS
-from torchpurify.registry import Registry
+from torchpurify.registry import MAX_SEED, Registry, suggestion
 from torchpurify.train import TrainConfig
 
 NO_ATTACK = "none"
@@ -54,6 +61,9 @@ TRAINING_KEYS = tuple(
 )
 # Parameters that do not change a result, left out of keys.
 UNHASHED = ("device", "progress")
+MAX_BYTES = 1_000_000  # a spec is a page of YAML
+MAX_VALUES = 100_000  # values after alias expansion; real specs have hundreds
+MAX_MESSAGE = 400
 
 
 class SpecError(UserError):
@@ -61,7 +71,93 @@ class SpecError(UserError):
 
     def __init__(self, source: str, place: str, message: str) -> None:
         where = f"{source}: {place}: " if place else f"{source}: "
-        super().__init__(where + message)
+        super().__init__(capped(where + message))
+
+
+def capped(message: str, limit: int = MAX_MESSAGE) -> str:
+    """``message`` cut to ``limit`` characters (a hostile file must not print megabytes)."""
+    return message if len(message) <= limit else message[: limit - 1] + "…"
+
+
+_short = reprlib.Repr()
+_short.maxlevel, _short.maxstring, _short.maxother = 3, 60, 60
+_short.maxlist = _short.maxdict = _short.maxtuple = 6
+
+
+def shown(value: Any) -> str:
+    """A short ``repr`` for messages: deep or long values are elided, never walked whole."""
+    return _short.repr(value)
+
+
+# ----------------------------------------------------------------------------- YAML
+
+
+class SpecLoader(yaml.SafeLoader):
+    """PyYAML's safe loader with YAML 1.2 numbers, and aliases bounded (:func:`read_yaml`)."""
+
+    def compose_document(self):
+        node = super().compose_document()
+        expanded_size(node, {}, set())
+        return node
+
+
+SpecLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"),
+)
+
+
+class TooLarge(Exception):
+    """The document expands to more values than :data:`MAX_VALUES`."""
+
+
+def expanded_size(node: yaml.Node, sizes: dict[int, int], open_nodes: set[int]) -> int:
+    """Values ``node`` stands for once every alias is expanded, counting each shared node once
+    per use but visiting it once (so a bomb is measured in microseconds, never expanded)."""
+    if id(node) in sizes:
+        return sizes[id(node)]
+    if id(node) in open_nodes:
+        raise TooLarge("an alias refers to the node that contains it")
+    open_nodes.add(id(node))
+    if isinstance(node, yaml.SequenceNode):
+        children = node.value
+    elif isinstance(node, yaml.MappingNode):
+        children = [part for pair in node.value for part in pair]
+    else:
+        children = []
+    size = 1
+    for child in children:
+        size += expanded_size(child, sizes, open_nodes)
+        if size > MAX_VALUES:
+            raise TooLarge(f"its aliases expand to more than {MAX_VALUES:,} values")
+    open_nodes.discard(id(node))
+    sizes[id(node)] = size
+    return size
+
+
+def read_yaml(text: str, source: str) -> Any:
+    """YAML text → Python values, with the spec loader; any problem is one line."""
+    try:
+        return yaml.load(text, Loader=SpecLoader)  # noqa: S506 - SpecLoader is a SafeLoader
+    except TooLarge as error:
+        raise UserError(f"{source}: refused: {error}") from None
+    except RecursionError:
+        raise UserError(f"{source}: refused: nested too deeply") from None
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(error, "problem", None) or "invalid YAML"
+        raise UserError(capped(f"{source}: not valid YAML: {problem}{where}")) from None
+
+
+def read_value(text: str) -> Any:
+    """One ``--set`` value as YAML (``1e-3`` → 0.001, ``true`` → True, ``a,b`` → 'a,b');
+    text that is not valid YAML stays text."""
+    try:
+        return read_yaml(text, "value")
+    except UserError:
+        return text
 
 
 # ----------------------------------------------------------------------------- the spec
@@ -225,17 +321,15 @@ def load_spec(path: str | Path) -> ExperimentSpec:
     """Read and validate a YAML spec; any mistake is a one-line :class:`SpecError`."""
     path = Path(path)
     if not path.is_file():
-        raise UserError(f"spec file {path} does not exist")
+        what = "is a folder" if path.is_dir() else "does not exist"
+        raise UserError(f"spec file {path} {what}; give a YAML file")
+    if path.stat().st_size > MAX_BYTES:
+        raise UserError(f"{path}: refused: over {MAX_BYTES:,} bytes; a spec is a page of YAML")
     try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as error:
-        mark = getattr(error, "problem_mark", None)
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        problem = getattr(error, "problem", None) or "invalid YAML"
-        raise UserError(f"{path}: not valid YAML: {problem}{where}") from None
+        text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError:
         raise UserError(f"{path}: not a text file; a spec is YAML") from None
-    return parse_spec(data, source=str(path))
+    return parse_spec(read_yaml(text, str(path)), source=str(path))
 
 
 def parse_spec(data: Any, source: str = "spec") -> ExperimentSpec:
@@ -274,12 +368,6 @@ KIND_NAMES = {bool: "true or false", int: "an integer", float: "a number", str: 
               dict: "a mapping", list: "a list"}  # fmt: skip
 
 
-def suggestion(name: str, choices: list[str] | tuple[str, ...], what: str = "choose one of") -> str:
-    """' (did you mean X?)' for a near miss, else '; choose one of: a, b, c'."""
-    close = difflib.get_close_matches(str(name), list(choices), n=1, cutoff=0.6)
-    return f" (did you mean {close[0]}?)" if close else f" ({what}: {', '.join(choices)})"
-
-
 class Reader:
     """Validates the parts of a spec, naming the place of each mistake."""
 
@@ -291,18 +379,20 @@ class Reader:
 
     def kind(self, value: Any, kind: type, place: str) -> Any:
         """``value`` if it is a ``kind`` (an int passes as a float, a bool never as a number)."""
-        kinds = (int, float) if kind is float else (kind,)
-        if (isinstance(value, bool) and kind is not bool) or not isinstance(value, kinds):
-            raise self.fail(place, f"must be {KIND_NAMES[kind]}, got {value!r}")
-        return float(value) if kind is float else value
+        problem = kind_problem(value, kind)  # the one checker (torchpurify.checks)
+        if problem is not None:
+            raise self.fail(place, problem)
+        return normalise(value, kind)
 
     def mapping(self, value: Any, place: str, allowed: tuple[str, ...]) -> dict[str, Any]:
         if not isinstance(value, dict):
             what = "must be a mapping" if place else "a spec must be a mapping of its keys"
-            raise self.fail(place, f"{what}, got {value!r}")
+            raise self.fail(place, f"{what}, got {shown(value)}")
         for key in value:
             if key not in allowed:
-                raise self.fail(place, f"unknown key {key!r}" + suggestion(key, allowed, "allowed"))
+                raise self.fail(
+                    place, f"unknown key {shown(key)}" + suggestion(key, allowed, "allowed")
+                )
         return value
 
     def registered(self, name: Any, registry: Registry, place: str) -> str:
@@ -315,7 +405,7 @@ class Reader:
 
     def entries(self, value: Any, place: str, read_one) -> tuple:
         if not isinstance(value, list) or not value:
-            raise self.fail(place, f"must be a non-empty list, got {value!r}")
+            raise self.fail(place, f"must be a non-empty list, got {shown(value)}")
         return tuple(read_one(item, f"{place}[{i}]") for i, item in enumerate(value))
 
     def named(self, value: Any, place: str, allowed: tuple[str, ...]) -> dict[str, Any]:
@@ -375,18 +465,13 @@ class Reader:
         mode = self.kind(
             entry.get("target_mode", defaults.target_mode), str, f"{place}.target_mode"
         )
-        if mode not in ("all-to-one", "all-to-all"):
-            raise self.fail(
-                f"{place}.target_mode", f"must be all-to-one or all-to-all, got {mode!r}"
-            )
         rate = self.kind(
             entry.get("poison_rate", defaults.poison_rate), float, f"{place}.poison_rate"
         )
-        if not 0 < rate <= 1:
-            raise self.fail(f"{place}.poison_rate", f"must be in (0, 1], got {rate}")
         target = self.kind(entry.get("target", defaults.target), int, f"{place}.target")
-        if target < 0:
-            raise self.fail(f"{place}.target", f"must be a label ≥ 0, got {target}")
+        problem = poisoning_problem(rate, mode, target)
+        if problem is not None:
+            raise self.fail(f"{place}.{problem[0]}", problem[1])
         clean_label = entry.get("clean_label")
         if clean_label is not None:
             clean_label = self.kind(clean_label, bool, f"{place}.clean_label")
@@ -417,7 +502,7 @@ class Reader:
         if value is None:
             return {}
         if not isinstance(value, dict):
-            raise self.fail(place, f"must be a mapping of settings, got {value!r}")
+            raise self.fail(place, f"must be a mapping of settings, got {shown(value)}")
         checked = {}
         for key, given in value.items():
             if key not in defaults:
@@ -462,9 +547,14 @@ class Reader:
         seeds = [value] if isinstance(value, int) and not isinstance(value, bool) else value
         if not isinstance(seeds, list) or not seeds:
             raise self.fail(
-                "seeds", f"must be an integer or a non-empty list of them, got {value!r}"
+                "seeds", f"must be an integer or a non-empty list of them, got {shown(value)}"
             )
-        return tuple(self.kind(s, int, f"seeds[{i}]") for i, s in enumerate(seeds))
+        for i, seed in enumerate(seeds):
+            if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= MAX_SEED:
+                raise self.fail(
+                    f"seeds[{i}]", f"must be an integer in 0..{MAX_SEED}, got {shown(seed)}"
+                )
+        return tuple(seeds)
 
     def fraction(self, value: Any, place: str) -> float:
         value = self.kind(value, float, place)

@@ -207,13 +207,18 @@ def make_optimizer(params, config: TrainConfig) -> torch.optim.Optimizer:
 
 
 def augment_batch(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """Random crop with 4-pixel zero padding and a horizontal flip, per image."""
-    n, _, h, w = x.shape
+    """Random crop with 4-pixel zero padding and a horizontal flip, per image (one gather for
+    the whole batch: each image's rows and columns are indexed from its own offset)."""
+    n, c, h, w = x.shape
     padded = F.pad(x, (4, 4, 4, 4))
-    shifts = torch.randint(0, 9, (n, 2), generator=generator).tolist()
-    flips = (torch.rand(n, generator=generator) < 0.5).tolist()
-    crops = [padded[i, :, dy : dy + h, dx : dx + w] for i, (dy, dx) in enumerate(shifts)]
-    return torch.stack([c.flip(-1) if f else c for c, f in zip(crops, flips, strict=True)])
+    shifts = torch.randint(0, 9, (n, 2), generator=generator).to(x.device)
+    flips = (torch.rand(n, generator=generator) < 0.5).to(x.device)
+    rows = shifts[:, :1] + torch.arange(h, device=x.device)  # n × h
+    columns = torch.arange(w, device=x.device).expand(n, w)
+    columns = shifts[:, 1:] + torch.where(flips[:, None], columns.flip(-1), columns)  # n × w
+    batch = torch.arange(n, device=x.device)[:, None, None, None]
+    channel = torch.arange(c, device=x.device)[None, :, None, None]
+    return padded[batch, channel, rows[:, None, :, None], columns[:, None, None, :]]
 
 
 class Trainer:

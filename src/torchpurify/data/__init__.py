@@ -215,7 +215,10 @@ def resolve_root(
         raise UserError(f"{name} is bundled with its library and has no data folder to resolve")
     if root is not None:
         root = Path(root).expanduser()
-        problem = "does not exist" if not root.is_dir() else source.missing(root)
+        if root.is_dir():
+            problem = source.missing(root)
+        else:
+            problem = "is a file, not a folder" if root.exists() else "does not exist"
         if problem:
             raise UserError(
                 f"--data-root {root} {problem}; point it at the folder holding {source.expected}"

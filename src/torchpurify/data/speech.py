@@ -154,7 +154,10 @@ def read_speech_commands(
     the training clips get a noise crop mixed in at a random level up to ``noise_volume``.
     """
     root = Path(root)
-    problem = missing_speech_commands(root) if root.is_dir() else "does not exist"
+    if root.is_dir():
+        problem = missing_speech_commands(root)
+    else:
+        problem = "it is a file" if root.exists() else "it does not exist"
     if problem:
         raise UserError(f"{root} is not a Speech Commands folder: {problem}")
     present = word_folders(root)

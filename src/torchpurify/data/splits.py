@@ -16,8 +16,11 @@ from torchpurify.errors import UserError, check
 def train_val_split(
     n: int, val_fraction: float = 0.1, seed: int = 0
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Split ``range(n)`` into sorted, disjoint train and validation indices (int64)."""
-    check(0 < val_fraction < 1, f"val_fraction must be in (0, 1), got {val_fraction}")
+    """Split ``range(n)`` into sorted, disjoint train and validation indices (int64); a
+    ``val_fraction`` of 0 keeps every index for training."""
+    check(0 <= val_fraction < 1, f"--val-fraction must be in [0, 1), got {val_fraction}")
+    if val_fraction == 0:
+        return np.arange(n, dtype=np.int64), np.array([], dtype=np.int64)
     n_val = round(val_fraction * n)
     check(
         0 < n_val < n,
