@@ -152,3 +152,28 @@ def test_purify_model_records_the_estimate_on_the_holdout_and_reuses_the_one_bef
     assert record == result.estimate and record["config"] == settings.to_dict()
     assert record["before"]["label"] == record["after"]["label"]
     assert 0 <= record["after"]["est_asr"] <= 1 and cache.is_file()
+
+
+def test_purify_command_prints_the_estimate_and_can_skip_it(tmp_path):
+    import json
+
+    from typer.testing import CliRunner
+
+    from torchpurify.cli import app
+
+    def run(*args):
+        result = CliRunner().invoke(app, [str(a) for a in args])
+        assert result.exit_code == 0, result.output
+        return result.output
+
+    model = tmp_path / "m"
+    run("train", "--dataset", "digits", "--model", "small-cnn", "--attack", "badnets",
+        "--epochs", 3, "--no-progress", "--out", model)  # fmt: skip
+    common = ("--threads", 1, "purify", "--model", model, "--defense", "ft", "--set", "epochs=1",
+              "--defender-fraction", 0.2, "--no-progress")  # fmt: skip
+    text = run(*common, "--out", tmp_path / "a")
+    assert "backdoor estimate (clean holdout only), before:" in text and "estimated ASR" in text
+    card = json.loads((tmp_path / "a" / "model.json").read_text())
+    assert set(card["estimate"]["before"]) >= {"label", "anomaly_index", "trigger_size", "est_asr"}
+    quiet = run(*common, "--no-estimate", "--json", "--out", tmp_path / "b")
+    assert json.loads(quiet.strip().splitlines()[-1])["estimate"] is None

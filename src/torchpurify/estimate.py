@@ -223,6 +223,7 @@ def compare(before: Estimate, after: Estimate) -> dict[str, Any]:
         "after": after.to_dict(),
         "size_growth": growth,
         "removed": before.flagged and not after.flagged,
+        "summary": describe_change(before, after),
     }
 
 
