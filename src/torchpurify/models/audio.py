@@ -76,6 +76,36 @@ def time_frequency_map(features: torch.Tensor, channels_last: bool) -> torch.Ten
     return x.contiguous(memory_format=layout)
 
 
+class SpectralModel(nn.Module):
+    """Base of the models on a log-mel or MFCC front end: checks the clip length, builds the
+    front end and the BatchNorm that standardises its bins (``front_end`` and ``norm``, first
+    in every such model). ``min_frames`` is the fewest frames the layers after it accept."""
+
+    # The 2-D models train 1.5× faster on one CPU thread (benchmarks/audio_throughput.py).
+    channels_last = True
+
+    def __init__(
+        self, name: str, input_shape, sample_rate: int, front_end: str, min_frames: int,
+        n_mfcc: int = 40,
+    ) -> None:  # fmt: skip
+        super().__init__()
+        clip_length(name, input_shape, sample_rate, spectral_minimum(sample_rate, min_frames))
+        self.front_end = make_front_end(front_end, sample_rate, n_mfcc=n_mfcc)
+        self.norm = nn.BatchNorm1d(bins(self.front_end), affine=False)
+
+    @property
+    def bins(self) -> int:
+        return bins(self.front_end)
+
+    def standardised(self, x: torch.Tensor) -> torch.Tensor:
+        """Waveforms N×T → standardised features N×bins×frames."""
+        return self.norm(self.front_end(x))
+
+    def feature_map(self, x: torch.Tensor) -> torch.Tensor:
+        """Waveforms N×T → the N×1×frames×bins map the 2-D models convolve."""
+        return time_frequency_map(self.standardised(x), self.channels_last)
+
+
 def conv_bn_relu(cin: int, cout: int, kernel=3, stride=1, padding=1, groups=1) -> nn.Sequential:
     return nn.Sequential(
         nn.Conv2d(cin, cout, kernel, stride=stride, padding=padding, groups=groups, bias=False),
@@ -93,7 +123,7 @@ def conv_pool_bn_relu(cin: int, cout: int) -> nn.Sequential:
     )
 
 
-class KWSCNN(nn.Module):
+class KWSCNN(SpectralModel):
     """A small 2-D CNN on 40 log-mel bins: the fast workhorse for audio experiments.
 
     Four 3×3 conv blocks (``width``, 2×, 4×, 8× channels): the first three are conv, 2×2
@@ -104,8 +134,6 @@ class KWSCNN(nn.Module):
     1-s clip.
     """
 
-    channels_last = True  # 1.5× faster training on one CPU thread (benchmarks/audio_throughput.py)
-
     def __init__(
         self,
         input_shape,
@@ -114,10 +142,7 @@ class KWSCNN(nn.Module):
         front_end: str = "log-mel",
         width: int = 16,
     ) -> None:
-        super().__init__()
-        clip_length("kws-cnn", input_shape, sample_rate, spectral_minimum(sample_rate, 8))
-        self.front_end = make_front_end(front_end, sample_rate)
-        self.norm = nn.BatchNorm1d(bins(self.front_end), affine=False)
+        super().__init__("kws-cnn", input_shape, sample_rate, front_end, min_frames=8)
         self.block1 = conv_pool_bn_relu(1, width)
         self.block2 = conv_pool_bn_relu(width, 2 * width)
         self.block3 = conv_pool_bn_relu(2 * width, 4 * width)
@@ -126,7 +151,7 @@ class KWSCNN(nn.Module):
         self.classifier = nn.Linear(8 * width, num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = time_frequency_map(self.norm(self.front_end(x)), self.channels_last)
+        x = self.feature_map(x)
         x = self.block4(self.block3(self.block2(self.block1(x))))
         return self.classifier(torch.flatten(self.pool(x), 1))
 
@@ -147,7 +172,7 @@ class ResBlock(nn.Module):
         return self.bn2(torch.relu(self.conv2(out)) + x)
 
 
-class Res8(nn.Module):
+class Res8(SpectralModel):
     """res8 (Tang & Lin 2018, "Deep residual learning for small-footprint keyword spotting").
 
     A 3×3 conv to 45 channels, ReLU, 4×3 (time × frequency) average pooling, three residual
@@ -155,8 +180,6 @@ class Res8(nn.Module):
     as in the paper. A neuron is one of the 45 channels of ``blocks.2.bn2`` (the last block's
     output, after the residual sum), a map of 25 frames × 13 bins for a 1-s clip.
     """
-
-    channels_last = True  # 1.5× faster training on one CPU thread (benchmarks/audio_throughput.py)
 
     def __init__(
         self,
@@ -166,10 +189,7 @@ class Res8(nn.Module):
         front_end: str = "mfcc",
         channels: int = 45,
     ) -> None:
-        super().__init__()
-        clip_length("res8", input_shape, sample_rate, spectral_minimum(sample_rate, 8))
-        self.front_end = make_front_end(front_end, sample_rate)
-        self.norm = nn.BatchNorm1d(bins(self.front_end), affine=False)
+        super().__init__("res8", input_shape, sample_rate, front_end, min_frames=8)
         self.conv0 = nn.Conv2d(1, channels, 3, padding=1, bias=False)
         self.relu = nn.ReLU(inplace=True)
         self.pool0 = nn.AvgPool2d((4, 3))
@@ -178,12 +198,12 @@ class Res8(nn.Module):
         self.classifier = nn.Linear(channels, num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = time_frequency_map(self.norm(self.front_end(x)), self.channels_last)
+        x = self.feature_map(x)
         x = self.blocks(self.pool0(self.relu(self.conv0(x))))
         return self.classifier(torch.flatten(self.pool(x), 1))
 
 
-class DSCNN(nn.Module):
+class DSCNN(SpectralModel):
     """DS-CNN small (Zhang et al. 2017, "Hello Edge"), on 10 MFCCs as in the paper.
 
     A 10×4 (time × frequency) conv with stride 2 to 64 channels, then four depthwise-separable
@@ -192,8 +212,6 @@ class DSCNN(nn.Module):
     ``blocks.3.pointwise.2`` (the last pointwise ReLU), a map of 51 frames × 5 bins for a 1-s
     clip.
     """
-
-    channels_last = True  # 1.5× faster training on one CPU thread (benchmarks/audio_throughput.py)
 
     def __init__(
         self,
@@ -204,10 +222,7 @@ class DSCNN(nn.Module):
         n_mfcc: int = 10,
         channels: int = 64,
     ) -> None:
-        super().__init__()
-        clip_length("ds-cnn", input_shape, sample_rate, spectral_minimum(sample_rate, 2))
-        self.front_end = make_front_end(front_end, sample_rate, n_mfcc=n_mfcc)
-        self.norm = nn.BatchNorm1d(bins(self.front_end), affine=False)
+        super().__init__("ds-cnn", input_shape, sample_rate, front_end, min_frames=2, n_mfcc=n_mfcc)
         # Padding (5, 1) gives TensorFlow's "SAME" output size for stride 2, as in the paper.
         self.conv = conv_bn_relu(1, channels, (10, 4), stride=2, padding=(5, 1))
         self.blocks = nn.Sequential(
@@ -225,12 +240,11 @@ class DSCNN(nn.Module):
         self.classifier = nn.Linear(channels, num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = time_frequency_map(self.norm(self.front_end(x)), self.channels_last)
-        x = self.blocks(self.conv(x))
+        x = self.blocks(self.conv(self.feature_map(x)))
         return self.classifier(torch.flatten(self.pool(x), 1))
 
 
-class LSTMClassifier(nn.Module):
+class LSTMClassifier(SpectralModel):
     """A one-layer LSTM over 40 log-mel frames with attention pooling over time.
 
     A linear layer scores each frame's hidden state; the softmax of the scores over time weights
@@ -250,18 +264,15 @@ class LSTMClassifier(nn.Module):
         front_end: str = "log-mel",
         hidden: int = 128,
     ) -> None:
-        super().__init__()
-        clip_length("lstm", input_shape, sample_rate, spectral_minimum(sample_rate, 2))
+        super().__init__("lstm", input_shape, sample_rate, front_end, min_frames=2)
         check(hidden >= 1, f"hidden must be a positive number of units, got {hidden}")
-        self.front_end = make_front_end(front_end, sample_rate)
-        self.norm = nn.BatchNorm1d(bins(self.front_end), affine=False)
-        self.lstm = nn.LSTM(bins(self.front_end), hidden, batch_first=True)
+        self.lstm = nn.LSTM(self.bins, hidden, batch_first=True)
         self.attention = nn.Linear(hidden, 1)
         self.features = nn.Sequential(nn.Linear(hidden, hidden), nn.ReLU())
         self.classifier = nn.Linear(hidden, num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        states, _ = self.lstm(self.norm(self.front_end(x)).transpose(1, 2))  # N × frames × hidden
+        states, _ = self.lstm(self.standardised(x).transpose(1, 2))  # N × frames × hidden
         weights = torch.softmax(self.attention(states), dim=1)
         return self.classifier(self.features((weights * states).sum(1)))
 
