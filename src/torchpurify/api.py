@@ -112,7 +112,7 @@ def split_clean(data: Split, tune_fraction: float = 0.8, seed: int = 0) -> Clean
 
 def backdoor_estimate(
     model: nn.Module, purified: nn.Module, clean: Clean, device: str = "auto",
-    progress: bool = False,
+    progress: bool = False, config: Any = None,
 ) -> dict[str, Any] | None:  # fmt: skip
     """The defender-side backdoor estimate before and after (:mod:`torchpurify.estimate`, on the
     clean holdout only), with a one-line ``summary``; None where that module is unavailable."""
@@ -123,19 +123,19 @@ def backdoor_estimate(
     from torchpurify.train import resolve_device
 
     where = resolve_device(device)
-    before = estimate_backdoor(model, clean.holdout, device=where, progress=progress)
-    after = estimate_backdoor(
-        purified, clean.holdout, before=before, device=where, progress=progress
-    )
+    common = {"device": where, "progress": progress}
+    before = estimate_backdoor(model, clean.holdout, config, **common)
+    after = estimate_backdoor(purified, clean.holdout, config, before=before, **common)
     model.to("cpu")
     purified.to("cpu")
     return {**compare(before, after), "summary": describe_change(before, after)}
 
 
 def run_defense(
-    model: nn.Module, clean: Clean, defense: Defense, estimate: bool = False
+    model: nn.Module, clean: Clean, defense: Defense, estimate: Any = False
 ) -> tuple[nn.Module, Record]:
-    """Run ``defense`` on ``model`` (left unchanged); the purified model and its record."""
+    """Run ``defense`` on ``model`` (left unchanged); the purified model and its record.
+    ``estimate``: False, True, or a :class:`torchpurify.estimate.EstimateConfig`."""
     purified = defense.purify(model, clean)
     record = Record(
         defense=defense.name,
@@ -147,9 +147,10 @@ def run_defense(
         tune_size=len(clean.tune),
         holdout_size=len(clean.holdout),
     )
-    if estimate:
+    if estimate is not False and estimate is not None:
+        config = None if estimate is True else estimate
         record.estimate = backdoor_estimate(
-            model, purified.model, clean, defense.device, defense.progress
+            model, purified.model, clean, defense.device, defense.progress, config
         )
     return purified.model.to("cpu"), record
 
@@ -163,7 +164,7 @@ def purify(
     seed: int = 0,
     device: str = "auto",
     progress: bool = False,
-    estimate: bool = True,
+    estimate: Any = True,
     **params: Any,
 ) -> tuple[nn.Module, Record]:
     """Purify ``model`` with ``defense`` (see ``torchpurify list defenses``) and its
@@ -173,7 +174,7 @@ def purify(
 
     Returns the purified ``nn.Module`` and its :class:`Record`: log, cost and the defender-side
     backdoor estimate before and after (trigger inversion on the holdout; ``estimate=False``
-    skips it and leaves ``record.estimate`` None).
+    skips it and leaves ``record.estimate`` None; an ``EstimateConfig`` sets its effort).
     """
     check(isinstance(model, nn.Module), f"model must be a torch.nn.Module, got {type(model)}")
     chosen = build_defense(defense, device=device, seed=seed, progress=progress, **params)
