@@ -210,3 +210,26 @@ def test_a_huge_learning_rate_is_backed_off_then_rolled_back_without_batchnorm(n
     )
     assert same_state(state_of(model), result.model.state_dict())
     assert "rolled_back" in result.log
+
+
+def test_a_result_with_non_finite_weights_is_never_returned(no_batchnorm, monkeypatch):
+    """Training can end in NaN weights without a NaN loss (the last step blows up): even a
+    budget that allows anything does not let such a result through."""
+    model, clean = no_batchnorm
+    cls = DEFENSES.get("ft")
+    run = cls.run
+
+    def nan_at_the_end(self, model, clean):
+        result = run(self, model, clean)
+        with torch.no_grad():
+            next(result.model.parameters()).view(-1)[0] = float("nan")
+        return result
+
+    monkeypatch.setattr(cls, "run", nan_at_the_end)
+    result = build_defense("ft", **quick("ft", max_acc_drop=0.99)).purify(model, clean)
+    guard = result.log["guard"]
+    assert [a.get("diverged") for a in guard["attempts"]] == [
+        "the result has non-finite weights"
+    ] * 2
+    assert guard["action"] == "rolled back to the input model"
+    assert same_state(state_of(model), result.model.state_dict())

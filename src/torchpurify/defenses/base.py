@@ -161,11 +161,14 @@ class Defense:
                     attempt["diverged"] = str(error)
                 else:
                     result.model.eval()
-                    attempt["holdout_acc"] = accuracy(
-                        result.model, clean.holdout, batch_size=self.batch_size
-                    )
-                    if attempt["holdout_acc"] >= floor:
-                        break
+                    if not all_finite(result.model):
+                        attempt["diverged"] = "the result has non-finite weights"
+                    else:
+                        attempt["holdout_acc"] = accuracy(
+                            result.model, clean.holdout, batch_size=self.batch_size
+                        )
+                        if attempt["holdout_acc"] >= floor:
+                            break
                     last_log = result.log
                 retry = len(guard["attempts"]) <= self.guard_retries
                 defense = defense.back_off() if retry else None
@@ -190,6 +193,12 @@ class Defense:
 
     def run(self, model: nn.Module, clean: Clean) -> Purified:
         raise NotImplementedError
+
+
+def all_finite(model: nn.Module) -> bool:
+    """No NaN or infinity among the model's weights and buffers."""
+    tensors = [*model.parameters(), *model.buffers()]
+    return all(bool(torch.isfinite(t).all()) for t in tensors if t.is_floating_point())
 
 
 def _describe(changed: dict[str, Any]) -> str:
