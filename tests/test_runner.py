@@ -1,18 +1,22 @@
 """The experiment runner: models trained once, every cell stored once, interrupted runs resumed,
 the Ray executor, and `torchpurify run`."""
 
+import io
 import os
 import signal
 import sqlite3
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 
 import pytest
+from rich.console import Console
 from typer.testing import CliRunner
 
 from torchpurify import runner
+from torchpurify import store as store_module
 from torchpurify.cli import app
 from torchpurify.errors import UserError
 from torchpurify.spec import cell_jobs, load_spec
@@ -272,3 +276,82 @@ def test_cli_run_with_a_bad_spec_is_one_line_and_exit_2(tmp_path):
         "(did you mean prune_only?)"
     ]
     assert not (tmp_path / "r.db").exists()
+
+
+def test_a_grid_that_does_not_fit_or_bad_seeds_leave_no_results_file(tmp_path):
+    spec = load_spec(write_spec(tmp_path, ONE_CELL.replace("params: {size: 2}}", "target: 12}")))
+    with pytest.raises(UserError, match=r"attacks\[0\]\.target: digits has labels 0\.\.9"):
+        runner.run_experiment(spec, tmp_path / "r.db", tmp_path / "cache", progress=False)
+    assert not (tmp_path / "r.db").exists()
+    bad_seeds = write_spec(tmp_path, ONE_CELL + "seeds: [-1]\n", name="seeds.yaml")
+    result = cli.invoke(app, ["run", str(bad_seeds), "--results", str(tmp_path / "r.db")])
+    assert result.exit_code == 2 and "seeds[0]: must be an integer in 0..4294967295" in (
+        result.output
+    )
+    assert not (tmp_path / "r.db").exists()
+
+
+TWO_CELLS = ONE_CELL.replace(
+    "defenses: [{name: fine-pruning, params: {prune_only: true}}]",
+    "defenses: [{name: fine-pruning, params: {prune_only: true}}, {name: ft, params: {epochs: 1}}]",
+)
+
+
+@pytest.fixture
+def short_leases(monkeypatch):
+    """Leases that go stale after 2 s, so waiting for another runner takes a test's time."""
+    monkeypatch.setattr(store_module, "LEASE_SECONDS", 2.0)
+
+
+def test_a_cell_another_live_runner_holds_is_left_to_it(tmp_path, short_leases):
+    """A fake second runner claims the ft cell and keeps its lease alive; this runner runs the
+    other cell, waits, and takes the fake's row as it is (it never recomputes the cell)."""
+    spec = load_spec(write_spec(tmp_path, TWO_CELLS))
+    pruning, ft = cell_jobs(spec)
+    results = tmp_path / "r.db"
+    with Store(results) as store:
+        assert store.claim(ft.key, "other")
+    stop = threading.Event()
+
+    def other_runner():
+        with Store(results) as store:
+            while not stop.wait(0.2):
+                store.claim(ft.key, "other")  # the heartbeat
+                if store.has_cell(pruning.key):  # "finishes" its cell once ours is done
+                    row = {**store.cells([pruning.key])[0], "key": ft.key, "label": "ft",
+                           "defense": "ft", "acc_after": 0.123}  # fmt: skip
+                    store.add_cell(row)
+                    return
+
+    thread = threading.Thread(target=other_runner)
+    thread.start()
+    log = io.StringIO()
+    try:
+        rows = runner.run_experiment(spec, results, tmp_path / "cache",
+                                     console=Console(file=log, width=200))  # fmt: skip
+    finally:
+        stop.set()
+        thread.join()
+    assert {r["key"]: r["acc_after"] for r in rows}[ft.key] == 0.123
+    assert read(results, "SELECT COUNT(*), COUNT(DISTINCT key) FROM cells") == [(2, 2)]
+    assert "claimed by another runner; waiting" in log.getvalue()
+    assert "this runner ran 1 cells" in log.getvalue()
+    assert read(results, "SELECT COUNT(*) FROM leases") == [(0,)]
+
+
+def test_a_dead_runners_claims_are_taken_over_and_its_staging_swept(tmp_path, short_leases):
+    spec = load_spec(write_spec(tmp_path, TWO_CELLS))
+    cells = cell_jobs(spec)
+    results, cache = tmp_path / "r.db", tmp_path / "cache"
+    model_key = cells[0].model.key
+    staging = cache / f".{model_key}.k1ll3d00"  # a save killed half-way
+    staging.mkdir(parents=True)
+    (staging / "model.safetensors").write_bytes(b"half")
+    with Store(results) as store:  # a runner that died: its leases are never refreshed again
+        for key in (f"model:{model_key}", cells[0].key, cells[1].key):
+            assert store.claim(key, "dead")
+    started = time.monotonic()
+    rows = runner.run_experiment(spec, results, cache, progress=False)
+    assert time.monotonic() - started >= 2.0  # it waited until the leases went stale
+    assert len(rows) == 2 and read(results, "SELECT COUNT(*) FROM models") == [(1,)]
+    assert not staging.exists() and (cache / model_key / "model.json").is_file()

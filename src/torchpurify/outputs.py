@@ -129,9 +129,12 @@ def is_staging(name: str) -> str | None:
     return found["name"] if found else None
 
 
-def sweep_staging(folder: str | Path, keep: set[str] | frozenset[str] = frozenset()) -> list[Path]:
-    """Remove staging folders under ``folder`` left by killed saves (except those of the
-    outputs named in ``keep``, which a live process may still be writing); the removed paths."""
+def sweep_staging(
+    folder: str | Path, keep: set[str] | frozenset[str] = frozenset(), only: str | None = None
+) -> list[Path]:
+    """Remove staging folders under ``folder`` left by killed saves (those of output ``only``
+    when given; never those of the outputs in ``keep``, which a live process may be writing);
+    the removed paths."""
     folder = Path(folder)
     if not folder.is_dir():
         return []
@@ -139,6 +142,8 @@ def sweep_staging(folder: str | Path, keep: set[str] | frozenset[str] = frozense
     for entry in folder.iterdir():
         name = is_staging(entry.name)
         if name is None or name in keep or not entry.is_dir() or entry.is_symlink():
+            continue
+        if only is not None and name != only:
             continue
         shutil.rmtree(entry, ignore_errors=True)
         removed.append(entry)

@@ -331,6 +331,7 @@ def ready_model(
     if stage.action is None:
         runner.release(model_lease(job.key))
         return {**stage.row, "path": str(stage.folder)} if cells else False
+    sweep_staging(work.cache, only=job.key)  # a dead runner's half-saved copy, now ours to clear
     row = prepare_model(stage, work.spec, work.progress)
     store.add_model(row)  # ends the lease
     report.model(stage, row)

@@ -98,11 +98,11 @@ class Store:
     """
 
     def __init__(
-        self, path: str | Path, readonly: bool = False, lease_seconds: float = LEASE_SECONDS
+        self, path: str | Path, readonly: bool = False, lease_seconds: float | None = None
     ) -> None:
         self.path = Path(path)
         self.readonly = readonly
-        self.lease_seconds = lease_seconds
+        self.lease_seconds = LEASE_SECONDS if lease_seconds is None else lease_seconds
         self._check_file()
         try:
             if readonly:
