@@ -344,3 +344,43 @@ def test_detect_and_inspect_take_your_own_model(image_case, tmp_path):
     )  # fmt: skip
     assert result.exit_code == 0, result.output
     assert (tmp_path / "inspect" / "identification.json").is_file()
+
+
+def test_normalize_wraps_the_model_and_the_export_leaves_it_out(image_case, tmp_path):
+    root, _, _, _ = image_case
+    result = run(
+        "purify", "--model", root / "net.pt", "--arch", "tests.test_byo:image_net",
+        "--clean", root / "clean", "--normalize", "0.5,0.25", "--defense", "fine-pruning",
+        "--set", "prune_only=true", "--out", tmp_path / "n", "--export", tmp_path / "n.pt",
+        "--no-estimate", "--no-progress",
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    purified, card = load_model(tmp_path / "n", "tests.test_byo:image_net")
+    assert card["normalize"] == {"mean": [0.5], "std": [0.25]}
+    fresh = TinyNet().eval()
+    fresh.load_state_dict(torch.load(tmp_path / "n.pt"))  # the user's class, unwrapped
+    x = torch.rand(4, *SHAPE)
+    assert torch.allclose(fresh((x - 0.5) / 0.25), purified(x), atol=1e-5)
+    result = run(
+        "detect", "--model", tmp_path / "n", "--clean", root / "clean", "--normalize", "0.5,0.5",
+        "--arch", "tests.test_byo:image_net",
+    )  # fmt: skip
+    assert result.exit_code == 2 and "records its own normalisation" in result.output
+
+
+def test_purify_seed_draws_the_defender_split_of_a_trained_model(tmp_path):
+    trained = tmp_path / "digits"
+    result = run("train", "--dataset", "digits", "--model", "lenet5", "--attack", "badnets",
+                 "--set", "size=2", "--epochs", 1, "--no-progress", "--out", trained)  # fmt: skip
+    assert result.exit_code == 0, result.output
+    logs = {}
+    for seed in (0, 1):
+        out = tmp_path / f"p{seed}"
+        result = run("purify", "--model", trained, "--defense", "fine-pruning", "--set",
+                     "prune_only=true", "--seed", seed, "--defender-fraction", 0.3,
+                     "--no-progress", "--out", out)  # fmt: skip
+        assert result.exit_code == 0, result.output
+        record = json.loads((out / CARD).read_text())["defense"]
+        assert record["split_seed"] == seed
+        logs[seed] = record["log"]["holdout_acc_before"]
+    assert logs[0] != logs[1]  # another holdout

@@ -17,9 +17,12 @@ gigabytes (``width=100000``) is refused before any memory is allocated.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import inspect
 import math
+import os
+import sys
 from collections.abc import Callable
 from typing import Any
 
@@ -47,16 +50,30 @@ def is_reference(name: str) -> bool:
     return isinstance(name, str) and ":" in name
 
 
+@contextlib.contextmanager
+def _current_folder_on_path():
+    added = "" not in sys.path and os.getcwd() not in sys.path
+    if added:
+        sys.path.insert(0, os.getcwd())
+    try:
+        yield
+    finally:
+        if added and os.getcwd() in sys.path:
+            sys.path.remove(os.getcwd())
+
+
 def _import_factory(reference: str) -> Callable[..., Any]:
     module_name, _, function_name = reference.partition(":")
     if not module_name or not function_name:
         raise UserError(f"architecture {reference!r} must look like 'package.module:function'")
     try:
-        module = importlib.import_module(module_name)
+        # Like `python -m`, a module in the current folder is found (the user named it).
+        with _current_folder_on_path():
+            module = importlib.import_module(module_name)
     except ImportError as error:
         raise UserError(
             f"cannot import {module_name!r} for architecture {reference!r} ({error}); "
-            "make sure the module is on PYTHONPATH"
+            "run from the folder holding it or put it on PYTHONPATH"
         ) from None
     factory = getattr(module, function_name, None)
     if not callable(factory):
