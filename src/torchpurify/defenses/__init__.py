@@ -5,10 +5,15 @@ from torchpurify.defenses import (  # noqa: F401
     anp,
     clp,
     fine_pruning,
+    fst,
+    ft_sam,
     gnft,
+    ibau,
     linf_pruning,
+    nad,
     rnp,
     salience_ar,
+    tsbd,
 )
 from torchpurify.defenses.base import DEFENSES, Clean, Defense, Purified, build_defense
 

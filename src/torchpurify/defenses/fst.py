@@ -1,0 +1,120 @@
+"""FST: feature shift tuning (Min, Qin, Shen, Cheng, "Towards Stable Backdoor Purification
+through Feature Shift Tuning", NeurIPS 2023; methods.md §6).
+
+Re-initialise the linear head (weights and bias uniform in ±1/√fan_in), then fine-tune the whole
+model on ``tune`` with
+
+    L(θ) + α · ⟨W, W₀⟩
+
+where W is the head's weight matrix and W₀ the backdoored model's, so the new head is pushed away
+from the old one and the features must shift with it. After every step W is rescaled to the norm
+of W₀, so the penalty cannot be met by shrinking W.
+
+"The linear head" is the last ``nn.Linear`` that produces the model's logits, found by tracing one
+batch (``head`` names another module). Defaults from the authors' code
+(AISafety-HKUST/stable_backdoor_purification ``fine_tune/ft.py``): α = 0.2, SGD lr 0.01,
+momentum 0.9, no weight decay, cosine schedule, 10 epochs.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from torchpurify.defenses.base import Clean, Purified, register_defense
+from torchpurify.defenses.recipe import FineTuneRecipe
+from torchpurify.errors import UserError
+from torchpurify.neurons.layers import get_module, list_layers
+from torchpurify.train import fit
+
+
+def linear_head(model: nn.Module, example: torch.Tensor) -> str:
+    """The name of the last ``nn.Linear`` whose output has one unit per logit."""
+    with torch.no_grad():
+        was_training = model.training
+        model.eval()
+        try:
+            outputs = model(example.to(next(model.parameters()).device)).shape[1]
+        finally:
+            model.train(was_training)
+    heads = [
+        info.name
+        for info in list_layers(model, example)
+        if isinstance(model.get_submodule(info.name), nn.Linear) and info.output_shape == (outputs,)
+    ]
+    if not heads:
+        raise UserError(
+            f"found no nn.Linear with {outputs} outputs (one per class); name the head with "
+            "--set head=MODULE"
+        )
+    return heads[-1]
+
+
+def reinitialise(layer: nn.Linear) -> None:
+    """Weights and bias uniform in ±1/√fan_in (the authors' re-initialisation)."""
+    bound = 1 / math.sqrt(layer.weight.shape[1])
+    with torch.no_grad():
+        layer.weight.uniform_(-bound, bound)
+        if layer.bias is not None:
+            layer.bias.uniform_(-bound, bound)
+
+
+def feature_shift_step(head: nn.Linear, original: torch.Tensor, alpha: float):
+    """A :data:`torchpurify.train.Step`: CE + α·⟨W, W₀⟩, then W rescaled to ‖W₀‖."""
+    target_norm = original.norm()
+
+    def step(model, x, y, optimizer, cost):
+        reference = original.to(head.weight.device)
+        optimizer.zero_grad(set_to_none=True)
+        loss = F.cross_entropy(model(x), y)
+        (loss + alpha * (head.weight * reference).sum()).backward()
+        optimizer.step()
+        with torch.no_grad():
+            head.weight.mul_(target_norm.to(head.weight.device) / head.weight.norm())
+        return loss.detach()
+
+    return step
+
+
+@register_defense
+@dataclass
+class FeatureShiftTuning(FineTuneRecipe):
+    name = "fst"
+    summary = "re-initialise the head, fine-tune pushing it from the old one (Min et al. 2023)"
+
+    epochs: int = 10
+    weight_decay: float = 0.0
+    alpha: float = 0.2
+    head: str | None = None
+
+    def validate(self) -> None:
+        super().validate()
+        self.require("alpha", self.alpha >= 0, "≥ 0")
+
+    def run(self, model: nn.Module, clean: Clean) -> Purified:
+        name = self.head or linear_head(model, clean.tune.x[:2])
+        head = get_module(model, name)
+        if not isinstance(head, nn.Linear):
+            raise UserError(f"fst: head {name!r} is a {type(head).__name__}, not an nn.Linear")
+        original = head.weight.detach().clone()
+        reinitialise(head)
+        result = fit(
+            model,
+            clean.tune,
+            self.train_config(),
+            step=feature_shift_step(head, original, self.alpha),
+            description=self.name,
+        )
+        weight = head.weight.detach().cpu()
+        cosine = F.cosine_similarity(weight.flatten(), original.cpu().flatten(), dim=0)
+        log = {
+            "head": name,
+            "head_norm": float(original.norm()),
+            "head_cosine_to_original": float(cosine),
+            "history": result.history,
+        }
+        return Purified(model, log)

@@ -1,0 +1,204 @@
+"""TSBD: the two-stage backdoor defense (Lin, Liu, Zhou, Zhang, NeurIPS 2024, "Unveiling and
+Mitigating Backdoor Vulnerabilities based on Unlearning Weight Changes and Backdoor Activeness";
+code linweiii/TSBD; methods.md §6). GN-FT (methods.md §5) is its second stage's successor.
+
+Stage 1, neuron weight change (NWC) and zeroing:
+- unlearn a copy of the model by gradient *ascent* of L on ``tune`` (SGD, lr ``unlearn_lr``,
+  momentum 0.9) until holdout accuracy ≤ ``unlearn_acc`` (at most ``unlearn_epochs`` epochs);
+- score every neuron (output channel) of every Conv1d/Conv2d by NWC = Σ_fan-in |w_unlearned − w|
+  (a model without convolutions: every Linear but the head);
+- for the top fraction n of neurons by NWC, zero the fraction m of their weights that changed
+  most (one threshold over all their weights), in the original model.
+
+Stage 2: fine-tune on ``tune`` with the gradient-norm step of GN-FT (``defenses/gnft.py``):
+g = (1 − α)·∇L(θ) + α·∇L(θ + r·∇L/‖∇L‖), norms per tensor as in the authors' code.
+
+The authors sweep n ∈ {0.01, …, 0.9} and read each result's test ASR. Here n is chosen on the
+holdout: the largest n of that grid whose zeroed model keeps holdout accuracy within the
+defense's budget (``max_acc_drop``, by default the holdout-noise rule of methods.md §0); none
+within it zeroes nothing. ``fraction`` fixes n instead.
+
+Defaults from the authors' code (``tsbd.py``, ``tsbd/config.yaml``): unlearning lr 1e-4 until
+accuracy ≤ 10 % (at most 1,000 epochs); m = 0.7; fine-tuning SGD lr 0.01, momentum 0.9, no
+weight decay, constant learning rate, 21 epochs (their ``ft_epoch + 1``), r = 0.05, α = 0.7.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, replace
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from torchpurify.defenses.base import Clean, Purified, register_defense
+from torchpurify.defenses.fst import linear_head
+from torchpurify.defenses.gnft import gradient_norm_step
+from torchpurify.defenses.recipe import FineTuneRecipe
+from torchpurify.metrics import accuracy
+from torchpurify.train import TrainConfig, fit
+
+FRACTIONS = (0.01, 0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.4, 0.5, 0.7, 0.9)
+
+
+def scored_layers(model: nn.Module, example: torch.Tensor) -> list[str]:
+    """Every Conv1d/Conv2d; for a model without one, every Linear except the head."""
+    convs = [n for n, m in model.named_modules() if isinstance(m, (nn.Conv1d, nn.Conv2d))]
+    if convs:
+        return convs
+    head = linear_head(model, example)
+    return [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n != head]
+
+
+def weight_changes(
+    original: nn.Module, changed: nn.Module, layers: list[str]
+) -> dict[str, torch.Tensor]:
+    """|w_changed − w_original| per layer, one row per output channel (neuron)."""
+    return {
+        name: (changed.get_submodule(name).weight - original.get_submodule(name).weight)
+        .detach()
+        .abs()
+        .flatten(1)
+        .cpu()
+        for name in layers
+    }
+
+
+def rank_neurons(changes: dict[str, torch.Tensor]) -> list[tuple[str, int, float]]:
+    """(layer, channel, NWC) for every neuron, largest weight change first."""
+    neurons = [
+        (name, channel, float(score))
+        for name, rows in changes.items()
+        for channel, score in enumerate(rows.sum(1))
+    ]
+    return sorted(neurons, key=lambda neuron: -neuron[2])
+
+
+def zero_changed_weights(
+    model: nn.Module,
+    changes: dict[str, torch.Tensor],
+    neurons: list[tuple[str, int, float]],
+    fraction: float,
+) -> int:
+    """Zero, in ``model``, the ``fraction`` of the given neurons' weights that changed most.
+
+    One threshold over all their weights (the authors' merged list); returns how many were zeroed.
+    """
+    if not neurons:
+        return 0
+    merged = torch.cat([changes[name][channel] for name, channel, _ in neurons])
+    count = int(len(merged) * fraction)
+    if count == 0:
+        return 0
+    threshold = merged.topk(count).values.min()
+    zeroed = 0
+    with torch.no_grad():
+        for name, channel, _ in neurons:
+            weight = model.get_submodule(name).weight
+            chosen = (changes[name][channel] >= threshold).to(weight.device)
+            weight[channel].view(-1)[chosen] = 0.0
+            zeroed += int(chosen.sum())
+    return zeroed
+
+
+def ascent_step(model, x, y, optimizer, cost):
+    """Gradient ascent of the cross-entropy: one forward, one backward."""
+    optimizer.zero_grad(set_to_none=True)
+    loss = F.cross_entropy(model(x), y)
+    (-loss).backward()
+    optimizer.step()
+    return loss.detach()
+
+
+@register_defense
+@dataclass
+class TwoStageDefense(FineTuneRecipe):
+    name = "tsbd"
+    summary = "zero the neurons clean unlearning moves most, then GN fine-tuning (Lin et al. 2024)"
+    quick = {"unlearn_epochs": 3, "unlearn_lr": 0.05}
+
+    epochs: int = 21
+    weight_decay: float = 0.0
+    unlearn_lr: float = 1e-4
+    unlearn_acc: float = 0.10
+    unlearn_epochs: int = 1000
+    weight_fraction: float = 0.7
+    fraction: float | None = None
+    r: float = 0.05
+    alpha: float = 0.7
+
+    def validate(self) -> None:
+        super().validate()
+        self.require("unlearn_lr", self.unlearn_lr > 0, "positive")
+        self.require("unlearn_acc", 0 <= self.unlearn_acc < 1, "in [0, 1)")
+        self.require("unlearn_epochs", self.unlearn_epochs >= 1, "at least 1")
+        self.require("weight_fraction", 0 < self.weight_fraction <= 1, "in (0, 1]")
+        if self.fraction is not None:
+            self.require("fraction", 0 < self.fraction <= 1, "in (0, 1] or null")
+        self.require("r", self.r > 0, "positive")
+        self.require("alpha", 0 <= self.alpha <= 1, "in [0, 1]")
+
+    def unlearn(self, model: nn.Module, clean: Clean) -> tuple[nn.Module, list[dict]]:
+        """A copy of ``model`` unlearnt until its holdout accuracy falls to ``unlearn_acc``."""
+        unlearned = copy.deepcopy(model)
+        config = TrainConfig(
+            epochs=1, batch_size=self.batch_size, lr=self.unlearn_lr, momentum=0.9,
+            weight_decay=0.0, schedule="constant", seed=self.seed, device=self.device,
+            progress=False,
+        )  # fmt: skip
+        history = []
+        for epoch in range(1, self.unlearn_epochs + 1):
+            # One epoch per call: the holdout decides after each epoch whether to go on.
+            fit(unlearned, clean.tune, replace(config, seed=self.seed + epoch), step=ascent_step,
+                description="tsbd unlearn")  # fmt: skip
+            holdout_acc = accuracy(unlearned, clean.holdout, batch_size=self.batch_size)
+            history.append({"epoch": epoch, "holdout_acc": holdout_acc})
+            if holdout_acc <= self.unlearn_acc:
+                break
+        return unlearned, history
+
+    def run(self, model: nn.Module, clean: Clean) -> Purified:
+        layers = scored_layers(model, clean.tune.x[:2])
+        unlearned, unlearning = self.unlearn(model, clean)
+        changes = weight_changes(model, unlearned, layers)
+        del unlearned
+        ranked = rank_neurons(changes)
+        base = accuracy(model, clean.holdout, batch_size=self.batch_size)
+        threshold = base - self.budget(base, len(clean.holdout))
+        curve: list[list[float]] = []
+        if self.fraction is not None:
+            chosen = self.fraction
+        else:
+            chosen = 0.0  # no fraction within the budget: zero nothing
+            for fraction in FRACTIONS:
+                trial = copy.deepcopy(model)
+                top = ranked[: int(len(ranked) * fraction)]
+                zero_changed_weights(trial, changes, top, self.weight_fraction)
+                acc = accuracy(trial, clean.holdout, batch_size=self.batch_size)
+                curve.append([fraction, acc])
+                if acc >= threshold:
+                    chosen = fraction
+        top = ranked[: int(len(ranked) * chosen)]
+        zeroed = zero_changed_weights(model, changes, top, self.weight_fraction)
+        tuned = fit(
+            model,
+            clean.tune,
+            replace(self.train_config(), schedule="constant"),
+            step=gradient_norm_step("approx", self.r, self.alpha, per_tensor=True),
+            description=self.name,
+        )
+        log = {
+            "layers": layers,
+            "unlearning": unlearning,
+            "holdout_acc_before": base,
+            "threshold": threshold,
+            "curve": curve,
+            "fraction": chosen,
+            "neurons": len(ranked),
+            "zeroed_neurons": [[name, channel] for name, channel, _ in top],
+            "nwc_top": [list(neuron) for neuron in ranked[: len(top) + 20]],
+            "zeroed_weights": zeroed,
+            "history": tuned.history,
+        }
+        return Purified(model, log)

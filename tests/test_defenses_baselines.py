@@ -1,0 +1,290 @@
+"""The fine-tuning-style baselines (FT-SAM, FST, NAD, I-BAU, TSBD): the defense contract, the
+behaviour each one could lose, and models without a spatial axis or convolutions (audio)."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from torchpurify.data.base import Split
+from torchpurify.defenses import DEFENSES, Clean, build_defense
+from torchpurify.defenses.fst import linear_head
+from torchpurify.defenses.ft_sam import sam_perturbation, smoothed_cross_entropy
+from torchpurify.defenses.ibau import find_perturbation, hypergradient_step
+from torchpurify.defenses.nad import attention_map
+from torchpurify.defenses.tsbd import (
+    FRACTIONS,
+    rank_neurons,
+    scored_layers,
+    weight_changes,
+    zero_changed_weights,
+)
+from torchpurify.errors import UserError
+from torchpurify.metrics import evaluate
+from torchpurify.models import build_model
+from torchpurify.models.registry import MODELS
+from torchpurify.train import Cost
+
+# Recipes sized for the tiny task (480 tune images; 7 steps an epoch at batch 64), chosen by
+# runs on it: NAD's β = 5000 swamps the cross-entropy on its 3 × 3 feature maps; I-BAU and TSBD
+# at the larger learning rates fail the holdout guard and back off to these.
+TINY = {
+    "ft-sam": {"epochs": 10, "lr": 0.05},
+    "fst": {"epochs": 10, "lr": 0.05},
+    "nad": {"epochs": 10, "lr": 0.05, "teacher_epochs": 10, "beta": 500.0},
+    "i-bau": {"rounds": 3, "lr": 0.0025, "batch_size": 128},
+    "tsbd": {"epochs": 5, "lr": 0.025, "unlearn_lr": 0.05, "r": 0.5, "alpha": 0.9},
+}
+BASELINES = sorted(TINY)
+
+
+def quick(name: str) -> dict:
+    """The defense's own quick settings, with one epoch where it trains."""
+    cls = DEFENSES.get(name)
+    params = dict(cls.quick)
+    if "epochs" in {f.name for f in dataclasses.fields(cls)}:
+        params["epochs"] = 1
+    return params
+
+
+def measure(model, tiny):
+    return evaluate(
+        model, tiny.test, tiny.trigger, target=tiny.target, num_classes=tiny.num_classes
+    )
+
+
+@pytest.fixture(scope="module")
+def purified(tiny_backdoor):
+    """Each baseline run once on the tiny backdoor with its tiny recipe (every test below reads
+    these runs), and the input model's weights from before."""
+    clean = Clean(tiny_backdoor.tune, tiny_backdoor.holdout)
+    snapshot = copy.deepcopy(tiny_backdoor.model.state_dict())
+    runs, defenses = {}, {}
+    for name, params in TINY.items():
+        defenses[name] = build_defense(name, **{"device": "cpu", "batch_size": 64, **params})
+        runs[name] = defenses[name].purify(tiny_backdoor.model, clean)
+        assert runs[name].log["guard"]["action"] == "kept", (name, runs[name].log["guard"])
+    return runs, snapshot, defenses
+
+
+@pytest.mark.parametrize("name", sorted(TINY))
+def test_baseline_lowers_asr_keeps_acc_and_leaves_the_input_alone(name, tiny_backdoor, purified):
+    tiny, (runs, snapshot, defenses) = tiny_backdoor, purified
+    before, after = measure(tiny.model, tiny), measure(runs[name].model, tiny)
+    assert after.asr < 0.5 * before.asr, (name, before, after)
+    assert after.acc > before.acc - 0.08, (name, before, after)
+    for key, value in tiny.model.state_dict().items():
+        assert torch.equal(value, snapshot[key]), key
+    assert runs[name].model is not tiny.model
+    cost = runs[name].cost
+    assert cost.seconds > 0 and cost.forward > 0 and cost.backward > 0
+    defense = defenses[name]
+    assert build_defense(name, **defense.params()).params() == defense.params()
+
+
+def test_fst_keeps_the_head_norm_and_turns_the_head_away(tiny_backdoor, purified):
+    log = purified[0]["fst"].log
+    head = purified[0]["fst"].model.get_submodule(log["head"]).weight
+    original = tiny_backdoor.model.get_submodule(log["head"]).weight
+    assert log["head"] == "classifier"
+    assert torch.allclose(head.norm(), original.norm(), rtol=1e-5)
+    assert log["head_cosine_to_original"] < 0.2
+
+
+def test_nad_attention_loss_is_positive_and_falls(purified):
+    losses = purified[0]["nad"].log["attention_loss"]
+    assert len(losses) == TINY["nad"]["epochs"]
+    assert losses[0] > 0 and losses[-1] < losses[0]
+
+
+def test_attention_map_is_unit_norm_per_sample_and_handles_vectors():
+    maps = attention_map(torch.randn(4, 8, 5, 5), power=2)
+    assert maps.shape == (4, 25)
+    assert torch.allclose(maps.norm(dim=1), torch.ones(4), atol=1e-4)
+    assert attention_map(torch.randn(4, 16), power=2).shape == (4, 16)
+
+
+def test_ibau_perturbation_stays_in_its_ball(tiny_backdoor, purified):
+    assert all(0 < n <= 10.0 + 1e-4 for n in purified[0]["i-bau"].log["perturbation_norms"])
+    model = copy.deepcopy(tiny_backdoor.model).eval()
+    delta = find_perturbation(
+        model, tiny_backdoor.tune, batch_size=64, lr=10.0, weight=0.0, radius=0.01
+    )
+    assert delta.shape == (1, *tiny_backdoor.tune.x.shape[1:])
+    assert float(delta.norm()) == pytest.approx(0.01, rel=1e-4)  # unbounded, it goes further
+    free = find_perturbation(
+        model, tiny_backdoor.tune, batch_size=64, lr=10.0, weight=0.0, radius=1e6
+    )
+    assert float(free.norm()) > 0.02
+
+
+def test_ibau_step_applies_the_fixed_point_hypergradient():
+    """∂θL_out + (∂θΦ)ᵀv with v = Σ_k (∂δΦᵀ)^k ∂δL_out (K terms), from explicit Jacobians."""
+    torch.manual_seed(0)
+    model = nn.Linear(6, 3).double()
+    x, y = torch.randn(8, 6, dtype=torch.float64), torch.randint(0, 3, (8,))
+    x0, y0 = x[:4], y[:4]
+    delta = 0.3 * torch.randn(1, 6, dtype=torch.float64)
+    steps, eta, lam = 3, 0.1, 0.001
+    theta = [p.detach().clone() for p in model.parameters()]
+
+    def outer(d, w, b):
+        return F.cross_entropy(F.linear(x + d, w, b), y)
+
+    def phi(d, w, b):
+        def inner(d):
+            return -F.cross_entropy(F.linear(x0 + d, w, b), y0) + lam * d.pow(2).sum()
+
+        return d - eta * torch.func.grad(inner)(d)
+
+    g_delta, g_w, g_b = torch.func.grad(outer, argnums=(0, 1, 2))(delta, *theta)
+    jacobian = torch.func.jacrev(phi)(delta, *theta).reshape(6, 6)
+    v = torch.zeros(6, dtype=torch.float64)
+    for _ in range(steps):
+        v = jacobian.T @ v + g_delta.flatten()
+    _, vjp = torch.func.vjp(lambda w, b: phi(delta, w, b), *theta)
+    h_w, h_b = vjp(v.view(1, 6))
+    step = hypergradient_step(
+        {"delta": delta}, (x0, y0), steps=steps, inner_lr=eta, weight=lam, portion=1.0,
+        generator=torch.Generator().manual_seed(0),
+    )  # fmt: skip
+    step(model, x, y, torch.optim.SGD(model.parameters(), lr=1.0), Cost())
+    for p, before, expected in zip(model.parameters(), theta, (g_w + h_w, g_b + h_b), strict=True):
+        assert torch.allclose(before - p.detach(), expected, atol=1e-10)
+    assert not torch.allclose(h_w, torch.zeros_like(h_w))  # the implicit term is there
+
+
+def test_tsbd_ranks_by_weight_change_and_zeroes_the_most_changed_weights():
+    torch.manual_seed(0)
+    original = nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Conv2d(4, 6, 3))
+    changed = copy.deepcopy(original)
+    steps = torch.linspace(1, 2, 36)
+    with torch.no_grad():
+        changed[2].weight[3] += steps.view(4, 3, 3)  # the most changed neuron: NWC 54
+        changed[0].weight[1, 0, 0, 0] -= 0.5  # second: one weight moved by 0.5
+    changes = weight_changes(original, changed, ["0", "2"])
+    ranked = rank_neurons(changes)
+    assert [(n, c) for n, c, _ in ranked[:2]] == [("2", 3), ("0", 1)]
+    assert ranked[0][2] == pytest.approx(54.0, rel=1e-5)
+    assert ranked[1][2] == pytest.approx(0.5, rel=1e-5)
+    # Their 45 weights merged: the top half (22) are neuron 3's 22 largest changes.
+    model = copy.deepcopy(original)
+    assert zero_changed_weights(model, changes, ranked[:2], fraction=0.5) == 22
+    zero = model[2].weight[3].flatten() == 0
+    assert torch.equal(zero, steps >= steps[14]) and int(zero.sum()) == 22
+    assert torch.equal(model[0].weight, original[0].weight)
+    others = [c for c in range(6) if c != 3]
+    assert torch.equal(model[2].weight[others], original[2].weight[others])
+    # Only the top-ranked neuron given: its weights alone are candidates.
+    model = copy.deepcopy(original)
+    assert zero_changed_weights(model, changes, ranked[:1], fraction=1.0) == 36
+    assert torch.equal(model[0].weight, original[0].weight)
+
+
+def test_tsbd_log_zeroes_the_top_ranked_neurons_and_chooses_on_the_holdout(purified):
+    log = purified[0]["tsbd"].log
+    top = log["nwc_top"]
+    scores = [score for _, _, score in top]
+    assert scores == sorted(scores, reverse=True)
+    assert log["zeroed_neurons"] == [[n, c] for n, c, _ in top[: len(log["zeroed_neurons"])]]
+    assert len(log["zeroed_neurons"]) == int(log["neurons"] * log["fraction"])
+    assert log["fraction"] in (0.0, *FRACTIONS) and log["fraction"] > 0
+    passing = [f for f, acc in log["curve"] if acc >= log["threshold"]]
+    assert log["fraction"] == max(passing)
+    assert log["unlearning"][-1]["holdout_acc"] <= 0.10
+
+
+def test_sam_perturbation_has_norm_rho_in_its_own_metric():
+    params = [torch.randn(3, 4), torch.randn(5)]
+    grads = [torch.randn(3, 4), torch.randn(5)]
+    plain = sam_perturbation(params, grads, rho=2.0, adaptive=False)
+    assert float(torch.sqrt(sum((e * e).sum() for e in plain))) == pytest.approx(2.0, rel=1e-5)
+    adaptive = sam_perturbation(params, grads, rho=2.0, adaptive=True)
+    scaled = [e / p.abs() for e, p in zip(adaptive, params, strict=True)]
+    assert float(torch.sqrt(sum((s * s).sum() for s in scaled))) == pytest.approx(2.0, rel=1e-4)
+
+
+def test_smoothed_cross_entropy_matches_its_definition():
+    logits, y = torch.randn(6, 4), torch.tensor([0, 1, 2, 3, 0, 1])
+    target = torch.full((6, 4), 0.1 / 3)
+    target[torch.arange(6), y] = 0.9
+    expected = -(target * logits.log_softmax(1)).sum(1).mean()
+    assert torch.allclose(smoothed_cross_entropy(logits, y, 0.1), expected)
+    assert torch.allclose(
+        smoothed_cross_entropy(logits, y, 0.0), nn.functional.cross_entropy(logits, y)
+    )
+
+
+@pytest.mark.parametrize(
+    ("name", "params", "message"),
+    [
+        ("ft-sam", {"rho": 0}, "rho must be positive"),
+        ("ft-sam", {"label_smoothing": 1.0}, "label_smoothing must be in \\[0, 1\\)"),
+        ("fst", {"alpha": -0.1}, "alpha must be ≥ 0"),
+        ("fst", {"epochs": 0}, "epochs must be at least 1"),
+        ("nad", {"teacher_epochs": 0}, "teacher_epochs must be at least 1"),
+        ("nad", {"layers": " , "}, "layers must be module names"),
+        ("nad", {"beta": -1}, "beta must be ≥ 0"),
+        ("i-bau", {"portion": 0}, "portion must be in \\(0, 1\\]"),
+        ("i-bau", {"fixed_point_steps": 0}, "fixed_point_steps must be at least 1"),
+        ("i-bau", {"max_norm": -1}, "max_norm must be positive"),
+        ("tsbd", {"fraction": 1.5}, "fraction must be in \\(0, 1\\] or null"),
+        ("tsbd", {"weight_fraction": 0}, "weight_fraction must be in \\(0, 1\\]"),
+        ("tsbd", {"unlearn_acc": 1}, "unlearn_acc must be in \\[0, 1\\)"),
+        ("tsbd", {"rounds": 3}, "unknown parameter 'rounds'"),
+        ("i-bau", {"lr": "fast"}, "lr must be a number"),
+    ],
+)
+def test_bad_hyper_parameters_name_the_parameter(name, params, message):
+    with pytest.raises(UserError, match=message):
+        build_defense(name, **params)
+
+
+def test_unknown_layer_or_head_is_one_line(tiny_backdoor):
+    clean = Clean(tiny_backdoor.tune, tiny_backdoor.holdout)
+    for name, params in (("nad", {"layers": "block9"}), ("fst", {"head": "block4"})):
+        defense = build_defense(name, device="cpu", **quick(name), **params)
+        with pytest.raises(UserError) as error:
+            defense.purify(tiny_backdoor.model, clean)
+        assert "\n" not in str(error.value)
+
+
+@pytest.mark.parametrize("architecture", sorted(MODELS.names()))
+def test_head_and_scored_layers_are_found_on_every_registered_model(architecture):
+    audio = architecture in ("kws-cnn", "res8", "ds-cnn", "lstm", "m5")
+    shape = (1600,) if audio else (1, 28, 28)
+    model = build_model(architecture, shape, 5).eval()
+    example = torch.rand(2, *shape)
+    head = model.get_submodule(linear_head(model, example))
+    assert isinstance(head, nn.Linear) and head.out_features == 5
+    layers = scored_layers(model, example)
+    assert layers and all(model.get_submodule(n) is not head for n in layers)
+
+
+def tones(n: int, length: int = 1600, seed: int = 0) -> Split:
+    """Three classes of pure tones in noise: a tiny audio task."""
+    g = torch.Generator().manual_seed(seed)
+    y = torch.arange(n) % 3
+    t = torch.arange(length) / 16000
+    pitch = torch.tensor([400.0, 1000.0, 2500.0])[y]
+    x = 0.3 * torch.sin(2 * torch.pi * pitch[:, None] * t) + 0.02 * torch.randn(
+        n, length, generator=g
+    )
+    return Split(x, y)
+
+
+@pytest.mark.parametrize("name", BASELINES)
+@pytest.mark.parametrize("architecture", ["kws-cnn", "lstm"])
+def test_baselines_run_on_audio_models(name, architecture):
+    torch.manual_seed(0)
+    model = build_model(architecture, (1600,), 3)
+    data = tones(96)
+    clean = Clean(data.subset(range(64)), data.subset(range(64, 96)))
+    result = build_defense(name, device="cpu", batch_size=32, **quick(name)).purify(model, clean)
+    assert result.model(data.x[:4]).shape == (4, 3)
+    assert result.cost.backward > 0
