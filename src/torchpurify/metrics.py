@@ -13,7 +13,6 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
-from torchpurify.attacks.poison import target_labels
 from torchpurify.data.base import Split
 from torchpurify.errors import check
 
@@ -64,6 +63,9 @@ def attack_rates(
     predicted: torch.Tensor, y: torch.Tensor, target: int, mode: str, num_classes: int
 ) -> tuple[float, float]:
     """(ASR, RA) from predictions on triggered inputs and their true labels."""
+    # Imported here: the attacks package imports this module (attacks that train).
+    from torchpurify.attacks.poison import target_labels
+
     wanted = target_labels(y, target, mode, num_classes)
     eligible = wanted != y
     check(
@@ -96,6 +98,8 @@ def evaluate(
     if trigger is None:
         return Metrics(acc)
     num_classes = num_classes if num_classes is not None else int(test.y.max()) + 1
+    from torchpurify.attacks.poison import target_labels
+
     eligible = target_labels(test.y, target, mode, num_classes) != test.y
     triggered = predict(
         model, test.x[eligible], transform=trigger, batch_size=batch_size, device=device

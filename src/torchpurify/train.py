@@ -89,10 +89,12 @@ class count_passes:  # noqa: N801 (a context manager, used like a function)
         self.strip(self.model)
 
     def strip(self, model: nn.Module) -> None:
-        """Remove this counter's hook from ``model`` (the counted model or a copy of it)."""
-        for key, hook in list(model._forward_hooks.items()):
-            if hook is self.hook:
-                del model._forward_hooks[key]
+        """Remove this counter's hook from ``model`` (the counted model, a copy of it, or a
+        module that wraps one)."""
+        for module in model.modules():
+            for key, hook in list(module._forward_hooks.items()):
+                if hook is self.hook:
+                    del module._forward_hooks[key]
 
 
 def _first_tensor(output) -> torch.Tensor | None:
