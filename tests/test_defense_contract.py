@@ -233,3 +233,16 @@ def test_a_result_with_non_finite_weights_is_never_returned(no_batchnorm, monkey
     ] * 2
     assert guard["action"] == "rolled back to the input model"
     assert same_state(state_of(model), result.model.state_dict())
+
+
+@pytest.mark.parametrize("module", ["torchpurify.defenses", "torchpurify.metrics"])
+def test_imports_on_its_own_in_a_fresh_interpreter(module):
+    """The CLI imports the defenses first; an import cycle through the attacks package (an
+    attack that trains imports metrics) broke `torchpurify purify` once."""
+    import subprocess
+    import sys
+
+    done = subprocess.run(
+        [sys.executable, "-c", f"import {module}"], capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stderr[-500:]
