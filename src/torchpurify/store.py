@@ -54,7 +54,9 @@ CREATE TABLE IF NOT EXISTS cells (
   seconds REAL, forward_passes INTEGER, backward_passes INTEGER,
   log TEXT,                        -- JSON: the defense's log (card["defense"]["log"])
   versions TEXT NOT NULL,          -- JSON: torchpurify, torch, numpy, python versions
-  started_at TEXT NOT NULL, finished_at TEXT NOT NULL
+  started_at TEXT NOT NULL, finished_at TEXT NOT NULL,
+  estimate TEXT,                   -- JSON: the backdoor estimate before/after (estimate.compare)
+  est_asr_before REAL, est_asr_after REAL  -- its estimated ASR, for plain SQL
 );
 CREATE TABLE IF NOT EXISTS leases (
   key TEXT PRIMARY KEY,            -- a cell key, or 'model:' + a model key
@@ -66,7 +68,12 @@ TABLES = ("models", "cells", "leases")
 SQLITE_HEADER = b"SQLite format 3\x00"
 LEASE_SECONDS = 120.0  # a runner silent this long is taken for dead
 MODEL_JSON = ("attack_params", "train_recipe", "identification", "neuron_table", "pruning_curve")
-CELL_JSON = ("attack_params", "defense_params", "log", "versions")
+CELL_JSON = ("attack_params", "defense_params", "log", "versions", "estimate")
+# Columns added to a table after its first release: a store without them gains them (NULL for
+# the rows already there) when opened for writing, and reads as if they were NULL when not.
+ADDED_COLUMNS = {
+    "cells": {"estimate": "TEXT", "est_asr_before": "REAL", "est_asr_after": "REAL"},
+}
 
 
 def utc_now() -> str:
@@ -171,6 +178,17 @@ class Store:
     def _check_columns(self) -> None:
         for table, columns in (("models", MODEL_COLUMNS), ("cells", CELL_COLUMNS)):
             found = [r[1] for r in self.connection.execute(f"PRAGMA table_info({table})")]
+            added = ADDED_COLUMNS.get(table, {})
+            missing = list(columns[len(found) :])
+            if found == list(columns[: len(found)]) and missing and set(missing) <= set(added):
+                if self.readonly:
+                    continue  # reading an older store: the new columns read as absent
+                with self.connection:  # migration: an older store gains the new columns
+                    for name in missing:
+                        self.connection.execute(
+                            f"ALTER TABLE {table} ADD COLUMN {name} {added[name]}"
+                        )
+                continue
             if found != list(columns):
                 raise UserError(
                     f"{self.path} has a {table} table of another layout; use a new results file"
@@ -198,6 +216,7 @@ class Store:
         return self._insert("INSERT OR IGNORE", "cells", CELL_COLUMNS, _encode(row, CELL_JSON))
 
     def _insert(self, verb: str, table: str, columns: tuple[str, ...], row: dict) -> bool:
+        row = {**dict.fromkeys(ADDED_COLUMNS.get(table, {})), **row}  # optional: NULL
         missing = [c for c in columns if c not in row]
         unknown = [c for c in row if c not in columns]
         if missing or unknown:
