@@ -30,6 +30,7 @@ from torchpurify.attacks import build_attack
 from torchpurify.card import targeting
 from torchpurify.data import load_dataset
 from torchpurify.errors import UserError, check
+from torchpurify.estimate import EstimateConfig
 from torchpurify.experiment import defender_data, purify_model, train_model, trigger_of
 from torchpurify.models import build_model
 from torchpurify.models.io import CARD, load_model, versions
@@ -40,6 +41,8 @@ from torchpurify.store import Runner, Store, model_lease, utc_now
 from torchpurify.train import resolve_device
 
 EXECUTORS = ("local", "ray")
+# The backdoor estimate before purification, computed once per model (methods.md §12).
+ESTIMATE_FILE = "estimate-before.json"
 RAY_MISSING = "the ray executor needs Ray; install the extra: pip install 'torchpurify[ray]'"
 
 
@@ -258,9 +261,11 @@ def run_cell(
     net, card = load_model(model["path"], cell.model.model)
     defense = cell.defense.build(cell.model.seed, spec.device, progress)
     result = purify_model(
-        net, card, defense, root=cell.model.dataset.root, defender_fraction=cell.defender_fraction
-    )
+        net, card, defense, root=cell.model.dataset.root, defender_fraction=cell.defender_fraction,
+        estimate=EstimateConfig(), estimate_cache=Path(model["path"]) / ESTIMATE_FILE,
+    )  # fmt: skip
     record = result.card["defense"]
+    guess = result.estimate
     return {
         "key": cell.key,
         "spec_hash": spec_hash,
@@ -280,6 +285,9 @@ def run_cell(
         "versions": {**versions(), "numpy": np.__version__},
         "started_at": started,
         "finished_at": utc_now(),
+        "estimate": guess,
+        "est_asr_before": guess["before"]["est_asr"] if guess else None,
+        "est_asr_after": guess["after"]["est_asr"] if guess else None,
     }
 
 
@@ -475,7 +483,8 @@ class Reporter:
             f"seed {row['seed']} {row['label']}: "
             f"ACC {fmt(row['acc_before'])}→{fmt(row['acc_after'])}  "
             f"ASR {fmt(row['asr_before'])}→{fmt(row['asr_after'])}  "
-            f"DER {fmt(row['der'])}  {row['seconds']:.1f} s"
+            f"DER {fmt(row['der'])}  est. ASR {fmt(row.get('est_asr_before'))}→"
+            f"{fmt(row.get('est_asr_after'))}  {row['seconds']:.1f} s"
         )
 
 
