@@ -49,7 +49,8 @@ def test_the_schema_is_the_agreed_one(tmp_path):
     assert columns["models"] == list(MODEL_COLUMNS)
     assert columns["cells"] == list(CELL_COLUMNS)
     assert MODEL_COLUMNS[-4:] == ("identification", "neuron_table", "pruning_curve", "created_at")
-    assert CELL_COLUMNS[-4:] == ("log", "versions", "started_at", "finished_at")
+    assert CELL_COLUMNS[-7:-3] == ("log", "versions", "started_at", "finished_at")
+    assert CELL_COLUMNS[-3:] == ("estimate", "est_asr_before", "est_asr_after")  # added later
 
 
 def test_rows_round_trip_with_json_columns_decoded(tmp_path):
