@@ -177,3 +177,25 @@ def test_purify_command_prints_the_estimate_and_can_skip_it(tmp_path):
     assert set(card["estimate"]["before"]) >= {"label", "anomaly_index", "trigger_size", "est_asr"}
     quiet = run(*common, "--no-estimate", "--json", "--out", tmp_path / "b")
     assert json.loads(quiet.strip().splitlines()[-1])["estimate"] is None
+
+
+def test_a_store_of_the_older_layout_gains_the_estimate_columns(tmp_path):
+    import sqlite3
+
+    from torchpurify.store import CELL_COLUMNS, SCHEMA, Store
+
+    # The cells table as first released: without the last three columns.
+    lines = [line for line in SCHEMA.splitlines() if "estimate TEXT" not in line
+             and "est_asr_before REAL" not in line]  # fmt: skip
+    old = "\n".join(lines).replace("finished_at TEXT NOT NULL,", "finished_at TEXT NOT NULL")
+    connection = sqlite3.connect(tmp_path / "old.db")
+    connection.executescript(old)
+    connection.close()
+    with Store(tmp_path / "old.db", readonly=True) as store:
+        assert store.cells() == []  # read as it is, nothing written
+    found = [r[1] for r in sqlite3.connect(tmp_path / "old.db").execute("PRAGMA table_info(cells)")]
+    assert found == list(CELL_COLUMNS[:-3])
+    with Store(tmp_path / "old.db"):
+        pass
+    found = [r[1] for r in sqlite3.connect(tmp_path / "old.db").execute("PRAGMA table_info(cells)")]
+    assert found == list(CELL_COLUMNS)
