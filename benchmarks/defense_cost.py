@@ -5,9 +5,12 @@
 (b) Fine-Pruning's cut search: holdout evaluations and seconds of the binary search against a
     full sweep (methods.md §2: O(log C) against O(C));
 (c) peak working memory of ``activation_stats`` at 1k and 20k samples: it streams, so it must
-    not grow with the data.
+    not grow with the data;
+(d) every registered defense at its defaults on one backdoored model and the same defender data:
+    forward and backward passes (samples) and seconds, each relative to FT's.
 
     OMP_NUM_THREADS=1 PYTHONPATH=src python benchmarks/defense_cost.py [--quick]
+        [--parts abcd] [--defenses ft,anp,...] [--json FILE]
 
 small-cnn on synthetic 1×28×28 images, 10 classes, one thread. Part (c) runs each size in a
 fresh process (Linux only) so that the process's peak resident memory belongs to that pass,
@@ -28,8 +31,9 @@ import time
 import torch
 import torch.nn.functional as F
 
+from torchpurify.attacks import build_attack, poison_split
 from torchpurify.data.base import Split
-from torchpurify.defenses import Clean, build_defense
+from torchpurify.defenses import DEFENSES, Clean, build_defense
 from torchpurify.defenses.gnft import gradient_norm_step
 from torchpurify.models import build_model
 from torchpurify.neurons import activation_stats, default_neuron_layer
@@ -176,12 +180,56 @@ def layer_bytes_per_sample() -> int:
     return shapes[0].numel() * 4
 
 
+def defense_costs(
+    names: list[str], tune_size: int, holdout_size: int, epochs: int
+) -> dict[str, dict[str, float]]:
+    """Each defense at its defaults on one BadNets-backdoored small-cnn and the same defender
+    data (the development protocol's 1,440 tune / 360 holdout by default)."""
+    trigger = build_attack("badnets", SHAPE)
+    train = poison_split(prototype_split(4000, seed=0), trigger, rate=0.1, seed=0).split
+    torch.manual_seed(0)
+    model = build_model("small-cnn", SHAPE, CLASSES)
+    fit(model, train, TrainConfig(epochs=epochs, batch_size=128, progress=False, device="cpu"))
+    clean = Clean(prototype_split(tune_size, seed=1), prototype_split(holdout_size, seed=2))
+    results = {}
+    for name in names:
+        purified = build_defense(name, device="cpu").purify(model, clean)
+        cost = purified.cost
+        results[name] = {
+            "seconds": cost.seconds,
+            "forward": cost.forward,
+            "backward": cost.backward,
+        }
+        print(f"  {name}: {cost.seconds:.1f} s", file=sys.stderr, flush=True)
+    return results
+
+
+def print_defense_costs(results: dict[str, dict[str, float]]) -> None:
+    base = results.get("ft")
+    print(f"{'defense':<14}{'forward':>11}{'backward':>11}{'seconds':>9}"
+          f"{'fwd × FT':>10}{'bwd × FT':>10}{'s × FT':>8}")  # fmt: skip
+    for name, cost in results.items():
+        ratios = [
+            cost[k] / base[k] if base and base[k] else float("nan")
+            for k in ("forward", "backward", "seconds")
+        ]
+        print(
+            f"{name:<14}{cost['forward']:>11}{cost['backward']:>11}{cost['seconds']:>9.1f}"
+            f"{ratios[0]:>10.2f}{ratios[1]:>10.2f}{ratios[2]:>8.2f}"
+        )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer steps and samples (~1 min)")
     parser.add_argument("--steps", type=int, default=None, help="timed steps per rule (a)")
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--memory-child", type=int, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--parts", default="abcd", help="which parts to run, e.g. d")
+    parser.add_argument(
+        "--defenses", default=None, help="comma-separated defenses for (d) (default: all)"
+    )
+    parser.add_argument("--json", default=None, help="also write (d)'s numbers to this file")
     args = parser.parse_args()
     if args.memory_child is not None:
         memory_child(args.memory_child)
@@ -189,9 +237,27 @@ def main() -> None:
     torch.set_num_threads(1)
     steps = args.steps or (10 if args.quick else 30)
     print(f"torch {torch.__version__}, 1 thread, small-cnn, input {SHAPE}, {CLASSES} classes")
+    if "d" in args.parts:
+        names = args.defenses.split(",") if args.defenses else DEFENSES.names()
+        names = ["ft"] + [n for n in names if n != "ft"]
+        tune, holdout = (288, 72) if args.quick else (1440, 360)
+        print(f"\n(d) each defense at its defaults, tune {tune}, holdout {holdout}, BadNets model")
+        results = defense_costs(names, tune, holdout, epochs=1 if args.quick else 3)
+        print_defense_costs(results)
+        if args.json:
+            with open(args.json, "w") as file:
+                json.dump({"tune": tune, "holdout": holdout, "defenses": results}, file, indent=1)
+    if "a" in args.parts:
+        part_a(steps, args.batch_size)
+    if "b" in args.parts:
+        part_b(args.quick)
+    if "c" in args.parts:
+        part_c(args.quick)
 
-    costs = step_costs(steps, args.batch_size)
-    print(f"\n(a) seconds per training step, batch {args.batch_size}, median of {steps} steps")
+
+def part_a(steps: int, batch_size: int) -> None:
+    costs = step_costs(steps, batch_size)
+    print(f"\n(a) seconds per training step, batch {batch_size}, median of {steps} steps")
     print(f"{'step':<28}{'s/step':>9}{'× plain':>9}")
     labels = {
         "plain": "standard_step",
@@ -208,7 +274,9 @@ def main() -> None:
     verdict = "meets" if half <= APPROX_TARGET else "MISSES"
     print(f"approx (second_pass=0.5)/plain {half:.2f} {verdict} the ≤ {APPROX_TARGET}× target")
 
-    train_size, holdout_size, epochs = (1000, 200, 2) if args.quick else (2000, 400, 3)
+
+def part_b(quick: bool) -> None:
+    train_size, holdout_size, epochs = (1000, 200, 2) if quick else (2000, 400, 3)
     search = search_costs(train_size, holdout_size, epochs)
     print(
         f"\n(b) Fine-Pruning cut search (prune only), holdout {holdout_size}, "
@@ -226,7 +294,9 @@ def main() -> None:
         f"evaluations, {search['sweep']['seconds'] / search['binary']['seconds']:.1f}× seconds"
     )
 
-    sizes = [1000, 5000] if args.quick else [1000, 20000]
+
+def part_c(quick: bool) -> None:
+    sizes = [1000, 5000] if quick else [1000, 20000]
     memory = memory_costs(sizes)
     print("\n(c) activation_stats working memory (peak RSS above the data), batch 256")
     if memory is None:
