@@ -305,11 +305,43 @@ def plot_defenses(setting: Setting, rows: list[tuple[str, list[dict]]], path: Pa
     return _save(figure, path)
 
 
+def plot_tradeoff(setting: Setting, rows: list[tuple[str, list[dict]]], path: Path) -> Path:
+    """ACC against ASR, one point per defense at its mean over seeds with one-standard-deviation
+    bars both ways; the undefended model is a star. Lower right is better: the backdoor gone
+    (low ASR) and the model still accurate (high ACC)."""
+    figure, (axis,) = _figure(width=5.5)
+    markers = "osD^vP<>Xhp"
+    for i, (label, runs) in enumerate(rows):
+        acc, acc_std = _mean_and_std([r["acc"] for r in runs])
+        asr, asr_std = _mean_and_std([r["asr"] for r in runs])
+        if math.isnan(acc) or math.isnan(asr):
+            continue
+        undefended = label == NO_DEFENSE
+        axis.errorbar(
+            asr, acc, xerr=asr_std, yerr=acc_std, fmt="*" if undefended else markers[i % 11],
+            markersize=14 if undefended else 7, capsize=3, color="black" if undefended else None,
+            label=f"{label} (n={len(runs)})",
+        )  # fmt: skip
+    axis.set_xlim(-0.03, 1.03)
+    axis.set_xlabel("ASR (test split, true trigger)")
+    axis.set_ylabel("ACC (test split)")
+    axis.set_title(f"{setting.dataset} / {setting.model} / {setting.attack}")
+    axis.grid(alpha=0.3)
+    axis.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    return _save(figure, path)
+
+
 def defense_section(settings: list[Setting], out: Path) -> list:
     blocks = [Heading("Defenses", 2)]
     for setting in settings:
         rows = defense_rows(setting)
-        blocks += [Heading(setting.title, 3), defense_table(setting, rows)]
+        blocks.append(Heading(setting.title, 3))
+        if len(rows) > 1 and not setting.clean:
+            relative = f"{FIGURES}/{setting.slug}-tradeoff.png"
+            plot_tradeoff(setting, rows, out / relative)
+            caption = f"{setting.title}: test ACC against ASR, mean ± std over seeds (★ no defense)"
+            blocks.append(Image(relative, caption))
+        blocks.append(defense_table(setting, rows))
         if len(rows) == 1:
             blocks.append(Note("No defense was run on these models."))
             continue
@@ -435,6 +467,82 @@ def gradient_section(settings: list[Setting], out: Path) -> list:
     return blocks
 
 
+# ----------------------------------------------------------------------------- backdoor estimate
+
+
+def estimate_points(cells: list[dict]) -> list[dict]:
+    """One point per backdoored cell with an estimate (latest run per setting, label and seed):
+    true and estimated ASR after purification."""
+    points = []
+    for setting in group_settings([], cells):
+        if setting.clean:
+            continue
+        for cell in _latest_runs(setting.cells):
+            estimate = cell.get("estimate")
+            if estimate and cell["asr_after"] is not None:
+                est = estimate["after"]["est_asr"]
+                points.append({"attack": cell["attack"], "asr": cell["asr_after"], "est": est})
+    return points
+
+
+def false_alarms(cells: list[dict]) -> tuple[int, int]:
+    """(flagged, total) clean models: the estimate before purification says "backdoor" on a
+    model trained without one."""
+    before = {}
+    for cell in cells:
+        if cell["attack"] == "none" and cell.get("estimate"):
+            before[cell["model_key"]] = cell["estimate"]["before"]["flagged"]
+    return sum(before.values()), len(before)
+
+
+def plot_estimate(points: list[dict], rho: float | None, path: Path) -> Path:
+    figure, (axis,) = _figure(width=5.5)
+    for attack in sorted({p["attack"] for p in points}):
+        mine = [p for p in points if p["attack"] == attack]
+        axis.scatter([p["asr"] for p in mine], [p["est"] for p in mine], s=18, label=attack)
+    axis.plot([0, 1], [0, 1], color="grey", linewidth=0.8, linestyle="--")
+    axis.set_xlim(-0.03, 1.03)
+    axis.set_ylim(-0.03, 1.03)
+    axis.set_xlabel("true ASR after purification (test split, true trigger)")
+    axis.set_ylabel("estimated ASR (clean holdout only)")
+    title = "defender-side estimate vs true ASR"
+    axis.set_title(title if rho is None else f"{title} (Spearman ρ = {rho:.2f})")
+    axis.grid(alpha=0.3)
+    axis.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    return _save(figure, path)
+
+
+def estimate_section(cells: list[dict], out: Path) -> list:
+    """The defender-side backdoor estimate (methods.md §12.2) against the true ASR."""
+    blocks = [Heading("Backdoor estimate (defender side)", 2)]
+    points = estimate_points(cells)
+    flagged, clean = false_alarms(cells)
+    if not points and not clean:
+        return [*blocks, Note("No defense run recorded the backdoor estimate.")]
+    rho = None
+    spread = all(len({p[key] for p in points}) > 1 for key in ("asr", "est"))
+    if len(points) >= 3 and spread:
+        from scipy.stats import spearmanr
+
+        rho = float(spearmanr([p["asr"] for p in points], [p["est"] for p in points]).statistic)
+    missed = sum(p["asr"] >= 0.5 > p["est"] for p in points)
+    blocks.append(
+        Items(
+            [
+                f"Spearman rank correlation of estimated and true ASR after purification: "
+                f"{'–' if rho is None else f'{rho:.3f}'} over {len(points)} backdoored cells",
+                f"false all-clear (true ASR ≥ 0.5, estimated < 0.5): {missed} of {len(points)}",
+                f"clean models flagged before purification (false alarms): {flagged} of {clean}",
+            ]
+        )
+    )
+    if points:
+        relative = f"{FIGURES}/estimate-vs-true-asr.png"
+        plot_estimate(points, rho, out / relative)
+        blocks.append(Image(relative, "Estimated against true ASR after each purification"))
+    return blocks
+
+
 # ----------------------------------------------------------------------------- rendering
 
 
@@ -538,6 +646,7 @@ def _write_pages(db: Path, out: Path, models: list[dict], cells: list[dict]) -> 
     blocks = [
         *header(db, models, cells),
         *defense_section(settings, out),
+        *estimate_section(cells, out),
         *pruning_section(settings, out),
         *identification_section(settings),
         *gradient_section(settings, out),
