@@ -182,6 +182,7 @@ def test_identification_and_figures(report):
     assert sorted(name.split("-", 1)[1] for name in figures) == sorted(
         [
             f"{badnets}-defenses.png",
+            f"{badnets}-tradeoff.png",
             "gratings-small-cnn-none-defenses.png",
             f"{badnets}-pruning-mean-activation.png",
             f"{badnets}-search.png",
