@@ -199,3 +199,39 @@ def test_a_store_of_the_older_layout_gains_the_estimate_columns(tmp_path):
         pass
     found = [r[1] for r in sqlite3.connect(tmp_path / "old.db").execute("PRAGMA table_info(cells)")]
     assert found == list(CELL_COLUMNS)
+
+
+def test_report_shows_the_tradeoff_and_the_estimate_against_the_true_asr(tmp_path):
+    from tests.test_report import BADNETS, CLEAN, cell_row, make_store, model_row
+    from torchpurify.report import estimate_points, false_alarms, write_report
+
+    def guess(before, after, flagged):
+        one = {"est_asr": before, "flagged": flagged}
+        return {"before": one, "after": {"est_asr": after, "flagged": after >= 0.5}}
+
+    bad = [model_row(f"bad-{s}", BADNETS, s, (0.95, 0.99, 0.01)) for s in (0, 1)]
+    clean = [model_row(f"clean-{s}", CLEAN, s, (0.96, None, None)) for s in (0, 1)]
+    cells = []
+    for model, (true_after, est_after) in zip(bad * 2, [(0.9, 0.8), (0.1, 0.2), (0.5, 0.1),
+                                                       (0.02, 0.0)], strict=True):  # fmt: skip
+        label = "ft" if len(cells) < 2 else "gnft"
+        row = cell_row(f"{label}-{model['key']}", model, label, (0.95, 0.99, 0.01),
+                       (0.9, true_after, 0.1), 0.7, 1.0)  # fmt: skip
+        cells.append({**row, "estimate": guess(1.0, est_after, True)})
+    for i, model in enumerate(clean):
+        row = cell_row(f"ft-{model['key']}", model, "ft", (0.96, None, None),
+                       (0.95, None, None), None, 1.0)  # fmt: skip
+        cells.append({**row, "estimate": guess(0.1, 0.1, i == 0)})
+    store = make_store(tmp_path / "r.db", bad + clean, cells)
+    assert sorted(p["asr"] for p in estimate_points(cells)) == [0.02, 0.1, 0.5, 0.9]
+    assert false_alarms(cells) == (1, 2)
+    markdown, _ = write_report(store, tmp_path / "report")
+    text = markdown.read_text()
+    assert "Spearman rank correlation of estimated and true ASR after purification: 0.800" in text
+    assert "false all-clear (true ASR ≥ 0.5, estimated \\< 0.5): 1 of 4" in text
+    assert "clean models flagged before purification (false alarms): 1 of 2" in text
+    figures = tmp_path / "report" / "figures"
+    assert (figures / "estimate-vs-true-asr.png").is_file()
+    tradeoffs = sorted(p.name for p in figures.glob("*-tradeoff.png"))
+    assert len(tradeoffs) == 1 and "badnets" in tradeoffs[0]  # none for the clean model
+    assert text.index("tradeoff.png") < text.index("| defense |")  # the trade-off comes first
