@@ -230,6 +230,18 @@ def test_cli_writes_both_files_and_prints_their_paths(store, tmp_path):
     ]
 
 
+def test_cli_replaces_an_earlier_report_only_with_force(store, tmp_path):
+    out = tmp_path / "report"
+    assert run("report", store, "--out", out).exit_code == 0
+    (out / "report.md").write_text("edited")
+    again = run("report", store, "--out", out)
+    assert again.exit_code == 2 and "already holds a torchpurify report" in again.output
+    assert (out / "report.md").read_text() == "edited"
+    assert run("report", store, "--out", out, "--force").exit_code == 0
+    assert (out / "report.md").read_text().startswith("# torchpurify results report")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["report"]  # no staging left behind
+
+
 def make_not_a_store(tmp_path, kind):
     path = tmp_path / "results.db"
     if kind == "text":
