@@ -104,7 +104,7 @@ def test_cosine_schedule_is_torchs_and_trainer_runs_epoch_by_epoch():
         for epoch in range(4):
             rates.append(trainer.optimizer.param_groups[0]["lr"])
             assert trainer.epoch()["epoch"] == epoch + 1
-        with pytest.raises(UserError, match="all 4 epochs"):
+        with pytest.raises(RuntimeError, match="all 4 epochs"):
             trainer.epoch()
     expected = [0.1 * 0.5 * (1 + math.cos(math.pi * e / 4)) for e in range(4)]
     assert rates == pytest.approx(expected)

@@ -278,10 +278,8 @@ class Trainer:
     def epoch(self) -> dict:
         """Train one epoch (whole batches of a fresh shuffle); return its history record."""
         config, model, device = self.config, self.model, self.device
-        check(
-            self.epochs_done < config.epochs,
-            f"{self.description}: all {config.epochs} epochs of the schedule have run",
-        )
+        if self.epochs_done >= config.epochs:  # a caller's bug, not the user's mistake
+            raise RuntimeError(f"{self.description}: all {config.epochs} epochs have run")
         self.epochs_done += 1
         epoch = self.epochs_done
         model.train()
