@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from torchpurify.attacks import ATTACKS, build_attack, poison_split, trigger_from_dict
+from torchpurify.attacks.poison import check_poisoning
 from torchpurify.card import targeting
 from torchpurify.data import DATASETS, load_dataset
 from torchpurify.data.base import Dataset, Split
@@ -69,14 +70,7 @@ class AttackSpec:
     def __post_init__(self) -> None:
         # Fail before any data is loaded or any time is spent.
         ATTACKS.get(self.name)
-        check(
-            0 < self.poison_rate <= 1,
-            f"--poison-rate must be in (0, 1], got {self.poison_rate}",
-        )
-        check(
-            self.target_mode in ("all-to-one", "all-to-all"),
-            f"--target-mode must be all-to-one or all-to-all, got {self.target_mode!r}",
-        )
+        check_poisoning(self.poison_rate, self.target_mode, self.target)
 
 
 @dataclass
