@@ -1,0 +1,61 @@
+"""The development / evaluation protocol (methods.md §12.1), as the configs must keep it:
+defaults are chosen on development seeds 100–102 only; the evaluation cells use fresh seeds 0–2,
+cover every attack, and share the development recipe."""
+
+from pathlib import Path
+
+import pytest
+
+from torchpurify.attacks import ATTACKS
+from torchpurify.spec import attack_name, load_spec, model_jobs
+
+CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+DEV = sorted(CONFIGS.glob("dev-*.yaml"))
+EVAL = sorted(CONFIGS.glob("eval-*.yaml"))
+IMAGE_ATTACKS = {"badnets", "blended", "sig", "wanet"}
+AUDIO_ATTACKS = {"noise-burst", "blend", "high-tone", "pitch-style", "pitch-mask", "overlay",
+                 "time-stretch"}  # fmt: skip
+
+
+def jobs(paths):
+    return [job for path in paths for job in model_jobs(load_spec(path))]
+
+
+def test_development_and_evaluation_seeds_never_meet():
+    assert {"dev-image.yaml", "dev-audio.yaml"} <= {p.name for p in DEV}
+    assert {"eval-image.yaml", "eval-image-controls.yaml"} <= {p.name for p in EVAL}
+    assert {job.seed for job in jobs(DEV)} == {100, 101, 102}
+    assert {job.seed for job in jobs(EVAL)} == {0, 1, 2}
+    assert not {job.key for job in jobs(DEV)} & {job.key for job in jobs(EVAL)}
+
+
+@pytest.mark.parametrize("dataset", ["fashion-mnist", "speech-synth"])
+def test_evaluation_uses_the_development_recipe_and_has_a_clean_model(dataset):
+    def recipes(paths):
+        return {
+            (job.dataset.train_size, job.dataset.val_fraction, tuple(sorted(job.recipe.items())))
+            for job in jobs(paths)
+            if job.dataset.name == dataset and job.model in ("small-cnn", "kws-cnn")
+        }
+
+    assert len(recipes(DEV)) == 1 and recipes(DEV) == recipes(EVAL)
+    fractions = {load_spec(p).defender_fraction for p in DEV + EVAL}
+    assert len(fractions) == 1  # the defender holds as much data in both
+    assert any(j.attack is None for j in jobs(EVAL) if j.dataset.name == dataset)
+    assert any(j.attack is None for j in jobs(DEV) if j.dataset.name == dataset)
+
+
+def test_evaluation_covers_every_attack_and_the_variants():
+    evaluated = jobs(EVAL)
+    image = {attack_name(j.attack) for j in evaluated if j.dataset.name == "fashion-mnist"}
+    audio = {attack_name(j.attack) for j in evaluated if j.dataset.name == "speech-synth"}
+    assert IMAGE_ATTACKS <= image and AUDIO_ATTACKS <= audio
+    assert IMAGE_ATTACKS | AUDIO_ATTACKS >= set(ATTACKS.names()) - {"pruning-aware"}
+    badnets = [j.attack for j in evaluated if attack_name(j.attack) == "badnets"]
+    assert any(a.target_mode == "all-to-all" for a in badnets)
+    assert any(a.poison_rate == 0.01 for a in badnets)
+    audio_models = {j.model for j in evaluated if j.dataset.name == "speech-synth"}
+    assert "kws-cnn" in audio_models and audio_models & {"res8", "ds-cnn"}
+    for job in evaluated:  # every seed of every evaluation setting
+        same = [j for j in evaluated if j.name.rsplit("/", 1)[0] == job.name.rsplit("/", 1)[0]]
+        assert {j.seed for j in same} == {0, 1, 2}, job.name
