@@ -1,4 +1,4 @@
-"""A defender-side backdoor estimate (methods.md §12): is there a backdoor, towards which label,
+"""A defender-side backdoor estimate (methods.md §12.2): is there a backdoor, towards which label,
 and how well would its trigger still work — from the defender's clean holdout alone.
 
 Before purification, Neural-Cleanse trigger inversion (§7, :func:`invert_triggers`) runs for

@@ -150,7 +150,7 @@ def invert_capped(
     device: torch.device | str | None = None,
 ) -> InvertedTrigger:
     """The trigger for ``label`` that works best on ``data`` among those whose mask has an ℓ1
-    norm of at most ``budget`` (methods.md §12, the estimated ASR).
+    norm of at most ``budget`` (methods.md §12.2, the estimated ASR).
 
     Cross-entropy towards ``label`` is minimised over mask and pattern with no size penalty;
     instead the mask is scaled down to the budget inside the forward pass (``m·min(1, B/‖m‖₁)``),
