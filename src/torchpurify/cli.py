@@ -7,19 +7,72 @@ from __future__ import annotations
 
 import functools
 import json
+import re
 import sys
 from enum import Enum
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-import yaml
 from rich.console import Console
 from rich.table import Table
+from typer.core import TyperGroup
+
+try:
+    from typer.core import _click as click  # typer ≥ 0.20 ships its own copy of click
+except ImportError:
+    import click
 
 from torchpurify.errors import UserError
+from torchpurify.registry import MAX_SEED
+
+
+class OneLineErrors(TyperGroup):
+    """Click's usage errors (a bad number, an unknown option or choice) as one line on stderr,
+    ``error: …``, exit code 2 — like every other user mistake — instead of a framed box."""
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        try:
+            result = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        except click.exceptions.NoArgsIsHelpError as error:
+            if not standalone_mode:
+                raise
+            click.echo(error.ctx.get_help())
+            sys.exit(0)
+        except click.exceptions.ClickException as error:
+            if not standalone_mode:
+                raise
+            err.print(f"[bold red]error:[/] {one_line(error)}", highlight=False, soft_wrap=True)
+            sys.exit(error.exit_code)
+        except typer.Abort:
+            if not standalone_mode:
+                raise
+            err.print("aborted")
+            sys.exit(1)
+        if standalone_mode:
+            sys.exit(result if isinstance(result, int) else 0)
+        return result
+
+
+def one_line(error: Exception) -> str:
+    """The error's message on one line, with a near miss of a choice named, and where to look."""
+    from rich.markup import escape
+
+    from torchpurify.registry import suggestion
+
+    message = " ".join(error.format_message().split()).replace("Value error, ", "")
+    choice = re.search(r"'([^']*)' is not one of ((?:'[^']*'(?:, )?)+)", message)
+    if choice:
+        choices = re.findall(r"'([^']*)'", choice[2])
+        message = message.rstrip(".") + suggestion(choice[1], choices, "")
+    ctx = getattr(error, "ctx", None)
+    if ctx is not None:
+        message += f" (see {ctx.command_path} --help)"
+    return escape(message)
+
 
 app = typer.Typer(
+    cls=OneLineErrors,
     add_completion=False,
     no_args_is_help=True,
     help="Find and remove backdoors in trained neural networks, neuron by neuron.",
@@ -69,16 +122,16 @@ def command(*args, **kwargs):
 
 
 def parse_settings(settings: list[str] | None, option: str = "--set") -> dict[str, Any]:
-    """``["alpha=0.7", "position=top-left"]`` → ``{"alpha": 0.7, "position": "top-left"}``."""
+    """``["alpha=0.7", "lr=1e-3", "position=top-left"]`` → ``{"alpha": 0.7, "lr": 0.001,
+    "position": "top-left"}``: values read as YAML 1.2, as in specs."""
+    from torchpurify.spec import read_value
+
     parsed: dict[str, Any] = {}
     for item in settings or []:
         key, sep, value = item.partition("=")
         if not sep or not key.strip():
             raise UserError(f"{option} takes KEY=VALUE, got {item!r}")
-        try:
-            parsed[key.strip().replace("-", "_")] = yaml.safe_load(value)
-        except yaml.YAMLError:
-            parsed[key.strip().replace("-", "_")] = value
+        parsed[key.strip().replace("-", "_")] = read_value(value)
     return parsed
 
 
@@ -155,6 +208,10 @@ SampleRate = Annotated[
     int | None,
     typer.Option(help="With audio: the model's sample rate (default: its own, else 16000)."),
 ]
+def seed_option(help_text: str = "Seed of every random choice.") -> Any:
+    return typer.Option(min=0, max=MAX_SEED, help=help_text)
+
+
 DataRoot = Annotated[
     str | None,
     typer.Option(help="The dataset's folder (default: $TORCHPURIFY_DATA, system packages, cache)."),
@@ -194,7 +251,7 @@ def train(
         bool | None,
         typer.Option("--channels-last/--no-channels-last", help="Default: the model's preference."),
     ] = None,
-    seed: int = 0,
+    seed: Annotated[int, seed_option()] = 0,
     device: Device = "auto",
     data_root: DataRoot = None,
     train_size: Annotated[int | None, typer.Option(help="Train on a random subset.")] = None,
@@ -267,10 +324,10 @@ def evaluate(
     settings: Settings = None,
     target: Annotated[int | None, typer.Option(help="Target label (default: the model's).")] = None,
     target_mode: Annotated[TargetMode | None, typer.Option()] = None,
-    seed: Annotated[int, typer.Option(help="Seed of the --attack trigger.")] = 0,
+    seed: Annotated[int, seed_option("Seed of the --attack trigger.")] = 0,
     data_root: DataRoot = None,
     device: Device = "auto",
-    batch_size: int = 512,
+    batch_size: Annotated[int, typer.Option(min=1)] = 512,
     as_json: Annotated[bool, typer.Option("--json", help="Print the metrics as JSON.")] = False,
 ) -> None:
     """Measure ACC, ASR and RA of a model on its dataset's test split."""
@@ -311,12 +368,17 @@ def evaluate(
         if settings:
             raise UserError("--set needs --attack")
         trigger = trigger_of(card)
+    target = recorded.get("target", 0) if target is None else target
+    if not 0 <= target < data.num_classes:
+        raise UserError(
+            f"--target must be a label of {name}, 0..{data.num_classes - 1}; got {target}"
+        )
     resolved = resolve_device(device)
     metrics = measure(
         net.to(resolved),
         data.test,
         trigger,
-        target=recorded.get("target", 0) if target is None else target,
+        target=target,
         mode=(target_mode.value if target_mode else recorded.get("target_mode", "all-to-one")),
         num_classes=data.num_classes,
         batch_size=batch_size,
@@ -351,7 +413,7 @@ def purify(
         float,
         typer.Option(help="Clean data the defender holds, as a fraction of the training set."),
     ] = 0.05,
-    seed: Annotated[int, typer.Option(help="Seed of the defender's split and of the defense.")] = 0,
+    seed: Annotated[int, seed_option("Seed of the defender's split and of the defense.")] = 0,
     data_root: DataRoot = None,
     device: Device = "auto",
     as_json: Annotated[bool, typer.Option("--json", help="Print the results as JSON.")] = False,
@@ -564,10 +626,11 @@ def detect(
         Path, typer.Option(help="A model directory, or your own weights file (with --clean).")
     ],
     steps: Annotated[int, typer.Option(help="Optimisation steps per label.")] = 300,
-    seed: int = 0,
+    seed: Annotated[int, seed_option()] = 0,
     defender_fraction: float = 0.05,
     data_root: DataRoot = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
+    progress: Annotated[bool, typer.Option(help="Show a progress bar (a step per label).")] = True,
     arch: Arch = None,
     trust_code: TrustCode = False,
     clean: CleanPath = None,
@@ -584,7 +647,7 @@ def detect(
         tune_fraction=tune_fraction, seed=seed if clean is not None else None,
         normalize=normalize, num_classes=num_classes, sample_rate=sample_rate,
     )  # fmt: skip
-    result = run_detect(net, holdout, steps=steps, seed=seed)
+    result = run_detect(net, holdout, steps=steps, seed=seed, progress=progress)
     if as_json:
         print(json.dumps(result))
         return
@@ -629,7 +692,7 @@ def inspect(
     trust_code: TrustCode = False,
     clean: CleanPath = None,
     tune_fraction: TuneFraction = 0.8,
-    seed: Annotated[int, typer.Option(help="With --clean: seed of the holdout split.")] = 0,
+    seed: Annotated[int, seed_option("With --clean: seed of the holdout split.")] = 0,
     normalize: Normalize = None,
     num_classes: NumClasses = None,
     sample_rate: SampleRate = None,
@@ -771,7 +834,7 @@ def trigger_demo(
         ),
     ] = None,
     settings: Settings = None,
-    seed: Annotated[int, typer.Option(help="Seed of the trigger's random pattern.")] = 0,
+    seed: Annotated[int, seed_option("Seed of the trigger's random pattern.")] = 0,
     force: Force = False,
 ) -> None:
     """Apply an audio trigger to a one-second clip: write clean.wav, triggered.wav (16-bit PCM)
@@ -907,7 +970,7 @@ def make_speech(
         Path, typer.Option("--out", help="Folder to write; it must not exist or be empty.")
     ],
     per_word: Annotated[int, typer.Option(help="Clips per keyword.")] = 1200,
-    seed: Annotated[int, typer.Option(help="Seed of every random choice.")] = 0,
+    seed: Annotated[int, seed_option("Seed of every random choice.")] = 0,
     workers: Annotated[
         int | None, typer.Option(help="Processes synthesising (default: one per CPU core).")
     ] = None,
