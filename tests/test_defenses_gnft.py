@@ -6,9 +6,11 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call, hessian
 
-from torchpurify.defenses import build_defense
+from tests.test_defenses_salience import plain_backdoor
+from torchpurify.defenses import Clean, build_defense
 from torchpurify.defenses.gnft import gradient_norm_direction
 from torchpurify.errors import UserError
+from torchpurify.metrics import evaluate
 from torchpurify.train import count_passes
 
 
@@ -100,7 +102,7 @@ def test_per_tensor_normalisation_matches_its_exact_penalty():
 @pytest.mark.parametrize(
     ("name", "params", "message"),
     [
-        ("gnft", {"alpha": 1.5}, "alpha must be in \\[0, 1\\]"),
+        ("gnft", {"alpha": -0.5}, "alpha must be ≥ 0"),
         ("gnft", {"r": 0}, "r must be positive"),
         ("gnft", {"mode": "fast"}, "mode must be approx or exact"),
         ("ft", {"epochs": 0}, "epochs must be at least 1"),
@@ -130,3 +132,53 @@ def test_partial_second_pass_keeps_the_full_batch_gradient_and_the_estimate():
     plain = torch.autograd.grad(F.cross_entropy(model(x), y), list(model.parameters()))
     tiny_alpha, _ = gradient_norm_direction(model, x, y, r=0.5, alpha=1e-9, second_pass=0.5)
     assert torch.allclose(flat(tiny_alpha), flat(plain), atol=1e-8)
+
+
+def one_batch_of(tiny, n=64):
+    """A tune split of exactly one batch, so one epoch is one step."""
+    return Clean(tiny.tune.subset(list(range(n))), tiny.holdout)
+
+
+def test_gnft_with_alpha_zero_is_ft_step_for_step(tiny_backdoor):
+    """FT and GN-FT see identical batches in identical order: α = 0 reproduces FT exactly."""
+    clean = Clean(tiny_backdoor.tune, tiny_backdoor.holdout)
+    recipe = {"epochs": 2, "lr": 0.05, "device": "cpu", "batch_size": 64, "guard_retries": 0}
+    ft = build_defense("ft", **recipe).purify(tiny_backdoor.model, clean).model
+    gn = build_defense("gnft", alpha=0.0, **recipe).purify(tiny_backdoor.model, clean).model
+    for (name, a), b in zip(ft.state_dict().items(), gn.state_dict().values(), strict=True):
+        assert torch.equal(a, b), name
+
+
+def test_gnft_default_updates_batchnorm_statistics_as_ft_does(tiny_backdoor):
+    """The default first pass is the whole batch, once: after one step BatchNorm's running
+    statistics are exactly FT's (a split first pass would update them twice on half batches)."""
+    clean = one_batch_of(tiny_backdoor)
+    recipe = {"epochs": 1, "lr": 0.05, "device": "cpu", "batch_size": 64, "guard_retries": 0}
+    ft = build_defense("ft", **recipe).purify(tiny_backdoor.model, clean).model
+    gn = build_defense("gnft", **recipe).purify(tiny_backdoor.model, clean).model
+    half = build_defense("gnft", second_pass=0.5, **recipe).purify(tiny_backdoor.model, clean)
+    stats = [k for k in ft.state_dict() if "running_" in k]
+    assert stats
+    for key in stats:
+        assert torch.equal(ft.state_dict()[key], gn.state_dict()[key]), key
+    assert any(not torch.equal(ft.state_dict()[k], half.model.state_dict()[k]) for k in stats)
+
+
+def test_defaults_do_not_collapse_a_model_without_batchnorm(tiny_backdoor):
+    """A user's CNN without BatchNorm: an absolute radius of 1 (12 % of its weights' norm) drove
+    it to a constant output (a dead network has zero gradient, the penalty's trivial minimum);
+    the relative default keeps its accuracy and lowers ASR."""
+    tiny = tiny_backdoor
+    model = plain_backdoor(tiny)
+    clean = Clean(tiny.tune, tiny.holdout)
+    before = evaluate(model, tiny.test, tiny.trigger, target=0, num_classes=tiny.num_classes)
+    recipe = {"device": "cpu", "batch_size": 64, "guard_retries": 0, "max_acc_drop": 0.99}
+    default = build_defense("gnft", **recipe).purify(model, clean)
+    after = evaluate(default.model, tiny.test, tiny.trigger, target=0, num_classes=6)
+    assert after.acc > before.acc - 0.05 and after.asr < 0.8 < before.asr, (before, after)
+    old = build_defense("gnft", radius="absolute", r=1.0, **recipe).purify(model, clean)
+    collapsed = evaluate(old.model, tiny.test, tiny.trigger, target=0, num_classes=6)
+    assert collapsed.acc < 0.3
+    # Without the override the guard catches such a collapse and says so.
+    guarded = build_defense("gnft", radius="absolute", r=1.0, device="cpu", batch_size=64)
+    assert guarded.purify(model, clean).log["guard"]["action"] != "kept"

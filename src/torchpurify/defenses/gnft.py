@@ -4,7 +4,10 @@ and FT, the plain fine-tuning baseline it is compared with (the same recipe with
 The objective on ``tune`` is ``L(θ) + λ·‖∇L(θ)‖₂``. Its gradient is ``g + λ·H·g/‖g‖``.
 ``mode="exact"`` differentiates the penalty by double backprop. ``mode="approx"`` uses the
 two-pass estimate ``(1 − α)·g1 + α·g2`` with ``g2 = ∇L(θ + r·g1/‖g1‖)`` and ``α = λ/r``, since
-``g2 ≈ g1 + r·H·g1/‖g1‖``.
+``g2 ≈ g1 + r·H·g1/‖g1‖``. That holds for small r only; at the radii that remove backdoors
+(a few per cent of ‖θ‖) the two-pass step is sharpness-aware minimisation (SAM, ρ = r) mixed
+with the plain gradient — measured in methods.md §5. ``radius="relative"`` (default) gives r as
+a fraction of the weights' norm, so one default fits models of any scale.
 """
 
 from __future__ import annotations
@@ -109,32 +112,42 @@ class GradientNormFineTuning(FineTuneRecipe):
     summary = "fine-tune with a gradient-norm penalty, two-pass approximation (Zhou et al. 2025)"
 
     mode: str = "approx"
-    # r, α and second_pass chosen by the calibration runs of methods.md §11.1: the paper's
-    # r = 0.05, α = 0.7 leave BadNets at ASR 1.00 at our scale; half-batch second passes bring
-    # the step to about 1.5× a plain one.
-    r: float = 1.0
+    # radius="relative": r is a fraction of the weights' norm ‖θ‖ at the start (model-scale
+    # free); "absolute": r itself. r and α were chosen on the development cells (methods.md §5,
+    # §11.4): at these radii the two-pass step is SAM-like, not the Taylor penalty.
+    radius: str = "relative"
+    r: float = 0.04
     alpha: float = 0.9
     per_tensor: bool = False
-    second_pass: float = 0.5
+    # The whole batch in both passes: FT and GN-FT see identical batches and BatchNorm
+    # statistics are updated once per step, as in FT.
+    second_pass: float = 1.0
 
     def validate(self) -> None:
         super().validate()
         self.require("second_pass", 0 < self.second_pass <= 1, "in (0, 1]")
         self.require("mode", self.mode in ("approx", "exact"), "approx or exact")
+        self.require("radius", self.radius in ("relative", "absolute"), "relative or absolute")
         self.require("r", self.r > 0, "positive")
-        self.require("alpha", 0 <= self.alpha <= 1, "in [0, 1]")
+        self.require("alpha", self.alpha >= 0, "≥ 0")
+
+    def absolute_radius(self, model: nn.Module) -> float:
+        """The perturbation radius in weight units: r, or r·‖θ‖ for ``radius="relative"``."""
+        if self.radius == "absolute":
+            return self.r
+        params = [p.detach() for p in model.parameters() if p.requires_grad]
+        return self.r * float(torch.sqrt(sum((p * p).sum() for p in params)))
 
     def run(self, model: nn.Module, clean: Clean) -> Purified:
+        r = self.absolute_radius(model)
         result = fit(
             model,
             clean.tune,
             self.train_config(),
-            step=gradient_norm_step(
-                self.mode, self.r, self.alpha, self.per_tensor, self.second_pass
-            ),
+            step=gradient_norm_step(self.mode, r, self.alpha, self.per_tensor, self.second_pass),
             description=self.name,
         )
-        return Purified(model, {"history": result.history})
+        return Purified(model, {"radius": r, "lambda": self.alpha * r, "history": result.history})
 
 
 @register_defense
