@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 FASHION := /usr/share/datasets/fashion-mnist
 
-.PHONY: demo test lint bench data clean
+.PHONY: demo test lint bench data clean dev-image dev-audio eval-image eval-audio
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -22,6 +22,26 @@ data:
 demo: $(STAMP) data
 	$(BIN)/torchpurify run configs/demo.yaml --results runs/demo/results.db --cache runs/demo/models
 	$(BIN)/torchpurify report runs/demo/results.db --out runs/demo/report
+
+# Development and evaluation cells (docs/methods.md §12.1); each spec file ≤ 90 min on 2 cores.
+RUN_GRID = $(BIN)/torchpurify run --executor ray --cpus-per-task 1
+dev-image dev-audio: $(STAMP) data
+	$(RUN_GRID) configs/$@.yaml --results runs/$@/results.db --cache runs/$@/models
+	$(BIN)/torchpurify report runs/$@/results.db --out runs/$@/report --force
+
+eval-image: $(STAMP) data
+	for part in eval-image eval-image-controls; do \
+		$(RUN_GRID) configs/$$part.yaml --results docs/results/eval-image/results.db \
+			--cache runs/eval-image/models || exit 1; \
+	done
+	$(BIN)/torchpurify report docs/results/eval-image/results.db --out docs/results/eval-image/report --force
+
+eval-audio: $(STAMP) data
+	for part in eval-audio-seed0 eval-audio-seed1 eval-audio-seed2 eval-audio-res8; do \
+		$(RUN_GRID) configs/$$part.yaml --results docs/results/eval-audio/results.db \
+			--cache runs/eval-audio/models || exit 1; \
+	done
+	$(BIN)/torchpurify report docs/results/eval-audio/results.db --out docs/results/eval-audio/report --force
 
 test: $(STAMP) data
 	$(BIN)/python -m pytest
