@@ -23,13 +23,14 @@ import numpy as np
 import torch
 from torch import nn
 
+from torchpurify.attacks.poison import target_labels
 from torchpurify.card import ModelCard, targeting
 from torchpurify.data.base import Split
 from torchpurify.data.byo import OwnData, read_own
 from torchpurify.data.splits import defender_split
 from torchpurify.defenses import Clean, Defense, build_defense
 from torchpurify.errors import UserError, check
-from torchpurify.metrics import Metrics, attack_rates, evaluate, predict, target_labels
+from torchpurify.metrics import Metrics, attack_rates, evaluate, predict
 from torchpurify.models import MODELS, is_reference
 from torchpurify.models.io import export_weights, load_model, save_model
 
