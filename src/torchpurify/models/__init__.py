@@ -168,9 +168,18 @@ class _LargeOnMeta(TorchFunctionMode):
 
 
 def _construct(name: str, factory, given: dict[str, Any], input_shape) -> nn.Module:
+    """Call the factory. Arguments that do not fit its signature, and a ValueError it raises
+    about its input, are the user's to fix (one line); any other exception is a bug in the
+    architecture and keeps its traceback."""
+    try:
+        inspect.signature(factory).bind(**given)
+    except TypeError as error:
+        raise UserError(f"cannot build model {name!r}: {error}") from None
+    except ValueError:  # no signature to check against (a builtin)
+        pass
     try:
         model = factory(**given)
-    except (TypeError, ValueError) as error:
+    except ValueError as error:
         raise UserError(
             f"cannot build model {name!r} for input {tuple(input_shape)}: {error}"
         ) from None
