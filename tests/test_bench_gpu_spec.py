@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import dataclasses
 import pickle
-from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +13,6 @@ import yaml
 
 from torchpurify import runner
 from torchpurify.defenses import DEFENSES
-from torchpurify.estimate import EstimateConfig
 from torchpurify.spec import cell_jobs, load_spec, model_jobs
 
 SPEC = Path(__file__).resolve().parents[1] / "configs" / "bench-gpu.yaml"
@@ -70,6 +68,8 @@ def shrunk(root: Path, tmp_path: Path) -> Path:
     dataset["models"] = ["small-cnn"]
     dataset["training"].update(epochs=1, batch_size=32)
     data.update(seeds=[0], device="cpu", diagnostics=False, defender_fraction=0.4)
+    # The backdoor estimate every cell records inverts triggers: two steps suffice here.
+    data["estimate"] = {"steps": 2, "capped_steps": 2}
     defenses = []
     for name in data["defenses"]:
         cls = DEFENSES.get(name)
@@ -84,9 +84,7 @@ def shrunk(root: Path, tmp_path: Path) -> Path:
 
 
 @pytest.mark.filterwarnings("ignore::UserWarning")
-def test_the_spec_runs_end_to_end_on_a_tiny_cifar_folder(tmp_path, monkeypatch):
-    # The backdoor estimate every cell records inverts triggers: two steps suffice here.
-    monkeypatch.setattr(runner, "EstimateConfig", partial(EstimateConfig, steps=2, capped_steps=2))
+def test_the_spec_runs_end_to_end_on_a_tiny_cifar_folder(tmp_path):
     root = write_cifar10(tmp_path / "data")
     spec = load_spec(shrunk(root, tmp_path))
     rows = runner.run_experiment(spec, tmp_path / "results.db", tmp_path / "cache", progress=False)

@@ -209,3 +209,20 @@ def test_an_unknown_attack_inside_a_dataset_entry_is_reported_with_its_place(tmp
     """
     message, _ = error_of(tmp_path, text)
     assert "datasets[0].attacks[0].name: unknown attack 'badnet'" in message
+
+
+def test_the_estimate_is_configured_or_turned_off_and_is_part_of_the_cell_keys(tmp_path):
+    models, cells = keys(tmp_path, SPEC, "a.yaml")
+    spelled = keys(tmp_path, SPEC + "estimate: {steps: 100}\n", "b.yaml")  # the default
+    assert spelled == (models, cells)
+    fewer = keys(tmp_path, SPEC + "estimate: {steps: 20}\n", "c.yaml")
+    off = keys(tmp_path, SPEC + "estimate: false\n", "d.yaml")
+    for changed in (fewer, off):
+        assert changed[0] == models and not set(changed[1]) & set(cells)
+    assert load_spec(write(tmp_path, SPEC + "estimate: false\n")).estimate_config() is None
+    fewer_spec = load_spec(write(tmp_path, SPEC + "estimate: {steps: 20}\n"))
+    assert fewer_spec.estimate_config().steps == 20
+    message, _ = error_of(tmp_path, SPEC + "estimate: {stepz: 20}\n")
+    assert "estimate" in message and "did you mean steps" in message
+    message, _ = error_of(tmp_path, SPEC + "estimate: {steps: 0}\n")
+    assert "positive integer" in message

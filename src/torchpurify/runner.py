@@ -30,7 +30,6 @@ from torchpurify.attacks import build_attack
 from torchpurify.card import targeting
 from torchpurify.data import load_dataset
 from torchpurify.errors import UserError, check
-from torchpurify.estimate import EstimateConfig
 from torchpurify.experiment import defender_data, purify_model, train_model, trigger_of
 from torchpurify.models import build_model
 from torchpurify.models.io import CARD, load_model, versions
@@ -262,7 +261,7 @@ def run_cell(
     defense = cell.defense.build(cell.model.seed, spec.device, progress)
     result = purify_model(
         net, card, defense, root=cell.model.dataset.root, defender_fraction=cell.defender_fraction,
-        estimate=EstimateConfig(), estimate_cache=Path(model["path"]) / ESTIMATE_FILE,
+        estimate=spec.estimate_config(), estimate_cache=Path(model["path"]) / ESTIMATE_FILE,
     )  # fmt: skip
     record = result.card["defense"]
     guess = result.estimate

@@ -38,6 +38,7 @@ from torchpurify.checks import kind_problem, normalise
 from torchpurify.data import DATASETS
 from torchpurify.defenses import DEFENSES, Defense, build_defense
 from torchpurify.errors import UserError
+from torchpurify.estimate import EstimateConfig
 from torchpurify.experiment import AttackSpec, DataSpec
 from torchpurify.models import MODELS
 from torchpurify.registry import MAX_SEED, Registry, suggestion
@@ -46,7 +47,7 @@ from torchpurify.train import TrainConfig
 NO_ATTACK = "none"
 TOP_KEYS = (
     "datasets", "models", "attacks", "defenses", "seeds", "training", "defender_fraction",
-    "diagnostics", "device", "cpus_per_task",
+    "diagnostics", "device", "cpus_per_task", "estimate",
 )  # fmt: skip
 REQUIRED = ("datasets", "defenses")
 # A dataset may name its own models and attacks (audio models and triggers do not fit images).
@@ -208,7 +209,12 @@ class ExperimentSpec:
     diagnostics: bool = False
     device: str = "auto"
     cpus_per_task: int = 1
+    # The defender-side backdoor estimate's settings (EstimateConfig fields); None: not computed.
+    estimate: dict[str, Any] | None = field(default_factory=dict)
     source: str = "spec"
+
+    def estimate_config(self) -> EstimateConfig | None:
+        return None if self.estimate is None else EstimateConfig(**self.estimate)
 
     def to_dict(self) -> dict[str, Any]:
         """The spec as plain data (the file's meaning, not its spelling); ``source`` left out."""
@@ -301,6 +307,8 @@ def model_jobs(spec: ExperimentSpec) -> list[ModelJob]:
 def cell_jobs(spec: ExperimentSpec, models: list[ModelJob] | None = None) -> list[CellJob]:
     """Every trained model × every defense, grouped by model."""
     cells = []
+    settings = spec.estimate_config()  # defaults filled in: spelling one out changes no key
+    estimate = None if settings is None else settings.to_dict()
     for job in model_jobs(spec) if models is None else models:
         for defense in spec.defenses:
             params = defense.build(job.seed, spec.device).params()
@@ -309,6 +317,7 @@ def cell_jobs(spec: ExperimentSpec, models: list[ModelJob] | None = None) -> lis
                 "defense": defense.name,
                 "params": {k: v for k, v in params.items() if k not in UNHASHED},
                 "defender_fraction": spec.defender_fraction,
+                "estimate": estimate,
             }
             cells.append(CellJob(digest(content), job, defense, params, spec.defender_fraction))
     return cells
@@ -358,6 +367,7 @@ def parse_spec(data: Any, source: str = "spec") -> ExperimentSpec:
         diagnostics=read.kind(top.get("diagnostics", False), bool, "diagnostics"),
         device=read.device(top.get("device", "auto")),
         cpus_per_task=read.positive(top.get("cpus_per_task", 1), "cpus_per_task"),
+        estimate=read.estimate(top.get("estimate", {})),
         source=source,
     )
     read.no_repeats(spec)
@@ -567,6 +577,20 @@ class Reader:
         if value < 1:
             raise self.fail(place, f"must be at least 1, got {value}")
         return value
+
+    def estimate(self, value: Any) -> dict[str, Any] | None:
+        """``false`` (no estimate) or a mapping of the estimate's settings (methods.md §12.2)."""
+        if value is False:
+            return None
+        defaults = {
+            f.name: f.default for f in dataclasses.fields(EstimateConfig) if f.name != "seed"
+        }
+        given = self.params(value, "estimate", defaults, "estimate setting {!r}")
+        try:
+            EstimateConfig(**given)
+        except UserError as error:
+            raise self.fail("estimate", str(error)) from None
+        return given
 
     def device(self, value: Any) -> str:
         value = self.kind(value, str, "device")
