@@ -30,7 +30,7 @@ TINY = {
     "gnft": {"epochs": 10, "lr": 0.05, "r": 0.5, "alpha": 0.9},
     "fine-pruning": {"epochs": 5, "lr": 0.01, "max_acc_drop": 0.08},
     "linf-pruning": {"inversion_steps": 150},
-    "salience-ar": {"epochs": 10, "lr": 0.05, "alpha": 0.05},
+    "salience-ar": {"epochs": 10, "lr": 0.05, "alpha": 3.0},
 }
 
 
