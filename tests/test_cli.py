@@ -277,11 +277,11 @@ def test_purify_bad_input(tmp_path):
             "--defense",
             "gnft",
             "--set",
-            "alpha=2",
+            "alpha=-1",
             "--out",
             tmp_path / "x",
         ),
-        "alpha must be in [0, 1]",
+        "alpha must be ≥ 0",
     )
     assert run("--threads", 0, "list", "models").exit_code == 2
 
@@ -309,3 +309,18 @@ def test_detect_and_inspect_write_their_outputs(tmp_path):
     clean = tmp_path / "clean"
     train_digits(clean, "lenet5", epochs=1)
     one_line_error(run("inspect", "--model", clean, "--out", tmp_path / "x"), "records no attack")
+
+
+def test_divergence_is_one_line_and_a_defense_rolls_it_back(tmp_path):
+    diverged = run("train", "--dataset", "digits", "--model", "lenet5", "--epochs", 1, "--lr",
+                   1e30, "--no-progress", "--out", tmp_path / "d")  # fmt: skip
+    assert diverged.exit_code == 3 and "diverged" in diverged.output
+    assert len(diverged.output.strip().splitlines()) == 1
+    out = train_digits(tmp_path / "m", epochs=3)
+    result = run("purify", "--model", out, "--defense", "ft", "--set", "epochs=1", "--set",
+                 "lr=1e30", "--defender-fraction", 0.5, "--no-progress",
+                 "--out", tmp_path / "p")  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert "guard: rolled back to the input model" in result.output
+    card = json.loads((tmp_path / "p" / "model.json").read_text())
+    assert card["defense"]["log"]["guard"]["attempts"][1]["changed"] == {"lr": 5e29}

@@ -23,7 +23,7 @@ try:
 except ImportError:
     import click
 
-from torchpurify.errors import UserError
+from torchpurify.errors import Divergence, UserError
 from torchpurify.registry import MAX_SEED
 
 
@@ -112,6 +112,9 @@ def command(*args, **kwargs):
             except UserError as error:
                 err.print(f"[bold red]error:[/] {error}", highlight=False, soft_wrap=True)
                 raise typer.Exit(UserError.exit_code) from None
+            except Divergence as error:  # not the user's mistake, but one line all the same
+                err.print(f"[bold red]error:[/] {error}", highlight=False, soft_wrap=True)
+                raise typer.Exit(Divergence.exit_code) from None
             except KeyboardInterrupt:
                 err.print("interrupted; nothing was written")
                 raise typer.Exit(130) from None
@@ -529,7 +532,8 @@ def purify(
     der_text = "–" if result.der is None else f"{result.der:.4f}"
     out.print(
         f"DER {der_text}   {record['seconds']:.1f} s   {record['forward_passes']} forward / "
-        f"{record['backward_passes']} backward passes   defender data: {record['tune_size']} tune, "
+        f"{record['backward_passes']} backward sample passes   defender data: "
+        f"{record['tune_size']} tune, "
         f"{record['holdout_size']} holdout"
     )
     if result.estimate is not None:
@@ -541,7 +545,23 @@ def purify(
             f"{result.estimate['summary']}",
             **plain,
         )
+    print_guard(record["log"].get("guard"))
     out.print(f"saved {out_dir}")
+
+
+def print_guard(guard: dict | None) -> None:
+    """Say when the holdout guard (methods.md §0) backed off or rolled back; silent when kept."""
+    if not guard or guard.get("action", "kept") == "kept":
+        return
+    tried = [a["holdout_acc"] for a in guard["attempts"]]
+    shown = ", ".join("diverged" if acc is None else f"{acc:.3f}" for acc in tried)
+    out.print(
+        f"guard: {guard['action']} (holdout ACC of the input {guard['holdout_acc_input']:.3f}, "
+        f"floor {guard['floor']:.3f}, attempts {shown})",
+        markup=False,
+        highlight=False,
+        soft_wrap=True,
+    )
 
 
 def _purify_own(model: Path, clean: Path, chosen, out_dir: Path, *, as_json: bool, **options):
@@ -577,9 +597,11 @@ def _purify_own(model: Path, clean: Path, chosen, out_dir: Path, *, as_json: boo
         out.print(f"backdoor estimate (clean holdout only): {record.estimate['summary']}", **plain)
     out.print(
         f"{record.seconds:.1f} s   {record.forward_passes} forward / {record.backward_passes} "
-        f"backward passes   defender data: {record.tune_size} tune, {record.holdout_size} holdout",
+        f"backward sample passes   defender data: {record.tune_size} tune, "
+        f"{record.holdout_size} holdout",
         **plain,
     )
+    print_guard(record.log.get("guard"))
     out.print(f"saved {out_dir}", **plain)
     if options.get("export") is not None:
         out.print(f"exported {options['export']} (masks folded; load_state_dict into your class)",
