@@ -335,6 +335,7 @@ def evaluate(
 ) -> None:
     """Measure ACC, ASR and RA of a model on its dataset's test split."""
     from torchpurify.attacks import build_attack
+    from torchpurify.card import targeting
     from torchpurify.data import load_dataset
     from torchpurify.experiment import trigger_of
     from torchpurify.metrics import evaluate as measure
@@ -376,17 +377,13 @@ def evaluate(
         raise UserError(
             f"--target must be a label of {name}, 0..{data.num_classes - 1}; got {target}"
         )
+    mode = target_mode.value if target_mode else recorded.get("target_mode", "all-to-one")
+    how = targeting({"target": target, "target_mode": mode}, data.num_classes)
     resolved = resolve_device(device)
     metrics = measure(
-        net.to(resolved),
-        data.test,
-        trigger,
-        target=target,
-        mode=(target_mode.value if target_mode else recorded.get("target_mode", "all-to-one")),
-        num_classes=data.num_classes,
-        batch_size=batch_size,
+        net.to(resolved), data.test, trigger, **how.as_kwargs(), batch_size=batch_size,
         device=resolved,
-    )
+    )  # fmt: skip
     if as_json:
         print(json.dumps(metrics.to_dict()))
     else:

@@ -8,6 +8,7 @@ written into the model card.
 from __future__ import annotations
 
 import inspect
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -16,7 +17,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from torchpurify.attacks import ATTACKS, build_attack, poison_split, trigger_from_dict
+from torchpurify.attacks import ATTACKS, Trigger, build_attack, poison_split, trigger_from_dict
 from torchpurify.attacks.poison import check_poisoning
 from torchpurify.card import targeting
 from torchpurify.data import DATASETS, load_dataset
@@ -131,6 +132,18 @@ class Backdoored:
     metrics: Metrics
 
 
+
+def poison_with(train: Split, trigger: Trigger, attack: Any, num_classes: int, seed: int):
+    """Poison ``train`` as ``attack`` says (an :class:`AttackSpec` when training, the card's
+    ``attack`` record when the defender's data is rebuilt): the one call both sides share, so
+    the rebuilt poisoned indices match the trained ones."""
+    how = targeting(attack, num_classes)
+    record = attack if isinstance(attack, Mapping) else asdict(attack)
+    return poison_split(
+        train, trigger, record["poison_rate"], **how.as_kwargs(), seed=seed,
+        clean_label=record["clean_label"],
+    )  # fmt: skip
+
 def train_model(
     data: DataSpec,
     model_name: str,
@@ -160,16 +173,7 @@ def train_model(
             "--attack",
         )
         trigger = build_attack(attack.name, input_shape, seed=data.seed, **attack.params)
-        poisoned = poison_split(
-            prepared.train,
-            trigger,
-            attack.poison_rate,
-            target=attack.target,
-            mode=attack.target_mode,
-            num_classes=dataset.num_classes,
-            seed=data.seed,
-            clean_label=attack.clean_label,
-        )
+        poisoned = poison_with(prepared.train, trigger, attack, dataset.num_classes, data.seed)
         train = poisoned.split
         attack_card = {
             "trigger": trigger.to_dict(),
@@ -259,15 +263,12 @@ def defender_data(
     poisoned = np.array([], dtype=np.int64)
     attack = card.get("attack")
     if attack:
-        result = poison_split(
+        result = poison_with(
             prepared.train,
             trigger_from_dict(attack["trigger"]),
-            attack["poison_rate"],
-            target=attack["target"],
-            mode=attack["target_mode"],
-            num_classes=prepared.dataset.num_classes,
-            seed=spec.seed,
-            clean_label=attack["clean_label"],
+            attack,
+            prepared.dataset.num_classes,
+            spec.seed,
         )
         if result.indices_sha256() != attack["poisoned_sha256"]:
             raise UserError(

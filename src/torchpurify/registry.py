@@ -47,8 +47,9 @@ class Registry(Generic[T]):
         try:
             return self._entries[name][0]
         except KeyError:
+            hint = suggestion(name, self.names(), what="")
             raise UserError(
-                f"unknown {self.kind} {name!r}" + suggestion(name, self.names())
+                f"unknown {self.kind} {name!r}{hint}; choose one of: {', '.join(self.names())}"
             ) from None
 
     def summary(self, name: str) -> str:
