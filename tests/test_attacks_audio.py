@@ -7,6 +7,7 @@ import soundfile
 import torch
 from typer.testing import CliRunner
 
+from tests.cli_helpers import one_line_error
 from torchpurify.attacks import ATTACKS, build_attack, poison_split, trigger_from_dict
 from torchpurify.attacks.audio import audio_attack_names, pitch_shift
 from torchpurify.cli import app
@@ -244,14 +245,6 @@ def test_poison_split_on_waveforms(name):
 
 
 runner = CliRunner()
-
-
-def one_line_error(result, *fragments):
-    assert result.exit_code == 2, result.output
-    lines = [line for line in result.output.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error:"), result.output
-    for fragment in fragments:
-        assert fragment in lines[0]
 
 
 def test_trigger_demo_writes_four_files(tmp_path):

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
+from tests.cli_helpers import one_line_error
 from torchpurify.cli import app
 from torchpurify.data import DEBIAN_FASHION_MNIST, ENV_VAR
 
@@ -98,14 +99,6 @@ def test_list_shows_registered_names():
     assert "small-cnn" in run("list", "models").output
     assert "wanet" in run("list", "attacks").output
     assert "fashion-mnist" in run("list", "datasets").output
-
-
-def one_line_error(result, *fragments):
-    assert result.exit_code == 2, result.output
-    lines = [line for line in result.output.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error:"), result.output
-    for fragment in fragments:
-        assert fragment in lines[0]
 
 
 @pytest.mark.parametrize(

@@ -12,25 +12,12 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
+from tests.cli_helpers import one_line_error, run
 from torchpurify import outputs
 from torchpurify.cli import app, parse_settings
 from torchpurify.errors import UserError
 from torchpurify.outputs import artifact_kind, check_output, staged_output, sweep_staging
 from torchpurify.spec import MAX_MESSAGE, load_spec, read_value
-
-
-def run(*args):
-    return CliRunner().invoke(app, [str(a) for a in args])
-
-
-def one_line_error(result, *fragments):
-    assert result.exit_code == 2, result.output
-    lines = [line for line in result.output.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error:"), result.output
-    for fragment in fragments:
-        assert fragment in lines[0], lines[0]
-    return lines[0]
-
 
 TRAIN = ("train", "--dataset", "digits", "--model", "lenet5", "--epochs", 1, "--no-progress")
 

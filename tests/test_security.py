@@ -10,6 +10,7 @@ import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
+from tests.cli_helpers import one_line_error
 from torchpurify import runner as grid
 from torchpurify.api import load_own
 from torchpurify.cli import app
@@ -66,12 +67,6 @@ def edit_card(folder, **changes):
     (folder / CARD).write_text(json.dumps(card))
 
 
-def refused(result, *fragments):
-    assert result.exit_code == 2, result.output
-    lines = [line for line in result.output.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error:"), result.output
-    for fragment in fragments:
-        assert fragment in lines[0], lines[0]
 
 
 def cli_attempts(folder, clean, out):
@@ -90,7 +85,7 @@ def cli_attempts(folder, clean, out):
 def test_every_command_refuses_a_card_that_names_code(evil, tmp_path):
     folder, marker, reference, clean = evil
     for args in cli_attempts(folder, clean, tmp_path / "out"):
-        refused(run(*args), "asks to run Python code", reference, "--trust-code")
+        one_line_error(run(*args), "asks to run Python code", reference, "--trust-code")
         assert not marker.exists(), args
     assert not (tmp_path / "out").exists()
 
@@ -102,7 +97,7 @@ def test_os_system_in_a_card_never_runs(evil, tmp_path):
         folder, architecture={"name": "os:system", "kwargs": {"command": f"touch {shell_marker}"}}
     )
     for args in cli_attempts(folder, clean, tmp_path / "out"):
-        refused(run(*args), "'os:system'")
+        one_line_error(run(*args), "'os:system'")
     with pytest.raises(UserError, match="asks to run Python code"):
         load_model(folder)
     assert not shell_marker.exists()
