@@ -52,3 +52,42 @@ def test_defender_split_avoids_poisoned():
 def test_defender_split_rejects(candidates, fraction, message):
     with pytest.raises(UserError, match=message):
         defender_split(list(candidates), 100, fraction=fraction)
+
+
+def _rows(split) -> set[bytes]:
+    return {row.numpy().tobytes() for row in split.x}
+
+
+@pytest.mark.parametrize("fraction, pool", [(0.05, "heldout"), (0.3, "train")])
+def test_defender_data_comes_from_samples_the_model_never_trained_on(fraction, pool):
+    """The defender's data are the held-out validation split when it is large enough (the
+    model never trained on it, so holdout accuracy is an honest stand-in for test accuracy);
+    otherwise unpoisoned training samples — never a poisoned one — and the card says which."""
+    from torchpurify.attacks import build_attack
+    from torchpurify.experiment import (
+        AttackSpec, DataSpec, defender_data, defender_pool, poison_with, prepare_data,
+    )
+
+    spec = DataSpec(dataset="digits", seed=0)
+    prepared = prepare_data(spec, progress=False)
+    assert defender_pool(prepared, fraction) == pool
+    attack = AttackSpec("badnets", poison_rate=0.2)
+    trigger = build_attack("badnets", prepared.dataset.input_shape, seed=0)
+    poisoned = poison_with(prepared.train, trigger, attack, 10, spec.seed)
+    card = {"data": spec.to_dict(), "attack": {
+        "trigger": trigger.to_dict(), "poison_rate": 0.2, "target": 0,
+        "target_mode": "all-to-one", "clean_label": False,
+        "poisoned_sha256": poisoned.indices_sha256(),
+    }}  # fmt: skip
+    tune, holdout, _ = defender_data(card, fraction=fraction, progress=False)
+    n = round(fraction * len(prepared.train))
+    assert len(tune) + len(holdout) == n
+    given = _rows(tune) | _rows(holdout)
+    assert len(given) == n  # tune and holdout disjoint (digits rows are distinct)
+    trained = _rows(prepared.train)
+    if pool == "heldout":
+        assert given <= _rows(prepared.val) and not given & trained
+    else:
+        bad = set(np.union1d(poisoned.poisoned.numpy(), poisoned.noise.numpy()).tolist())
+        assert given <= trained
+        assert not given & _rows(prepared.train.subset(np.array(sorted(bad))))

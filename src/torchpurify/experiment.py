@@ -243,6 +243,14 @@ def trigger_of(card: dict[str, Any]):
     return trigger_from_dict(attack["trigger"]) if attack else None
 
 
+def defender_pool(prepared: Prepared, fraction: float) -> str:
+    """Where the defender's clean data come from (methods.md §0): ``"heldout"`` — the
+    validation split the model never trained on — when it holds ``fraction`` of the training
+    set, else ``"train"`` — unpoisoned training samples, which the model has memorised, so its
+    holdout accuracy overstates test accuracy and a purification's cost on it."""
+    return "heldout" if len(prepared.val) >= round(fraction * len(prepared.train)) else "train"
+
+
 def defender_data(
     card: dict[str, Any],
     root: str | None = None,
@@ -250,7 +258,8 @@ def defender_data(
     seed: int | None = None,
     progress: bool = True,
 ) -> tuple[Split, Split, Prepared]:
-    """The defender's clean ``tune`` and ``holdout`` sets (methods.md §0) for a trained model.
+    """The defender's clean ``tune`` and ``holdout`` sets (methods.md §0) for a trained model:
+    ``round(fraction × training set)`` samples from :func:`defender_pool`.
 
     The splits and the poisoned indices are rebuilt from the card; the rebuilt poisoning is
     checked against the card's hash so the defender never receives a poisoned sample.
@@ -276,14 +285,19 @@ def defender_data(
                 "trained with (different data files?); pass the same dataset as at training"
             )
         poisoned = np.union1d(result.poisoned.numpy(), result.noise.numpy())
-    candidates = np.setdiff1d(np.arange(len(prepared.train)), poisoned)
+    if defender_pool(prepared, fraction) == "heldout":
+        source, candidates = prepared.val, np.arange(len(prepared.val))
+    else:
+        source = prepared.train
+        candidates = np.setdiff1d(np.arange(len(prepared.train)), poisoned)
     tune_idx, holdout_idx = defender_split(
         candidates,
         len(prepared.train),
         fraction=fraction,
         seed=spec.seed if seed is None else seed,
+        pool_size=len(source),
     )
-    return prepared.train.subset(tune_idx), prepared.train.subset(holdout_idx), prepared
+    return source.subset(tune_idx), source.subset(holdout_idx), prepared
 
 
 @dataclass
@@ -352,6 +366,7 @@ def purify_model(
         "params": defense.params(),
         "oracle_trigger": defense.uses_known_trigger,
         "defender_fraction": defender_fraction,
+        "defender_pool": defender_pool(prepared, defender_fraction),
         "split_seed": card["data"]["seed"] if seed is None else seed,
         "tune_size": len(tune),
         "holdout_size": len(holdout),

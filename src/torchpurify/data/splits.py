@@ -37,18 +37,21 @@ def defender_split(
     fraction: float = 0.05,
     tune_fraction: float = 0.8,
     seed: int = 0,
+    pool_size: int | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """The defender's clean ``(tune, holdout)`` indices into the training set.
+    """The defender's clean ``(tune, holdout)`` indices into its pool: the training set
+    (``pool_size`` None) or a held-out split of ``pool_size`` samples.
 
-    Draws ``round(fraction * n_train)`` indices from ``candidates`` only — the training indices
-    that were not poisoned, so the defender never holds a poisoned sample — and splits them
-    ``tune_fraction`` / rest.
+    Draws ``round(fraction * n_train)`` indices from ``candidates`` only — in the training set,
+    the indices that were not poisoned, so the defender never holds a poisoned sample — and
+    splits them ``tune_fraction`` / rest.
     """
     check(0 < fraction <= 1, f"defender fraction must be in (0, 1], got {fraction}")
     check(0 < tune_fraction < 1, f"tune_fraction must be in (0, 1), got {tune_fraction}")
     pool = np.unique(np.asarray(candidates, dtype=np.int64))
-    if len(pool) and (pool[0] < 0 or pool[-1] >= n_train):
-        raise UserError(f"candidate indices must lie in 0..{n_train - 1} (the training set)")
+    size = n_train if pool_size is None else pool_size
+    if len(pool) and (pool[0] < 0 or pool[-1] >= size):
+        raise UserError(f"candidate indices must lie in 0..{size - 1} (the defender's pool)")
     n_defender = round(fraction * n_train)
     if n_defender > len(pool):
         raise UserError(
