@@ -65,7 +65,12 @@ def test_defender_data_comes_from_samples_the_model_never_trained_on(fraction, p
     otherwise unpoisoned training samples — never a poisoned one — and the card says which."""
     from torchpurify.attacks import build_attack
     from torchpurify.experiment import (
-        AttackSpec, DataSpec, defender_data, defender_pool, poison_with, prepare_data,
+        AttackSpec,
+        DataSpec,
+        defender_data,
+        defender_pool,
+        poison_with,
+        prepare_data,
     )
 
     spec = DataSpec(dataset="digits", seed=0)

@@ -253,8 +253,17 @@ def test_an_existing_file_as_data_root_is_named_a_file(tmp_path):
     file = tmp_path / "fashion.gz"
     file.write_bytes(b"")
     line = one_line_error(
-        run("train", "--dataset", "fashion-mnist", "--model", "lenet5", "--data-root", file,
-            "--out", tmp_path / "m"),  # fmt: skip
+        run(
+            "train",
+            "--dataset",
+            "fashion-mnist",
+            "--model",
+            "lenet5",
+            "--data-root",
+            file,
+            "--out",
+            tmp_path / "m",
+        ),  # fmt: skip
         "is a file, not a folder",
     )
     assert "does not exist" not in line

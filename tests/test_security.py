@@ -67,8 +67,6 @@ def edit_card(folder, **changes):
     (folder / CARD).write_text(json.dumps(card))
 
 
-
-
 def cli_attempts(folder, clean, out):
     return [
         ("evaluate", "--model", folder),

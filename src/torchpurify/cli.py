@@ -193,8 +193,11 @@ CleanPath = Annotated[
     ),
 ]
 TuneFraction = Annotated[
-    float, typer.Option(help="With --clean: the share of it the defense trains on; the rest is "
-                        "the holdout every stopping rule reads.")  # fmt: skip
+    float,
+    typer.Option(
+        help="With --clean: the share of it the defense trains on; the rest is "
+        "the holdout every stopping rule reads."
+    ),  # fmt: skip
 ]
 Normalize = Annotated[
     str | None,
@@ -211,6 +214,8 @@ SampleRate = Annotated[
     int | None,
     typer.Option(help="With audio: the model's sample rate (default: its own, else 16000)."),
 ]
+
+
 def seed_option(help_text: str = "Seed of every random choice.") -> Any:
     return typer.Option(min=0, max=MAX_SEED, help=help_text)
 
@@ -753,9 +758,7 @@ def inspect(
             "--target T)"
         )
     table = diagnostics.neuron_table(net, holdout, trigger, layer=layer)
-    curve = diagnostics.pruning_curve(
-        net, holdout, trigger, how.target, layer=layer, mode=how.mode
-    )
+    curve = diagnostics.pruning_curve(net, holdout, trigger, how.target, layer=layer, mode=how.mode)
     inverted_trigger = None
     if inverted:
         inversion = invert_triggers(net, holdout, value_range=value_range_of(holdout.x))

@@ -132,7 +132,6 @@ class Backdoored:
     metrics: Metrics
 
 
-
 def poison_with(train: Split, trigger: Trigger, attack: Any, num_classes: int, seed: int):
     """Poison ``train`` as ``attack`` says (an :class:`AttackSpec` when training, the card's
     ``attack`` record when the defender's data is rebuilt): the one call both sides share, so
@@ -143,6 +142,7 @@ def poison_with(train: Split, trigger: Trigger, attack: Any, num_classes: int, s
         train, trigger, record["poison_rate"], **how.as_kwargs(), seed=seed,
         clean_label=record["clean_label"],
     )  # fmt: skip
+
 
 def train_model(
     data: DataSpec,

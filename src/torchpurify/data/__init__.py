@@ -240,8 +240,7 @@ def resolve_root(
     if not obtainable:
         raise UserError(
             f"{name} needs --data-root or {ENV_VAR} (looked for ${ENV_VAR}/{folder_name}/): "
-            f"a folder holding {source.expected}"
-            + (f"; {source.manual}" if source.manual else "")
+            f"a folder holding {source.expected}" + (f"; {source.manual}" if source.manual else "")
         )
     making = "generating" if source.generate is not None else "downloading"
     if not download:
