@@ -258,6 +258,20 @@ def test_linf_pruning_abstains_without_an_outlier_label():
     assert result.cost.backward > 0 and result.cost.forward > result.cost.backward
 
 
+def test_linf_unlearning_stamps_the_trigger_on_a_fraction_of_tune_with_true_labels(tiny_backdoor):
+    tiny = tiny_backdoor
+    defense = build_defense("linf-pruning", device="cpu", unlearn=0.25, seed=3)
+    stamped = defense.stamped(tiny.tune, tiny.trigger)
+    changed = (stamped.x != tiny.tune.x).flatten(1).any(1)
+    assert int(changed.sum()) == round(0.25 * len(tiny.tune))
+    assert torch.equal(stamped.y, tiny.tune.y)
+    assert torch.allclose(stamped.x[changed], tiny.trigger(tiny.tune.x[changed]))
+    assert torch.equal(stamped.x[~changed], tiny.tune.x[~changed])
+    result = defense.purify(tiny.model, Clean(tiny.tune, tiny.holdout))
+    assert result.log["unlearn"] == {"samples": round(0.25 * len(tiny.tune)), "of": len(tiny.tune)}
+    assert "fine_tune_kept" in result.log and measure(result.model, tiny).asr < 0.2
+
+
 def test_linf_cut_prunes_nothing_more_once_the_trigger_already_fails(tiny_backdoor):
     tiny = tiny_backdoor
     model = copy.deepcopy(tiny.model)

@@ -12,6 +12,11 @@ An inverted trigger is only an approximation of the real one: once it stops work
 target label's trigger is inverted again on the pruned model, and while that new trigger is
 still an anomalously small mask (anomaly index > 2 against the other labels' first-round
 norms), its ℓ∞ bias ranks the remaining channels for another round (at most ``rounds``).
+
+With ``fine_tune``, the pruned model is fine-tuned on ``tune`` with the masks in place; with
+``unlearn`` > 0, that fraction of the tune samples carries the trigger the pruning used, with
+their true labels — Neural Cleanse's unlearning mitigation (Wang et al., S&P 2019, §VI-C),
+which teaches the model to ignore what remains of the trigger's pathway.
 """
 
 from __future__ import annotations
@@ -51,7 +56,11 @@ class LinfPruning(PruningDefense):
 
     trigger: str = "inverted"
     stop_asr: float = 0.1
-    fine_tune: bool = False
+    # Fine-tuning with unlearning, BatchNorm statistics re-estimated (methods.md §3; chosen on
+    # the development cells, §11.4).
+    fine_tune: bool = True
+    unlearn: float = 0.2
+    freeze_bn_stats: bool = False
     inversion_steps: int = 300
     rounds: int = 3
 
@@ -61,6 +70,7 @@ class LinfPruning(PruningDefense):
         self.require("stop_asr", 0 < self.stop_asr <= 1, "in (0, 1]")
         self.require("inversion_steps", self.inversion_steps >= 1, "at least 1")
         self.require("rounds", self.rounds >= 1, "at least 1")
+        self.require("unlearn", 0 <= self.unlearn < 1, "in [0, 1)")
 
     @property
     def uses_known_trigger(self) -> bool:
@@ -85,6 +95,7 @@ class LinfPruning(PruningDefense):
         threshold = base - self.budget(base, len(holdout))
         pruned = torch.empty(0, dtype=torch.long)
         rounds = self.rounds if inversion is not None else 1  # a known trigger does not change
+        first_trigger = trigger
         log["rounds"] = []
         for round_index in range(rounds):
             # 2. Rank the channels not yet pruned by the ℓ∞ bias the trigger causes.
@@ -121,9 +132,25 @@ class LinfPruning(PruningDefense):
             pruned=pruned.tolist(),
             num_pruned=len(pruned),
         )
-        # 5. Optional fine-tuning; kept only when no worse on holdout than the pruned model.
-        log.update(self.fine_tune_pruned(model, clean, pruned_acc))
+        # 5. Optional fine-tuning (with unlearning); kept only when no worse on holdout than
+        # the pruned model.
+        tune = clean.tune
+        if self.fine_tunes and self.unlearn > 0:
+            tune = self.stamped(clean.tune, first_trigger)
+            log["unlearn"] = {"samples": round(self.unlearn * len(tune)), "of": len(tune)}
+        log.update(self.fine_tune_pruned(model, Clean(tune, holdout), pruned_acc))
         return Purified(model, log)
+
+    def stamped(self, tune: Split, trigger: Trigger) -> Split:
+        """``tune`` with the trigger stamped on a random ``unlearn`` fraction, labels kept."""
+        generator = torch.Generator().manual_seed(self.seed)
+        chosen = torch.randperm(len(tune), generator=generator)[: round(self.unlearn * len(tune))]
+        x = tune.x.clone()
+        with torch.no_grad():
+            for start in range(0, len(chosen), self.batch_size):
+                rows = chosen[start : start + self.batch_size]
+                x[rows] = trigger(tune.x[rows]).to(x.dtype)
+        return Split(x, tune.y)
 
     def find_trigger(
         self, model: nn.Module, clean: Clean
