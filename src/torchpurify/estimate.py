@@ -130,6 +130,29 @@ def _capped_asr(model, holdout, label, budget, start, config, value_range, devic
     return trigger_success(model, measure, label, trigger, device=device)
 
 
+def suspect(
+    model: nn.Module,
+    holdout: Split,
+    inversion,
+    config: EstimateConfig | None = None,
+    *,
+    value_range: tuple[float, float] | None = None,
+    device: torch.device | str | None = None,
+) -> tuple[int, float]:
+    """The suspected label of an every-label ``inversion`` (the smallest mask) and the estimated
+    ASR of its best trigger within ``budget × the other labels' median mask ℓ1`` (measured on
+    holdout samples it was not fitted on): the test of methods.md §12.2, for a defense that has
+    already inverted every label and wants to know whether the suspect is a backdoor."""
+    config = config or EstimateConfig()
+    norms = inversion.mask_norms
+    label = inversion.labels[int(norms.argmin())]
+    i = inversion.labels.index(label)
+    budget = config.budget * float(torch.cat([norms[:i], norms[i + 1 :]]).median())
+    value_range = value_range or value_range_of(holdout.x)
+    start = inversion.trigger(label)
+    return label, _capped_asr(model, holdout, label, budget, start, config, value_range, device)
+
+
 def estimate_backdoor(
     model: nn.Module,
     holdout: Split,
