@@ -59,3 +59,15 @@ def test_evaluation_covers_every_attack_and_the_variants():
     for job in evaluated:  # every seed of every evaluation setting
         same = [j for j in evaluated if j.name.rsplit("/", 1)[0] == job.name.rsplit("/", 1)[0]]
         assert {j.seed for j in same} == {0, 1, 2}, job.name
+
+
+def test_the_defender_data_of_every_image_grid_come_from_the_held_out_split():
+    """methods.md §0: in the protocol grids the defender's data are samples the model never
+    trained on (the attacker's validation cut), so the holdout guard measures honest costs."""
+    for path in DEV + EVAL:
+        fraction = load_spec(path).defender_fraction
+        for job in model_jobs(load_spec(path)):
+            if job.dataset.train_size is None:
+                continue  # speech-synth: its own validation split (1,200 clips ≥ 960 needed)
+            n_val = round(job.dataset.val_fraction * job.dataset.train_size)
+            assert round(fraction * (job.dataset.train_size - n_val)) <= n_val, (path, job.name)
