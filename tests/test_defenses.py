@@ -258,6 +258,32 @@ def test_linf_pruning_abstains_without_an_outlier_label():
     assert result.cost.backward > 0 and result.cost.forward > result.cost.backward
 
 
+def test_linf_pruning_acts_on_a_small_working_trigger_even_without_a_nc_outlier(
+    tiny_backdoor, monkeypatch
+):
+    """Neural Cleanse's anomaly index can stay under 2 for the true target (another label a
+    natural low outlier); the capped-trigger test of the backdoor estimate still flags it."""
+    import dataclasses
+
+    from torchpurify.defenses import linf_pruning
+
+    real = linf_pruning.invert_triggers
+
+    def no_outlier(*args, **kwargs):
+        return dataclasses.replace(real(*args, **kwargs), target=None)
+
+    monkeypatch.setattr(linf_pruning, "invert_triggers", no_outlier)
+    tiny = tiny_backdoor
+    # The tiny task's 3×3 patch is 6 % of a 12×12 image: a wider budget (as in test_estimate).
+    defense = build_defense("linf-pruning", device="cpu", inversion_steps=150, capped_budget=0.5)
+    result = defense.purify(tiny.model, Clean(tiny.tune, tiny.holdout))
+    found = result.log["trigger"]
+    assert found["outlier_found"] is False and "abstained" not in result.log
+    assert found["suspected"] == found["target"] == tiny.target
+    assert found["capped_success"] >= 0.5
+    assert measure(result.model, tiny).asr < 0.2
+
+
 def test_linf_unlearning_stamps_the_trigger_on_a_fraction_of_tune_with_true_labels(tiny_backdoor):
     tiny = tiny_backdoor
     defense = build_defense("linf-pruning", device="cpu", unlearn=0.25, seed=3)
