@@ -64,9 +64,8 @@ class LinfPruning(PruningDefense):
     freeze_bn_stats: bool = False
     inversion_steps: int = 300
     rounds: int = 3
-    # Without a Neural Cleanse outlier, the smallest-mask label is still pruned against when its
-    # trigger, capped to this fraction of the other labels' median mask ℓ1, works (the backdoor
-    # estimate's test and budget, methods.md §12.2).
+    # The smallest-mask label is pruned against when its trigger, capped to this fraction of the
+    # other labels' median mask ℓ1, works (the backdoor estimate's test and budget, §12.2).
     capped_budget: float = EstimateConfig.budget
 
     def validate(self) -> None:
@@ -95,7 +94,7 @@ class LinfPruning(PruningDefense):
         trigger, target, inversion, log = self.find_trigger(model, clean)
         if trigger is None:
             log["abstained"] = (
-                "trigger inversion found no outlier label and no small trigger that works; "
+                "no label has a small trigger that works (backdoor estimate's test); "
                 "nothing was pruned"
             )
             return Purified(model, log)
@@ -180,24 +179,23 @@ class LinfPruning(PruningDefense):
             model, clean.holdout, steps=self.inversion_steps, seed=self.seed,
             value_range=value_range_of(clean.holdout.x), progress=self.progress,
         )  # fmt: skip
+        # Whether to act: the backdoor estimate's test (methods.md §12.2) on the smallest-mask
+        # label — does its trigger still work when capped to a small budget? Neural Cleanse's
+        # outlier rule alone both misses backdoors (another label a natural low outlier keeps
+        # the target's anomaly index under 2) and flags clean models (§3).
+        config = EstimateConfig(seed=self.seed, budget=self.capped_budget)
+        label, capped = suspect(
+            model, clean.holdout, inversion, config, value_range=value_range_of(clean.holdout.x)
+        )
+        target = label if capped >= FLAG_ASR else None
         found = {
             "kind": "inverted",
-            "target": inversion.target,
-            "outlier_found": inversion.target is not None,
+            "target": target,
+            "suspected": label,
+            "capped_success": capped,
+            "nc_target": inversion.target,
             "anomaly_index": inversion.anomaly_index.tolist(),
         }
-        target = inversion.target
-        if target is None:
-            # Neural Cleanse's outlier test misses a backdoor when another label is a natural
-            # low outlier; the backdoor estimate's test (methods.md §12.2) asks instead whether
-            # the smallest-mask label's trigger still works when capped to a small budget.
-            config = EstimateConfig(seed=self.seed, budget=self.capped_budget)
-            label, capped = suspect(
-                model, clean.holdout, inversion, config, value_range=value_range_of(clean.holdout.x)
-            )
-            found.update(suspected=label, capped_success=capped)
-            if capped >= FLAG_ASR:
-                target = found["target"] = label
         log = {"trigger": found}
         if target is None:
             return None, None, inversion, log
