@@ -26,8 +26,8 @@ demo: $(STAMP) data
 # Development and evaluation cells (docs/methods.md §12.1); each spec file ≤ 90 min on 2 cores.
 RUN_GRID = $(BIN)/torchpurify run --executor ray --cpus-per-task 1
 dev-image dev-audio: $(STAMP) data
-	$(RUN_GRID) configs/$@.yaml --results runs/$@/results.db --cache runs/$@/models
-	$(BIN)/torchpurify report runs/$@/results.db --out runs/$@/report --force
+	$(RUN_GRID) configs/$@.yaml --results docs/results/$@/results.db --cache runs/$@/models
+	$(BIN)/torchpurify report docs/results/$@/results.db --out docs/results/$@/report --force
 
 eval-image: $(STAMP) data
 	for part in eval-image eval-image-controls; do \
