@@ -248,7 +248,7 @@ def test_fine_pruning_keeps_the_better_of_pruned_and_fine_tuned(tiny_backdoor):
     )
 
 
-def test_linf_pruning_abstains_without_an_outlier_label():
+def test_linf_pruning_abstains_without_a_small_working_trigger():
     torch.manual_seed(0)
     model = build_model("lenet5", (1, 8, 8), 3)
     fit(model, tiny_task((1, 8, 8)), TrainConfig(epochs=2, batch_size=32, progress=False))

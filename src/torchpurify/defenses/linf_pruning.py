@@ -4,9 +4,10 @@ A backdoor biases the peak (ℓ∞) of activation maps more than their ℓ1 or �
 reverse-engineered from the model (``trigger="inverted"``, realistic) or the attack's own
 (``trigger="known"``, an oracle), channels are ranked by ``mean_x max A(x_triggered) − mean_x
 max A(x_clean)`` on the holdout and pruned, highest first, until that trigger stops working on
-the holdout or holdout accuracy would fall more than the budget. Without an outlier label
-(Neural Cleanse's anomaly index > 2) there is no trigger to prune against, and the defense
-abstains.
+the holdout or holdout accuracy would fall more than the budget. It acts only when the label
+with the smallest inverted mask passes the backdoor estimate's test (its trigger, capped to
+``capped_budget`` × the other labels' median mask ℓ1, still works on unseen holdout samples);
+otherwise there is no trigger to prune against, and the defense abstains.
 
 An inverted trigger is only an approximation of the real one: once it stops working, the
 target label's trigger is inverted again on the pruned model, and while that new trigger is
@@ -57,8 +58,8 @@ class LinfPruning(PruningDefense):
 
     trigger: str = "inverted"
     stop_asr: float = 0.1
-    # Fine-tuning with unlearning, BatchNorm statistics re-estimated (methods.md §3; chosen on
-    # the development cells, §11.4).
+    # Fine-tuning with unlearning, BatchNorm statistics re-estimated (methods.md §3 step 5;
+    # chosen on development seed 100, checked on the development grid, §11.5).
     fine_tune: bool = True
     unlearn: float = 0.2
     freeze_bn_stats: bool = False
@@ -90,7 +91,7 @@ class LinfPruning(PruningDefense):
 
     def run(self, model: nn.Module, clean: Clean) -> Purified:
         holdout = clean.holdout
-        # 1. The trigger to inspect with, and the label it aims at; no outlier: abstain.
+        # 1. The trigger to inspect with, and the label it aims at; none that works: abstain.
         trigger, target, inversion, log = self.find_trigger(model, clean)
         if trigger is None:
             log["abstained"] = (
