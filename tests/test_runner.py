@@ -2,6 +2,7 @@
 the Ray executor, and `torchpurify run`."""
 
 import io
+import json
 import os
 import signal
 import sqlite3
@@ -265,6 +266,30 @@ def test_cli_run_prints_the_summary_and_resumes(tmp_path):
     assert again.exit_code == 0, again.output
     assert "fine-pruning" in again.output and "already done" not in again.output
     assert read(tmp_path / "r.db", "SELECT COUNT(*) FROM cells") == [(1,)]
+
+
+PRUNING_AWARE = """
+datasets: [digits]
+models: [small-cnn]
+attacks: [{name: pruning-aware, params: {base: badnets}}]
+defenses: [{name: fine-pruning, params: {prune_only: true}}]
+training: {epochs: 1, batch_size: 64}
+defender_fraction: 0.2
+"""
+
+
+def test_a_grid_trains_the_pruning_aware_attacker_with_its_decoys(tmp_path):
+    """An attack with a parameter whose default is a dict (``base_params``, left out here) is a
+    grid attack like any other: the runner trains it through its own procedure and the card
+    records the decoys."""
+    spec = load_spec(write_spec(tmp_path, PRUNING_AWARE))
+    (cell,) = cell_jobs(spec)
+    assert cell.model.attack.params["base_params"] == {}
+    rows = runner.run_experiment(spec, tmp_path / "r.db", tmp_path / "cache", progress=False)
+    assert len(rows) == 1 and rows[0]["asr_before"] is not None
+    (card_path,) = (tmp_path / "cache").glob("*/model.json")
+    card = json.loads(card_path.read_text())
+    assert card["attack"]["procedure"]["num_decoys"] > 0, card["attack"]["procedure"]
 
 
 def test_cli_run_with_a_bad_spec_is_one_line_and_exit_2(tmp_path):

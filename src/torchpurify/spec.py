@@ -500,7 +500,8 @@ class Reader:
         :func:`torchpurify.runner.check_grid` once the data is loaded."""
         params_class = ATTACKS.get(attack).__self__.params_class  # the registry holds Class.build
         defaults = {
-            f.name: f.default for f in dataclasses.fields(params_class)
+            f.name: f.default_factory() if f.default is dataclasses.MISSING else f.default
+            for f in dataclasses.fields(params_class)
             if f.name not in ("input_shape", "seed")
         }  # fmt: skip
         given = self.params(value, place, defaults, f"parameter {{!r}} for {attack}")
