@@ -21,6 +21,7 @@ true ASR stayed 0.98); the trigger size and the estimated ASR are what to read.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -35,10 +36,13 @@ from torch import nn
 from torchpurify.data.base import Split
 from torchpurify.errors import check
 from torchpurify.neurons.inversion import (
+    SPACES,
     anomaly_index,
+    feature_space,
     invert_capped,
     invert_triggers,
     trigger_success,
+    uses_features,
     value_range_of,
 )
 from torchpurify.train import console
@@ -60,6 +64,9 @@ class EstimateConfig:
     budget: float = 0.08  # chosen on development models (methods.md §12.2)
     all_labels_after: bool = False
     seed: int = 0
+    # Where triggers are inverted: the model's input, or its fixed front end's features (the
+    # log-mel map of an audio model); "auto" takes features whenever there is a front end.
+    space: str = "input"
 
     def __post_init__(self) -> None:
         for name in ("steps", "capped_steps", "batch_size"):
@@ -69,6 +76,8 @@ class EstimateConfig:
                 f"estimate {name} must be a positive integer, got {value!r}",
             )
         check(0 < self.budget <= 1, f"estimate budget must be in (0, 1], got {self.budget}")
+        check(self.space in SPACES, f"estimate space must be one of {', '.join(SPACES)}, "
+              f"got {self.space!r}")  # fmt: skip
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -165,9 +174,18 @@ def estimate_backdoor(
 ) -> Estimate:
     """The estimate for ``model`` on the clean ``holdout``. Without ``before``: inversion of every
     label (use before purifying). With ``before`` (the estimate of the model before purifying):
-    its suspected label is inverted again with the same budget. The model is not changed."""
+    its suspected label is inverted again with the same budget. The model is not changed.
+    With ``config.space`` "features" (or "auto" and a model with a fixed front end) the
+    triggers act on the front end's features, and ``value_range`` is theirs."""
     config = config or EstimateConfig()
     check(isinstance(holdout, Split) and len(holdout) > 1, "holdout must be a Split of ≥ 2")
+    if uses_features(model, config.space):
+        with feature_space(model, holdout) as (features,):
+            inside = dataclasses.replace(config, space="input")
+            return estimate_backdoor(
+                model, features, inside, before=before, value_range=value_range, device=device,
+                progress=progress,
+            )  # fmt: skip
     value_range = value_range or value_range_of(holdout.x)
     started = time.perf_counter()
     common = dict(

@@ -18,6 +18,9 @@ With ``fine_tune``, the pruned model is fine-tuned on ``tune`` with the masks in
 ``unlearn`` > 0, that fraction of the tune samples carries the trigger the pruning used, with
 their true labels — Neural Cleanse's unlearning mitigation (Wang et al., S&P 2019, §VI-C),
 which teaches the model to ignore what remains of the trigger's pathway.
+
+``space="features"`` (or ``"auto"``) does all of it on the features of a model's fixed front end
+(the log-mel map of an audio model) instead of its input (methods.md §7).
 """
 
 from __future__ import annotations
@@ -42,7 +45,7 @@ from torchpurify.errors import UserError
 from torchpurify.estimate import FLAG_ASR, EstimateConfig, suspect
 from torchpurify.metrics import accuracy, predict
 from torchpurify.neurons import Inversion, activation_stats, anomaly_index, invert_triggers
-from torchpurify.neurons.inversion import value_range_of
+from torchpurify.neurons.inversion import SPACES, feature_space, uses_features, value_range_of
 
 Trigger = Callable[[torch.Tensor], torch.Tensor]
 
@@ -68,6 +71,9 @@ class LinfPruning(PruningDefense):
     # The smallest-mask label is pruned against when its trigger, capped to this fraction of the
     # other labels' median mask ℓ1, works (the backdoor estimate's test and budget, §12.2).
     capped_budget: float = EstimateConfig.budget
+    # Where the trigger is inverted: "input", the front end's "features" (the log-mel map of an
+    # audio model), or "auto" (features whenever the model has a fixed front end).
+    space: str = "input"
 
     def validate(self) -> None:
         super().validate()
@@ -77,6 +83,7 @@ class LinfPruning(PruningDefense):
         self.require("rounds", self.rounds >= 1, "at least 1")
         self.require("capped_budget", 0 < self.capped_budget <= 1, "in (0, 1]")
         self.require("unlearn", 0 <= self.unlearn < 1, "in [0, 1)")
+        self.require("space", self.space in SPACES, "one of " + ", ".join(SPACES))
 
     @property
     def uses_known_trigger(self) -> bool:
@@ -90,6 +97,16 @@ class LinfPruning(PruningDefense):
         return dataclasses.replace(self, fine_tune=False)
 
     def run(self, model: nn.Module, clean: Clean) -> Purified:
+        if self.trigger == "inverted" and uses_features(model, self.space):
+            # Everything — inversion, ranking, pruning, unlearning — on the front end's
+            # features; the layers after it are the waveform model's own.
+            with feature_space(model, clean.tune, clean.holdout) as (tune, holdout):
+                result = self.prune_and_tune(model, Clean(tune, holdout))
+            result.log["space"] = "features"
+            return result
+        return self.prune_and_tune(model, clean)
+
+    def prune_and_tune(self, model: nn.Module, clean: Clean) -> Purified:
         holdout = clean.holdout
         # 1. The trigger to inspect with, and the label it aims at; none that works: abstain.
         trigger, target, inversion, log = self.find_trigger(model, clean)

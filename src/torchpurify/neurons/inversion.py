@@ -16,6 +16,8 @@ anomaly index 3.2–5.6; batches of 32 halve the time but gave index 1.8 for one
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -68,6 +70,64 @@ class Inversion:
         check(label in self.labels, f"label must be one of {self.labels}, got {label!r}")
         i = self.labels.index(label)
         return InvertedTrigger(self.masks[i], self.patterns[i])
+
+
+SPACES = ("input", "features", "auto")
+
+
+def front_end_of(model: nn.Module) -> nn.Module | None:
+    """The model's fixed feature front end — ``model.front_end`` when it has no trainable
+    parameter (the log-mel or MFCC of the audio models) — or None."""
+    front = getattr(model, "front_end", None)
+    if not isinstance(front, nn.Module) or any(p.requires_grad for p in front.parameters()):
+        return None
+    return front
+
+
+def uses_features(model: nn.Module, space: str) -> bool:
+    """Whether to invert in the front end's feature space: ``space`` is "features" (the model
+    must have a fixed front end), "input", or "auto" (features whenever there is one)."""
+    check(space in SPACES, f"space must be one of {', '.join(SPACES)}, got {space!r}")
+    front = front_end_of(model)
+    if space == "features":
+        check(front is not None, "space=features needs a model with a fixed front_end module")
+    return space != "input" and front is not None
+
+
+@contextmanager
+def feature_space(
+    model: nn.Module, *splits: Split, batch_size: int = 256
+) -> Iterator[tuple[Split, ...]]:
+    """Inside the block, ``model`` reads its front end's features (the front end is replaced by
+    an identity) and the splits come back as those features, labels kept; on leaving, the front
+    end is put back. A trigger inverted inside acts on features — for a log-mel model, a
+    time-frequency mask and pattern, which is the shape audio triggers have (methods.md §7).
+    Everything after the front end — its weights, pruning masks, fine-tuning — is the same
+    model, so what a defense does inside holds for the waveform model outside."""
+    front = front_end_of(model)
+    check(front is not None, "feature_space needs a model with a fixed front_end module")
+    device = model_device(model)
+    was_training = front.training
+    front.eval()
+    with torch.no_grad():
+        converted = tuple(
+            Split(
+                torch.cat(
+                    [
+                        front(split.x[i : i + batch_size].to(device)).cpu()
+                        for i in range(0, len(split), batch_size)
+                    ]
+                ),
+                split.y,
+            )
+            for split in splits
+        )
+    front.train(was_training)
+    model.front_end = nn.Identity()
+    try:
+        yield converted
+    finally:
+        model.front_end = front
 
 
 def value_range_of(x: torch.Tensor) -> tuple[float, float]:
