@@ -19,7 +19,7 @@ from torchpurify.estimate import EstimateConfig, estimate_backdoor
 from torchpurify.metrics import evaluate
 from torchpurify.models import build_model
 from torchpurify.neurons import masked_layers
-from torchpurify.neurons.inversion import feature_space, uses_features
+from torchpurify.neurons.inversion import feature_space, uses_features, value_range_of
 from torchpurify.train import TrainConfig, fit
 
 RATE, LENGTH, CLASSES = 16000, 8000, 4
@@ -112,6 +112,10 @@ def test_in_feature_space_the_model_is_the_same_on_log_mel_features(backdoored_k
         assert isinstance(model.front_end, torch.nn.Identity)
         assert features.x.shape[:2] == (len(holdout), front.n_mels) and features.x.dim() == 3
         assert torch.equal(features.y, holdout.y)
+        # the pattern may span the log-mel values, not the waveform's [-1, 1]
+        low, high = value_range_of(features.x)
+        assert (low, high) == (float(features.x.min()), float(features.x.max()))
+        assert low < -1 or high > 1
         with torch.no_grad():
             inside = model(features.x[:16])
     assert model.front_end is front

@@ -131,8 +131,15 @@ def feature_space(
 
 
 def value_range_of(x: torch.Tensor) -> tuple[float, float]:
-    """Images live in [0, 1], waveforms in [-1, 1]: an inverted pattern must stay there too."""
-    return (-1.0, 1.0) if float(x.min()) < 0 else (0.0, 1.0)
+    """Images live in [0, 1], waveforms in [-1, 1]: an inverted pattern must stay there too.
+    Data outside both (a front end's log-mel features, standardised inputs) keeps its own
+    (min, max)."""
+    low, high = float(x.min()), float(x.max())
+    if low >= 0 and high <= 1:
+        return (0.0, 1.0)
+    if low >= -1 and high <= 1:
+        return (-1.0, 1.0)
+    return (low, high)
 
 
 def anomaly_index(norms: torch.Tensor) -> torch.Tensor:
