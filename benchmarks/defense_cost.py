@@ -10,7 +10,10 @@
     forward and backward passes (samples) and seconds, each relative to FT's.
 
     OMP_NUM_THREADS=1 PYTHONPATH=src python benchmarks/defense_cost.py [--quick]
-        [--parts abcd] [--defenses ft,anp,...] [--json FILE]
+        [--parts abcd] [--defenses ft,anp,...] [--set anp.iterations=200 ...] [--json FILE]
+
+A defense's cost is linear in its iterations or epochs, so ``--set`` measures a long default
+(ANP's 2,000 iterations) at a fraction and scales it (the table says which were set).
 
 small-cnn on synthetic 1×28×28 images, 10 classes, one thread. Part (c) runs each size in a
 fresh process (Linux only) so that the process's peak resident memory belongs to that pass,
@@ -32,6 +35,7 @@ import torch
 import torch.nn.functional as F
 
 from torchpurify.attacks import build_attack, poison_split
+from torchpurify.cli import parse_settings
 from torchpurify.data.base import Split
 from torchpurify.defenses import DEFENSES, Clean, build_defense
 from torchpurify.defenses.gnft import gradient_norm_step
@@ -181,8 +185,9 @@ def layer_bytes_per_sample() -> int:
 
 
 def defense_costs(
-    names: list[str], tune_size: int, holdout_size: int, epochs: int
-) -> dict[str, dict[str, float]]:
+    names: list[str], tune_size: int, holdout_size: int, epochs: int,
+    settings: dict[str, dict] | None = None,
+) -> dict[str, dict[str, float]]:  # fmt: skip
     """Each defense at its defaults on one BadNets-backdoored small-cnn and the same defender
     data (the development protocol's 1,440 tune / 360 holdout by default)."""
     trigger = build_attack("badnets", SHAPE)
@@ -193,14 +198,20 @@ def defense_costs(
     clean = Clean(prototype_split(tune_size, seed=1), prototype_split(holdout_size, seed=2))
     results = {}
     for name in names:
-        purified = build_defense(name, device="cpu").purify(model, clean)
+        params = (settings or {}).get(name, {})
+        purified = build_defense(name, device="cpu", **params).purify(model, clean)
         cost = purified.cost
         results[name] = {
             "seconds": cost.seconds,
             "forward": cost.forward,
             "backward": cost.backward,
+            "settings": params,
         }
-        print(f"  {name}: {cost.seconds:.1f} s", file=sys.stderr, flush=True)
+        print(
+            f"  {name} {params or ''}: {cost.seconds:.1f} s, forward {cost.forward}, "
+            f"backward {cost.backward}",
+            file=sys.stderr, flush=True,
+        )  # fmt: skip
     return results
 
 
@@ -229,6 +240,10 @@ def main() -> None:
     parser.add_argument(
         "--defenses", default=None, help="comma-separated defenses for (d) (default: all)"
     )
+    parser.add_argument(
+        "--set", action="append", default=[], metavar="NAME.KEY=VALUE",
+        help="a defense's hyper-parameter for (d), e.g. anp.iterations=200 (repeatable)",
+    )  # fmt: skip
     parser.add_argument("--json", default=None, help="also write (d)'s numbers to this file")
     args = parser.parse_args()
     if args.memory_child is not None:
@@ -242,7 +257,13 @@ def main() -> None:
         names = ["ft"] + [n for n in names if n != "ft"]
         tune, holdout = (288, 72) if args.quick else (1440, 360)
         print(f"\n(d) each defense at its defaults, tune {tune}, holdout {holdout}, BadNets model")
-        results = defense_costs(names, tune, holdout, epochs=1 if args.quick else 3)
+        settings: dict[str, dict] = {}
+        for item in args.set:
+            name, _, setting = item.partition(".")
+            settings.setdefault(name, {}).update(parse_settings([setting]))
+        results = defense_costs(
+            names, tune, holdout, epochs=1 if args.quick else 3, settings=settings
+        )
         print_defense_costs(results)
         if args.json:
             with open(args.json, "w") as file:

@@ -71,3 +71,27 @@ def test_the_defender_data_of_every_image_grid_come_from_the_held_out_split():
                 continue  # speech-synth: its own validation split (1,200 clips ≥ 960 needed)
             n_val = round(job.dataset.val_fraction * job.dataset.train_size)
             assert round(fraction * (job.dataset.train_size - n_val)) <= n_val, (path, job.name)
+
+
+def test_the_baselines_run_on_the_evaluation_models_and_every_defense_is_evaluated():
+    """The baselines' specs add cells to the evaluation models (same keys, same store),
+    so every defense is compared on the same backdoored models; none is left out of the grid."""
+    from torchpurify.defenses import DEFENSES
+    from torchpurify.spec import cell_jobs
+
+    core = {job.key for job in jobs([CONFIGS / "eval-image.yaml"])}
+    parts = sorted(CONFIGS.glob("eval-image-baselines-seed*.yaml"))
+    assert len(parts) == 3
+    assert {job.key for job in jobs(parts)} == core
+    for seed in (0, 1, 2):
+        audio = jobs([CONFIGS / f"eval-audio-seed{seed}.yaml"])
+        baselines = jobs([CONFIGS / f"eval-audio-baselines-seed{seed}.yaml"])
+        assert {job.key for job in baselines} == {job.key for job in audio}
+    for dataset in ("fashion-mnist", "speech-synth"):
+        evaluated = {
+            cell.defense.name
+            for path in EVAL
+            for cell in cell_jobs(load_spec(path), model_jobs(load_spec(path)))
+            if cell.model.dataset.name == dataset
+        }
+        assert evaluated == set(DEFENSES.names()), dataset
