@@ -380,3 +380,20 @@ def test_a_dead_runners_claims_are_taken_over_and_its_staging_swept(tmp_path, sh
     assert time.monotonic() - started >= 2.0  # it waited until the leases went stale
     assert len(rows) == 2 and read(results, "SELECT COUNT(*) FROM models") == [(1,)]
     assert not staging.exists() and (cache / model_key / "model.json").is_file()
+
+
+def test_a_retrained_model_that_differs_from_the_stored_one_is_reported(tmp_path):
+    """A model whose row is stored but whose cached folder is gone is retrained; when the new
+    one differs (training is not bit-reproducible across machines), the runner says so."""
+    spec = load_spec(write_spec(tmp_path))
+    job = runner.model_jobs(spec)[0]
+    out = io.StringIO()
+    report = runner.Reporter(Console(file=out, width=400), total=1, done=0)
+    old = {"acc": 0.90, "asr": 1.0, "train_seconds": 1.0}
+    stage = runner.ModelStage(job, tmp_path, "train", old)
+    report.model(stage, {**old, "train_seconds": 2.0})
+    assert "warning" not in out.getvalue()
+    report.model(stage, {**old, "acc": 0.91})
+    assert "warning" in out.getvalue() and "0.9000 → 0.9100" in out.getvalue()
+    report.model(runner.ModelStage(job, tmp_path, "train", None), {**old, "acc": 0.5})
+    assert out.getvalue().count("warning") == 1

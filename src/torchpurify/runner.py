@@ -465,6 +465,16 @@ class Reporter:
             f"{verb} {stage.job.name}: ACC {fmt(row['acc'])}  ASR {fmt(row['asr'])}  "
             f"{row['train_seconds']:.1f} s"
         )
+        old = stage.row
+        if stage.action == "train" and old and (old["acc"], old["asr"]) != (row["acc"], row["asr"]):
+            # The store knew this model but its cached folder was gone: training is not
+            # bit-for-bit reproducible across machines and thread counts.
+            self.say(
+                f"warning: {stage.job.name} was retrained (its cached folder was missing) and "
+                f"differs from the stored model (ACC {old['acc']:.4f} → {row['acc']:.4f}, "
+                f"ASR {old['asr'] or 0:.4f} → {row['asr'] or 0:.4f}); the cells stored before were "
+                "measured on the earlier model (each cell keeps its own ACC/ASR before)"
+            )
 
     def waiting(self, elsewhere: int) -> None:
         if not self.waited:
