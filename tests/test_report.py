@@ -329,3 +329,14 @@ def test_report_renders_in_a_headless_browser(report, tmp_path):
     assert probe.widths is not None, "the probe script did not run"
     assert len(probe.widths) == markdown.count("![") == page.count("<img ")
     assert all(width > 0 for width in probe.widths), probe.widths
+
+
+def test_search_points_leave_out_the_unpruned_point_of_mask_pruning():
+    """ANP and RNP log the unpruned model as threshold None; the curve must still sort."""
+    from torchpurify.report import search_points
+
+    log = {"curve": [[None, 0.90], [0.5, 0.87], [0.45, 0.89]]}
+    assert search_points(log) == [[0.45, 0.89], [0.5, 0.87]]
+    rounds = {"rounds": [{"curve": [[2, 0.8], [1, 0.9]]}, {"curve": [[None, 0.95]]}]}
+    assert search_points(rounds) == [[1, 0.9], [2, 0.8]]
+    assert search_points(None) == []

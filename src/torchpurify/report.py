@@ -357,12 +357,14 @@ def defense_section(settings: list[Setting], out: Path) -> list:
 
 def search_points(log: dict | None) -> list[list[float]]:
     """The (k, holdout ACC) points a pruning defense evaluated while searching for its cut:
-    the log's ``curve``, or every round's curve when the defense logs rounds (linf-pruning)."""
+    the log's ``curve``, or every round's curve when the defense logs rounds (linf-pruning).
+    A point without a cut (ANP/RNP log the unpruned model as threshold ``None``) is left out."""
     if not log:
         return []
-    if log.get("curve"):
-        return sorted(log["curve"])
-    return sorted(point for round_ in log.get("rounds", []) for point in round_.get("curve", []))
+    points = log.get("curve") or [
+        point for round_ in log.get("rounds", []) for point in round_.get("curve", [])
+    ]
+    return sorted(point for point in points if point[0] is not None)
 
 
 def plot_search(cells: list[dict], path: Path) -> Path:
