@@ -39,6 +39,7 @@ from torchpurify.cli import parse_settings
 from torchpurify.data.base import Split
 from torchpurify.defenses import DEFENSES, Clean, build_defense
 from torchpurify.defenses.gnft import gradient_norm_step
+from torchpurify.errors import UserError
 from torchpurify.models import build_model
 from torchpurify.neurons import activation_stats, default_neuron_layer
 from torchpurify.train import Cost, TrainConfig, fit, standard_step
@@ -228,6 +229,35 @@ def print_defense_costs(results: dict[str, dict[str, float]]) -> None:
             f"{name:<14}{cost['forward']:>11}{cost['backward']:>11}{cost['seconds']:>9.1f}"
             f"{ratios[0]:>10.2f}{ratios[1]:>10.2f}{ratios[2]:>8.2f}"
         )
+    for name, cost in results.items():
+        if cost.get("settings"):
+            settings = " ".join(f"{k}={v}" for k, v in cost["settings"].items())
+            print(f"{name} ran with {settings}, not its defaults")
+
+
+def defense_settings(
+    items: list[str], names: list[str], parser: argparse.ArgumentParser
+) -> dict[str, dict]:
+    """``["anp.iterations=200"]`` → ``{"anp": {"iterations": 200}}``; every defense of (d) is
+    built once with its settings, so a mistake ends in one line and exit code 2 before any
+    model is trained."""
+    settings: dict[str, dict] = {}
+    for item in items:
+        name, dot, setting = item.partition(".")
+        if not dot or name not in names:
+            parser.error(
+                f"--set takes NAME.KEY=VALUE, NAME one of {', '.join(names)}; got {item!r}"
+            )
+        try:
+            settings.setdefault(name, {}).update(parse_settings([setting]))
+        except UserError as error:
+            parser.error(f"--set {item}: {error}")
+    for name in names:
+        try:
+            build_defense(name, device="cpu", **settings.get(name, {}))
+        except UserError as error:
+            parser.error(str(error))
+    return settings
 
 
 def main() -> None:
@@ -255,12 +285,10 @@ def main() -> None:
     if "d" in args.parts:
         names = args.defenses.split(",") if args.defenses else DEFENSES.names()
         names = ["ft"] + [n for n in names if n != "ft"]
+        settings = defense_settings(args.set, names, parser)
         tune, holdout = (288, 72) if args.quick else (1440, 360)
-        print(f"\n(d) each defense at its defaults, tune {tune}, holdout {holdout}, BadNets model")
-        settings: dict[str, dict] = {}
-        for item in args.set:
-            name, _, setting = item.partition(".")
-            settings.setdefault(name, {}).update(parse_settings([setting]))
+        print(f"\n(d) each defense at its defaults (but --set), tune {tune}, holdout {holdout}, "
+              "BadNets model")  # fmt: skip
         results = defense_costs(
             names, tune, holdout, epochs=1 if args.quick else 3, settings=settings
         )
