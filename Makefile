@@ -27,6 +27,7 @@ demo: $(STAMP) data
 RUN_GRID = $(BIN)/torchpurify run --executor ray --cpus-per-task 1
 dev-image dev-audio: $(STAMP) data
 	$(RUN_GRID) configs/$@.yaml --results docs/results/$@/results.db --cache runs/$@/models
+	$(RUN_GRID) configs/$@-candidates.yaml --results docs/results/$@/results.db --cache runs/$@/models
 	$(BIN)/torchpurify report docs/results/$@/results.db --out docs/results/$@/report --force
 
 eval-image: $(STAMP) data
