@@ -381,6 +381,6 @@ def test_purify_seed_draws_the_defender_split_of_a_trained_model(tmp_path):
                      "--no-progress", "--out", out)  # fmt: skip
         assert result.exit_code == 0, result.output
         record = json.loads((out / CARD).read_text())["defense"]
-        assert record["split_seed"] == seed
+        assert record["split_seed"] == seed and record["split_by"] == "sample"
         logs[seed] = record["log"]["holdout_acc_before"]
     assert logs[0] != logs[1]  # another holdout

@@ -281,3 +281,38 @@ def test_speech_commands_found_under_torchpurify_data(commands, monkeypatch):
     monkeypatch.setenv("TORCHPURIFY_DATA", str(commands.parent))
     commands.rename(commands.parent / "speech-commands")
     assert load_dataset("speech-commands-35").classes == sorted(KEYWORDS + OTHERS)
+
+
+def test_clips_carry_their_speaker_and_silence_is_a_group_of_its_own(commands):
+    write_wav(commands / "yes" / "d_nohash_1.wav", np.zeros(16000))
+    ds = load_dataset("speech-commands-12", root=commands)
+    assert ds.train.groups is not None and len(ds.train.groups) == len(ds.train)
+    words = (ds.train.y > 0) & (ds.train.y < 10)  # speakers are numbered in sorted name order
+    assert ds.train.groups[words].tolist() == [0] * 9  # "a"
+    assert sorted(ds.train.groups[ds.train.y == 0].tolist()) == [0, 1]
+    silence = ds.train.groups[ds.train.y == 10].tolist()
+    assert len(set(silence)) == len(silence) and not set(silence) & {0, 1}
+    assert ds.train.subset([0, 1]).groups.tolist() == ds.train.groups[:2].tolist()
+
+
+def test_the_defender_split_of_speech_is_by_speaker(tmp_path):
+    """defender_data on a Speech Commands folder: no holdout speaker is in the tune set, and the
+    purified card records the rule."""
+    from torchpurify.experiment import DataSpec, defender_data
+
+    root = tmp_path / "sc"
+    for word in KEYWORDS:
+        for split, count in (("t", 3), ("v", 8), ("c", 1)):
+            for k in range(count):
+                for n in range(2):
+                    write_wav(root / word / f"{split}{k}_nohash_{n}.wav", np.zeros(16000))
+    names = lambda prefix, count: "".join(  # noqa: E731
+        f"{w}/{prefix}{k}_nohash_{n}.wav\n" for w in KEYWORDS for k in range(count)
+        for n in range(2)
+    )  # fmt: skip
+    (root / "validation_list.txt").write_text(names("v", 8))
+    (root / "testing_list.txt").write_text(names("c", 1))
+    card = {"data": DataSpec(dataset="speech-commands", root=str(root), seed=3).to_dict()}
+    tune, holdout, prepared = defender_data(card, root=str(root), fraction=1.0, progress=False)
+    assert len(prepared.train) == 60 and len(tune) == 48 and len(holdout) >= 12
+    assert not set(tune.groups.tolist()) & set(holdout.groups.tolist())

@@ -96,3 +96,30 @@ def test_defender_data_comes_from_samples_the_model_never_trained_on(fraction, p
         bad = set(np.union1d(poisoned.poisoned.numpy(), poisoned.noise.numpy()).tolist())
         assert given <= trained
         assert not given & _rows(prepared.train.subset(np.array(sorted(bad))))
+
+
+def test_a_grouped_defender_split_keeps_every_group_on_one_side():
+    """Speech (methods.md §0): whole speakers go to the holdout, so it measures the model on
+    speakers the defense was not tuned on, as the test split does."""
+    groups = np.repeat(np.arange(90), 13)[:1100]  # 85 speakers of 13 clips, one of 5
+    tune, holdout = defender_split(range(1100), 9000, fraction=0.1, seed=7, pool_size=1100,
+                                   groups=groups)  # fmt: skip
+    assert len(tune) == 720 and 180 <= len(holdout) < 180 + 13
+    assert not set(groups[tune]) & set(groups[holdout])
+    holdout_groups = set(groups[holdout])
+    assert len(holdout) == sum((groups == g).sum() for g in holdout_groups)  # whole groups
+    again = defender_split(range(1100), 9000, fraction=0.1, seed=7, pool_size=1100, groups=groups)
+    assert np.array_equal(again[0], tune) and np.array_equal(again[1], holdout)
+    plain = defender_split(range(1100), 9000, fraction=0.1, seed=7, pool_size=1100)
+    assert set(groups[plain[0]]) & set(groups[plain[1]])  # a random split shares speakers
+
+
+def test_a_grouped_split_of_all_the_data_and_its_errors():
+    groups = np.repeat(np.arange(10), 10)
+    tune, holdout = defender_split(range(100), 100, fraction=1.0, seed=0, groups=groups)
+    assert len(tune) + len(holdout) == 100 and len(holdout) == 20
+    assert not set(groups[tune]) & set(groups[holdout])
+    with pytest.raises(UserError, match="groups"):
+        defender_split(range(100), 100, fraction=1.0, groups=np.zeros(100, dtype=int))
+    with pytest.raises(UserError, match="one id per pool sample"):
+        defender_split(range(100), 100, fraction=1.0, groups=groups[:50])

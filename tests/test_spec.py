@@ -226,3 +226,18 @@ def test_the_estimate_is_configured_or_turned_off_and_is_part_of_the_cell_keys(t
     assert "estimate" in message and "did you mean steps" in message
     message, _ = error_of(tmp_path, SPEC + "estimate: {steps: 0}\n")
     assert "positive integer" in message
+
+
+def test_speech_cells_record_the_speaker_split_and_images_keep_their_keys(tmp_path, monkeypatch):
+    """The defender's split of speech is by speaker: its cells' keys say so, so a store never
+    reuses a cell measured with the earlier random split; image keys are untouched."""
+    import torchpurify.spec as spec_module
+
+    speech = replace("name: digits", "name: speech-synth").replace("small-cnn, lenet5", "kws-cnn")
+    speech = speech.replace("params: {size: 2}", "params: {}")
+    models, cells = keys(tmp_path, speech, "speech.yaml")
+    image = keys(tmp_path, SPEC, "image.yaml")
+    monkeypatch.setattr(spec_module, "split_groups", lambda name: "")  # the rule before
+    old_models, old_cells = keys(tmp_path, speech, "speech.yaml")
+    assert old_models == models and not set(old_cells) & set(cells)
+    assert keys(tmp_path, SPEC, "image.yaml") == image

@@ -103,11 +103,14 @@ def as_split(clean: Any) -> Split:
 
 
 def split_clean(data: Split, tune_fraction: float = 0.8, seed: int = 0) -> Clean:
-    """The defender's ``tune`` and ``holdout`` (methods.md §0), drawn from ``data`` by ``seed``."""
+    """The defender's ``tune`` and ``holdout`` (methods.md §0), drawn from ``data`` by ``seed``;
+    when ``data.groups`` is set (a speech folder's speakers), no group is in both."""
     check(len(data) >= 2, f"the clean data has {len(data)} sample(s); give at least 2")
+    groups = None if data.groups is None else data.groups.numpy()
     tune, holdout = defender_split(
-        np.arange(len(data)), len(data), fraction=1.0, tune_fraction=tune_fraction, seed=seed
-    )
+        np.arange(len(data)), len(data), fraction=1.0, tune_fraction=tune_fraction, seed=seed,
+        groups=groups,
+    )  # fmt: skip
     return Clean(data.subset(tune), data.subset(holdout))
 
 

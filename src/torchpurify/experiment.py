@@ -20,7 +20,7 @@ from torch import nn
 from torchpurify.attacks import ATTACKS, Trigger, build_attack, poison_split, trigger_from_dict
 from torchpurify.attacks.poison import check_poisoning
 from torchpurify.card import targeting
-from torchpurify.data import DATASETS, load_dataset
+from torchpurify.data import DATASETS, load_dataset, split_groups
 from torchpurify.data.base import Dataset, Split
 from torchpurify.data.splits import defender_split, train_val_split
 from torchpurify.defenses import Clean, Defense, Purified
@@ -262,7 +262,8 @@ def defender_data(
     ``round(fraction × training set)`` samples from :func:`defender_pool`.
 
     The splits and the poisoned indices are rebuilt from the card; the rebuilt poisoning is
-    checked against the card's hash so the defender never receives a poisoned sample.
+    checked against the card's hash so the defender never receives a poisoned sample. Speech
+    is split by speaker (:func:`~torchpurify.data.split_groups`): no holdout speaker is in tune.
     """
     data_card = card.get("data")
     if not data_card:
@@ -290,12 +291,14 @@ def defender_data(
     else:
         source = prepared.train
         candidates = np.setdiff1d(np.arange(len(prepared.train)), poisoned)
+    by = split_groups(spec.dataset)
     tune_idx, holdout_idx = defender_split(
         candidates,
         len(prepared.train),
         fraction=fraction,
         seed=spec.seed if seed is None else seed,
         pool_size=len(source),
+        groups=source.groups.numpy() if by and source.groups is not None else None,
     )
     return source.subset(tune_idx), source.subset(holdout_idx), prepared
 
@@ -368,6 +371,7 @@ def purify_model(
         "defender_fraction": defender_fraction,
         "defender_pool": defender_pool(prepared, defender_fraction),
         "split_seed": card["data"]["seed"] if seed is None else seed,
+        "split_by": split_groups(card["data"]["dataset"]) or "sample",
         "tune_size": len(tune),
         "holdout_size": len(holdout),
         "before": before.to_dict(),

@@ -35,7 +35,7 @@ import yaml
 from torchpurify.attacks import ATTACKS
 from torchpurify.attacks.poison import poisoning_problem
 from torchpurify.checks import kind_problem, normalise
-from torchpurify.data import DATASETS
+from torchpurify.data import DATASETS, split_groups
 from torchpurify.defenses import DEFENSES, Defense, build_defense
 from torchpurify.errors import UserError
 from torchpurify.estimate import EstimateConfig
@@ -319,6 +319,9 @@ def cell_jobs(spec: ExperimentSpec, models: list[ModelJob] | None = None) -> lis
                 "defender_fraction": spec.defender_fraction,
                 "estimate": estimate,
             }
+            by = split_groups(job.dataset.name)
+            if by:  # the rule changed for grouped data; cells of the random split stay apart
+                content["defender_split"] = f"by {by}"
             cells.append(CellJob(digest(content), job, defense, params, spec.defender_fraction))
     return cells
 

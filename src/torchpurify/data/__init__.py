@@ -38,6 +38,7 @@ __all__ = [
     "images_to_split",
     "load_dataset",
     "resolve_root",
+    "split_groups",
     "train_val_split",
 ]
 
@@ -94,7 +95,8 @@ class Source:
     ``folder`` names the dataset's folder under ``$TORCHPURIFY_DATA`` and the cache when several
     datasets read the same files (default: the dataset's name). ``generate(folder, progress)``
     builds a missing folder for synthetic data; ``manual`` says where to get files that cannot be
-    downloaded here.
+    downloaded here. ``groups`` names what the loader's group ids are (``"speaker"``), empty when
+    it gives none: the defender's tune and holdout are then split by group (methods.md §0).
     """
 
     read: Callable[[Path | None], Dataset]
@@ -103,6 +105,7 @@ class Source:
     folder: str | None = None
     generate: Callable[[Path, bool], object] | None = None
     manual: str = ""
+    groups: str = ""
 
 
 DATASETS: Registry[Source] = Registry("dataset")
@@ -178,6 +181,7 @@ _register("speech-synth", "espeak keywords, 10 classes, noisy 1-s 16 kHz clips, 
         missing_speech_synth,
         _SPEECH_EXPECTED + " and manifest.json, as `torchpurify make-speech` writes",
         generate=generate_speech_synth,
+        groups="speaker",
     )
 )
 _SPEECH_TASKS = {
@@ -196,6 +200,7 @@ for _name, (_summary, _task) in _SPEECH_TASKS.items():
             _SPEECH_EXPECTED,
             folder="speech-commands",
             manual=_SPEECH_MANUAL,
+            groups="speaker",
         )
     )
 
@@ -261,6 +266,12 @@ def resolve_root(
             "delete that folder and try again"
         )
     return cache
+
+
+def split_groups(name: str) -> str:
+    """What the defender's tune and holdout of dataset ``name`` are split by: ``"speaker"`` for
+    speech, ``""`` (single samples) for the rest (:attr:`Source.groups`)."""
+    return DATASETS.get(name).groups if name in DATASETS.names() else ""
 
 
 def load_dataset(

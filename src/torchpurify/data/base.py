@@ -18,21 +18,30 @@ from torchpurify.errors import UserError
 
 @dataclass
 class Split:
-    """Inputs ``x`` (float32) and labels ``y`` (int64) of the same length."""
+    """Inputs ``x`` (float32) and labels ``y`` (int64) of the same length.
+
+    ``groups`` (int64, optional) says which samples belong together — a speech clip's speaker —
+    so that the defender's holdout can be drawn from other groups than its tune set
+    (:func:`~torchpurify.data.splits.defender_split`); ids are only compared within one split.
+    """
 
     x: torch.Tensor
     y: torch.Tensor
+    groups: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
         if len(self.x) != len(self.y):
             raise ValueError(f"{len(self.x)} inputs but {len(self.y)} labels")
+        if self.groups is not None and len(self.groups) != len(self.y):
+            raise ValueError(f"{len(self.groups)} group ids but {len(self.y)} labels")
 
     def __len__(self) -> int:
         return len(self.y)
 
     def subset(self, indices: Sequence[int] | torch.Tensor | np.ndarray) -> Split:
         idx = torch.as_tensor(np.asarray(indices), dtype=torch.long)
-        return Split(self.x[idx], self.y[idx])
+        groups = None if self.groups is None else self.groups[idx]
+        return Split(self.x[idx], self.y[idx], groups)
 
     def batches(self, batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """Consecutive batches in stored order (for evaluation)."""

@@ -130,7 +130,28 @@ def _load(
             row += _noise_crop(noises, rng) * rng.uniform(0, volume)
     np.clip(x, -1.0, 1.0, out=x)
     y = torch.tensor([clip.label for clip in clips], dtype=torch.int64)
-    return Split(torch.from_numpy(x), y)
+    return Split(torch.from_numpy(x), y, speaker_ids(clips))
+
+
+def speaker(path: Path) -> str:
+    """The speaker of a clip from its file name, ``<speaker>_nohash_<n>.wav`` (the whole stem
+    when the name has no ``_nohash_``)."""
+    return path.stem.split("_nohash_")[0]
+
+
+def speaker_ids(clips: list[Clip]) -> torch.Tensor:
+    """One int64 id per clip: equal for clips of one speaker (numbered in sorted name order);
+    each synthetic silence clip is a group of its own."""
+    names = sorted({speaker(clip.path) for clip in clips if clip.path is not None})
+    number = {name: i for i, name in enumerate(names)}
+    ids, extra = [], len(names)
+    for clip in clips:
+        if clip.path is None:
+            ids.append(extra)
+            extra += 1
+        else:
+            ids.append(number[speaker(clip.path)])
+    return torch.tensor(ids, dtype=torch.int64)
 
 
 def read_speech_commands(

@@ -38,6 +38,7 @@ def defender_split(
     tune_fraction: float = 0.8,
     seed: int = 0,
     pool_size: int | None = None,
+    groups: Sequence[int] | np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """The defender's clean ``(tune, holdout)`` indices into its pool: the training set
     (``pool_size`` None) or a held-out split of ``pool_size`` samples.
@@ -45,6 +46,12 @@ def defender_split(
     Draws ``round(fraction * n_train)`` indices from ``candidates`` only — in the training set,
     the indices that were not poisoned, so the defender never holds a poisoned sample — and
     splits them ``tune_fraction`` / rest.
+
+    ``groups`` (one id per pool index, e.g. a clip's speaker) makes the split group-disjoint:
+    the holdout takes whole groups in a random order until it holds its share (so it may hold a
+    few samples more), the tune set its share of the groups that remain (fewer only when the
+    pool runs out) — so the holdout measures the model on groups it was not tuned on, as the
+    test split does (methods.md §0).
     """
     check(0 < fraction <= 1, f"defender fraction must be in (0, 1], got {fraction}")
     check(0 < tune_fraction < 1, f"tune_fraction must be in (0, 1), got {tune_fraction}")
@@ -64,5 +71,38 @@ def defender_split(
         f"{n_defender} defender samples split {tune_fraction} / {1 - tune_fraction:.2g} leave "
         "tune or holdout empty; raise the defender fraction",
     )
-    chosen = pool[np.random.default_rng(seed).permutation(len(pool))[:n_defender]]
+    rng = np.random.default_rng(seed)
+    if groups is not None:
+        return _group_split(pool, np.asarray(groups), size, n_tune, n_defender - n_tune, rng)
+    chosen = pool[rng.permutation(len(pool))[:n_defender]]
     return np.sort(chosen[:n_tune]), np.sort(chosen[n_tune:])
+
+
+def _group_split(
+    pool: np.ndarray, groups: np.ndarray, size: int, n_tune: int, n_holdout: int,
+    rng: np.random.Generator,
+) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
+    """Tune and holdout indices of ``pool`` with no group in both (see :func:`defender_split`):
+    whole groups until the holdout has ``n_holdout``, then up to ``n_tune`` from the others."""
+    if groups.shape != (size,):
+        raise UserError(f"groups must give one id per pool sample ({size}), got {groups.shape}")
+    ids = groups[pool]
+    order = rng.permutation(np.unique(ids))
+    shuffled = pool[rng.permutation(len(pool))]
+    by_group = {g: shuffled[groups[shuffled] == g] for g in order.tolist()}
+    holdout: list[np.ndarray] = []
+    held = 0
+    rest = iter(order.tolist())
+    for g in rest:
+        holdout.append(by_group[g])
+        held += len(by_group[g])
+        if held >= n_holdout:
+            break
+    others = [by_group[g] for g in rest]
+    tune = np.concatenate(others)[:n_tune] if others else np.array([], dtype=np.int64)
+    if held < n_holdout or len(tune) == 0:
+        raise UserError(
+            f"{len(pool)} samples of {len(order)} groups (speakers) cannot give a holdout of "
+            f"{n_holdout} and a tune set from other groups; give clean data of more groups"
+        )
+    return np.sort(tune), np.sort(np.concatenate(holdout))
