@@ -301,6 +301,27 @@ def test_audio_is_resampled_to_the_models_rate(tmp_path):
     assert any("resampled from 3200 Hz" in note for note in own.notes)
 
 
+def test_own_speech_commands_clips_are_split_by_speaker(tmp_path):
+    """A user's clips named <speaker>_nohash_<n>.wav: the defender's holdout holds speakers the
+    tune set does not; other names give no groups (a random split)."""
+    from torchpurify.api import split_clean
+
+    for word in ("yes", "no"):
+        for speaker in "abcdefgh":
+            for n in range(3):
+                path = tmp_path / "sc" / word / f"{speaker}_nohash_{n}.wav"
+                path.parent.mkdir(parents=True, exist_ok=True)
+                soundfile.write(path, np.zeros(RATE), RATE, subtype="PCM_16")
+    own = read_own(tmp_path / "sc", sample_rate=RATE)
+    assert sorted(set(own.split.groups.tolist())) == list(range(8))
+    clean = split_clean(own.split, seed=1)
+    assert not set(clean.tune.groups.tolist()) & set(clean.holdout.groups.tolist())
+    (tmp_path / "sc" / "no" / "odd.wav").write_bytes(
+        (tmp_path / "sc/no/a_nohash_0.wav").read_bytes()
+    )
+    assert read_own(tmp_path / "sc", sample_rate=RATE).split.groups is None
+
+
 def test_bad_byo_input_is_one_line(image_case, tmp_path):
     root, _, _, _ = image_case
     base = ["purify", "--model", root / "net.pt", "--defense", "ft", "--out", tmp_path / "o"]

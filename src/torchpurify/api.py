@@ -451,6 +451,7 @@ def purify_own(
         **own.data.source,
         "tune_fraction": tune_fraction,
         "seed": defense.seed,
+        "split_by": "sample" if own.data.split.groups is None else "speaker",
         "notes": own.notes,
     }
     if test is not None:

@@ -35,6 +35,7 @@ import torch
 
 from torchpurify.data.base import Split
 from torchpurify.data.folder import IMAGE_SUFFIXES, _open, _stack, _to_array
+from torchpurify.data.speech import Clip, speaker_ids
 from torchpurify.errors import UserError, check
 
 AUDIO_SUFFIXES = {".wav", ".flac", ".ogg"}
@@ -183,9 +184,12 @@ def read_own(
             )
         length = input_shape[0] if input_shape is not None else sample_rate
         clips = [read_audio(f, sample_rate, length, notes) for f, _ in files]
+        # Speech Commands names (<speaker>_nohash_<n>.wav): the defender's split is by speaker.
+        named = all("_nohash_" in f.stem for f, _ in files)
         split = Split(
             torch.from_numpy(np.stack(clips)),
             torch.tensor([label for _, label in files], dtype=torch.int64),
+            speaker_ids([Clip(f, label) for f, label in files]) if named else None,
         )
     source = {
         "path": str(path.resolve()),
