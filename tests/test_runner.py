@@ -127,6 +127,25 @@ def test_a_changed_defense_reruns_only_its_cells_on_the_cached_models(finished, 
     assert read(results, "SELECT COUNT(*) FROM cells") == [(12,)]
 
 
+def test_a_new_store_on_an_old_cache_adopts_its_models_without_retraining(
+    finished, tmp_path, monkeypatch
+):
+    """A fresh results file sharing the cache (a store moved aside, as after a protocol change):
+    the cached models are adopted — rows rebuilt from their cards — and only cells run."""
+    spec, folder, rows = finished
+    monkeypatch.setattr(runner, "train_model", lambda *a, **k: pytest.fail("retrained"))
+    said = []
+    monkeypatch.setattr(runner.Reporter, "say", lambda self, text: said.append(text))
+    new = runner.run_experiment(spec, tmp_path / "new.db", folder / "cache", progress=True)
+    assert {r["key"] for r in new} == {r["key"] for r in rows}
+    assert sum(line.startswith("adopted from the cache") for line in said) == 4
+    columns = "key, acc, asr, path, train_seconds"
+    old = read(folder / "results.db", f"SELECT {columns} FROM models ORDER BY key")
+    assert read(tmp_path / "new.db", f"SELECT {columns} FROM models ORDER BY key") == old
+    identified = read(tmp_path / "new.db", "SELECT identification FROM models WHERE asr >= 0")
+    assert identified and all(json.loads(i) for (i,) in identified)  # diagnostics redone
+
+
 def test_diagnostics_missing_from_a_cached_model_are_added_without_retraining(
     finished, tmp_path, monkeypatch
 ):

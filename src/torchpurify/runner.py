@@ -47,7 +47,8 @@ RAY_MISSING = "the ray executor needs Ray; install the extra: pip install 'torch
 
 @dataclass
 class ModelStage:
-    """A model of the grid and what it still needs: ``train``, ``diagnose`` or nothing."""
+    """A model of the grid and what it still needs: ``train``, ``diagnose``, ``adopt`` (a cached
+    folder the store has no row for — a new store on an old cache) or nothing."""
 
     job: ModelJob
     folder: Path
@@ -136,14 +137,16 @@ def _models_in_work(store: Store) -> set[str]:
 def stage_of(
     spec: ExperimentSpec, job: ModelJob, cache: Path, pending: list[CellJob], store: Store
 ) -> ModelStage:
-    """Reuse a cached model when its folder and its row are both there; else train it."""
+    """Reuse a cached model when its folder and its row are both there; adopt a cached folder
+    without a row (a new store sharing a cache: the folder's name is the job's key, written
+    only when complete); else train it."""
     folder = cache / job.key
     row = store.model(job.key)
     needs_diagnostics = (
         spec.diagnostics and job.attack is not None and (row or {}).get("identification") is None
     )
     if row is None:
-        action = "train"
+        action = "adopt" if (folder / CARD).is_file() else "train"
     elif not (folder / CARD).is_file():
         needed = needs_diagnostics or any(cell.model.key == job.key for cell in pending)
         action = "train" if needed else None
@@ -195,7 +198,10 @@ def prepare_model(
     else:
         # The spec names the architecture, so a module:function in it is the user's own.
         model, card = load_model(stage.folder, job.model)
-        row = {**stage.row, "path": str(stage.folder)}
+        if stage.action == "adopt":
+            row = model_row(job, stage.folder, card)
+        else:
+            row = {**stage.row, "path": str(stage.folder)}
     if spec.diagnostics and card.get("attack"):
         row.update(diagnose(model, card, job, spec))
     return row
@@ -460,7 +466,9 @@ class Reporter:
         )
 
     def model(self, stage: ModelStage, row: dict[str, Any]) -> None:
-        verb = "trained" if stage.action == "train" else "diagnosed"
+        verb = {"train": "trained", "adopt": "adopted from the cache"}.get(
+            stage.action, "diagnosed"
+        )
         self.say(
             f"{verb} {stage.job.name}: ACC {fmt(row['acc'])}  ASR {fmt(row['asr'])}  "
             f"{row['train_seconds']:.1f} s"
