@@ -241,3 +241,15 @@ def test_speech_cells_record_the_speaker_split_and_images_keep_their_keys(tmp_pa
     old_models, old_cells = keys(tmp_path, speech, "speech.yaml")
     assert old_models == models and not set(old_cells) & set(cells)
     assert keys(tmp_path, SPEC, "image.yaml") == image
+
+
+def test_a_parameter_added_later_keeps_the_keys_at_its_neutral_value(tmp_path):
+    """augment: false (the behaviour before the parameter existed) leaves every key as it was;
+    augment: true changes only that defense's cells."""
+    models, cells = keys(tmp_path, SPEC, "a.yaml")
+    neutral = replace("params: {epochs: 1}", "params: {epochs: 1, augment: false}")
+    assert keys(tmp_path, neutral, "b.yaml") == (models, cells)
+    on = keys(tmp_path, replace("params: {epochs: 1}", "params: {epochs: 1, augment: true}"),
+              "c.yaml")  # fmt: skip
+    differ = [i for i, (a, b) in enumerate(zip(cells, on[1], strict=True)) if a != b]
+    assert differ == list(range(0, len(cells), 3))  # the ft cell of every model

@@ -87,6 +87,37 @@ def test_augmentation_keeps_shape_and_moves_pixels():
     assert out.shape == x.shape and not torch.equal(out, x)
 
 
+def test_waveforms_are_shifted_in_time_with_zeros_filling_the_gap():
+    from torchpurify.train import shift_waveforms
+
+    x = torch.arange(1, 101, dtype=torch.float32).repeat(64, 1)  # 64 ramps of 100 samples
+    out = shift_waveforms(x, torch.Generator().manual_seed(0))
+    assert out.shape == x.shape and not torch.equal(out, x)
+    for row in out:
+        kept = row[row != 0]
+        assert len(kept) >= 90 and (kept.diff() == 1).all()  # one contiguous, in-order piece
+        shift = int(kept[0] - 1) if row[0] != 0 else -int((row == 0).sum())
+        assert abs(shift) <= 10  # at most 10 % of the length
+        assert (row == 0).sum() == abs(shift)
+
+
+def test_defenses_fine_tune_with_augmentation_when_asked():
+    """augment=true reaches the training loop: with it, FT's result differs; without it, FT is
+    the same as before (the parameter's neutral value)."""
+    from torchpurify.defenses import Clean, build_defense
+
+    data = Split(torch.rand(64, 2000) - 0.5, torch.arange(64) % 2)
+    results = {}
+    for augment in (False, True):
+        torch.manual_seed(0)
+        model = build_model("kws-cnn", (2000,), 2)
+        model.eval()
+        ft = build_defense("ft", epochs=1, lr=0.01, augment=augment, max_acc_drop=0.99)
+        assert ft.train_config().augment is augment
+        results[augment] = ft.purify(model, Clean(data, data)).model.state_dict()
+    assert any(not torch.equal(results[False][k], results[True][k]) for k in results[False])
+
+
 def test_divergence_is_its_own_error_not_a_user_error():
     data = bright_or_dark()
     data.x[0, 0, 0, 0] = float("nan")

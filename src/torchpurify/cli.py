@@ -254,7 +254,10 @@ def train(
     lr: float = 0.05,
     optimizer: Annotated[Optimizer, typer.Option()] = Optimizer.sgd,
     schedule: Annotated[Schedule, typer.Option()] = Schedule.cosine,
-    augment: Annotated[bool, typer.Option(help="Random crop and flip (images).")] = False,
+    augment: Annotated[
+        bool,
+        typer.Option(help="Random crop and flip (images), random time shift of ±10 % (waveforms)."),
+    ] = False,
     channels_last: Annotated[
         bool | None,
         typer.Option("--channels-last/--no-channels-last", help="Default: the model's preference."),

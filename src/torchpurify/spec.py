@@ -62,6 +62,9 @@ TRAINING_KEYS = tuple(
 )
 # Parameters that do not change a result, left out of keys.
 UNHASHED = ("device", "progress")
+# Defense parameters added after stores were written, at the value that reproduces the earlier
+# behaviour: left out of a cell's key at that value, so the stored cells stay valid.
+NEUTRAL = {"augment": False}
 MAX_BYTES = 1_000_000  # a spec is a page of YAML
 MAX_VALUES = 100_000  # values after alias expansion; real specs have hundreds
 MAX_MESSAGE = 400
@@ -315,7 +318,11 @@ def cell_jobs(spec: ExperimentSpec, models: list[ModelJob] | None = None) -> lis
             content = {
                 "model": job.key,
                 "defense": defense.name,
-                "params": {k: v for k, v in params.items() if k not in UNHASHED},
+                "params": {
+                    k: v
+                    for k, v in params.items()
+                    if k not in UNHASHED and not (k in NEUTRAL and v == NEUTRAL[k])
+                },
                 "defender_fraction": spec.defender_fraction,
                 "estimate": estimate,
             }

@@ -144,7 +144,7 @@ class TrainConfig:
     momentum: float = 0.9
     weight_decay: float = 5e-4
     schedule: str = "cosine"
-    augment: bool = False
+    augment: bool = False  # images: crop + flip (augment_batch); waveforms: time shift
     channels_last: bool | None = None  # None: the model's own preference (see fit)
     freeze_bn_stats: bool = False  # BatchNorm in evaluation mode while training (see fit)
     seed: int = 0
@@ -221,6 +221,19 @@ def augment_batch(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     batch = torch.arange(n, device=x.device)[:, None, None, None]
     channel = torch.arange(c, device=x.device)[None, :, None, None]
     return padded[batch, channel, rows[:, None, :, None], columns[:, None, None, :]]
+
+
+def shift_waveforms(
+    x: torch.Tensor, generator: torch.Generator, fraction: float = 0.1
+) -> torch.Tensor:
+    """Each waveform (N×T) shifted in time by up to ``fraction`` of its length either way, the
+    gap filled with zeros — TensorFlow's Speech Commands ``time_shift_ms`` = 100 on 1-s clips."""
+    n, t = x.shape
+    most = int(fraction * t)
+    shifts = torch.randint(-most, most + 1, (n, 1), generator=generator).to(x.device)
+    source = torch.arange(t, device=x.device) - shifts  # n × t: where each sample comes from
+    inside = (source >= 0) & (source < t)
+    return torch.where(inside, x.gather(1, source.clamp(0, t - 1)), torch.zeros((), dtype=x.dtype))
 
 
 class Trainer:
@@ -315,6 +328,8 @@ class Trainer:
                 y = self.data.y[idx].to(device, non_blocking=True)
                 if config.augment and x.dim() == 4:
                     x = augment_batch(x, self.generator)
+                elif config.augment and x.dim() == 2:
+                    x = shift_waveforms(x, self.generator)
                 x = x.contiguous(memory_format=self.memory_format) if x.dim() == 4 else x
                 loss = self.step(model, x, y, self.optimizer, self.result.cost)
                 if self.scheduler is not None:

@@ -24,6 +24,9 @@ class FineTuneRecipe(Defense):
     # Re-estimating BatchNorm statistics on clean-only data alone revives a pruned backdoor
     # (methods.md §11.1); frozen, the running statistics stay those the model was trained with.
     freeze_bn_stats: bool = False
+    # Augment the tune set while fine-tuning (TrainConfig.augment: crop + flip on images, a
+    # ±100 ms time shift on waveforms); off by default (methods.md §12.7).
+    augment: bool = False
 
     def validate(self) -> None:
         self.require("epochs", self.epochs >= 1, "at least 1")
@@ -44,6 +47,7 @@ class FineTuneRecipe(Defense):
             weight_decay=self.weight_decay,
             schedule="cosine",
             freeze_bn_stats=self.freeze_bn_stats,
+            augment=self.augment,
             seed=self.seed,
             device=self.device,
             progress=self.progress,
