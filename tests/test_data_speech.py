@@ -287,12 +287,24 @@ def test_clips_carry_their_speaker_and_silence_is_a_group_of_its_own(commands):
     write_wav(commands / "yes" / "d_nohash_1.wav", np.zeros(16000))
     ds = load_dataset("speech-commands-12", root=commands)
     assert ds.train.groups is not None and len(ds.train.groups) == len(ds.train)
+    groups = ds.train.groups[:, 0]  # one factor: the speaker
     words = (ds.train.y > 0) & (ds.train.y < 10)  # speakers are numbered in sorted name order
-    assert ds.train.groups[words].tolist() == [0] * 9  # "a"
-    assert sorted(ds.train.groups[ds.train.y == 0].tolist()) == [0, 1]
-    silence = ds.train.groups[ds.train.y == 10].tolist()
+    assert ds.train.groups.shape == (len(ds.train), 1)
+    assert groups[words].tolist() == [0] * 9  # "a"
+    assert sorted(groups[ds.train.y == 0].tolist()) == [0, 1]
+    silence = groups[ds.train.y == 10].tolist()
     assert len(set(silence)) == len(silence) and not set(silence) & {0, 1}
     assert ds.train.subset([0, 1]).groups.tolist() == ds.train.groups[:2].tolist()
+
+
+def test_synthetic_voices_have_two_factors():
+    from torchpurify.data.speech import Clip, speaker_ids
+
+    names = ["en+m1", "en+f2", "fr+m1", "en+m1", None]
+    clips = [Clip(None if n is None else Path(f"yes/{n}_nohash_0.wav"), 0) for n in names]
+    ids = speaker_ids(clips).tolist()
+    assert ids[:4] == [[0, 1], [0, 0], [1, 1], [0, 1]]  # accents en, fr; variants f2, m1
+    assert ids[4][0] not in (0, 1) and ids[4][1] not in (0, 1)  # silence: related to none
 
 
 def test_the_defender_split_of_speech_is_by_speaker(tmp_path):
@@ -315,4 +327,4 @@ def test_the_defender_split_of_speech_is_by_speaker(tmp_path):
     card = {"data": DataSpec(dataset="speech-commands", root=str(root), seed=3).to_dict()}
     tune, holdout, prepared = defender_data(card, root=str(root), fraction=1.0, progress=False)
     assert len(prepared.train) == 60 and len(tune) == 48 and len(holdout) >= 12
-    assert not set(tune.groups.tolist()) & set(holdout.groups.tolist())
+    assert not set(tune.groups[:, 0].tolist()) & set(holdout.groups[:, 0].tolist())

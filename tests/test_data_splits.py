@@ -121,5 +121,28 @@ def test_a_grouped_split_of_all_the_data_and_its_errors():
     assert not set(groups[tune]) & set(groups[holdout])
     with pytest.raises(UserError, match="groups"):
         defender_split(range(100), 100, fraction=1.0, groups=np.zeros(100, dtype=int))
-    with pytest.raises(UserError, match="one id per pool sample"):
+    with pytest.raises(UserError, match=r"one id \(or row\) per pool sample"):
         defender_split(range(100), 100, fraction=1.0, groups=groups[:50])
+
+
+def test_voices_of_two_factors_share_neither_between_tune_and_holdout():
+    """speech-synth's validation voices (methods.md §0): a held-out accent A × the training
+    variants, the training accents × held-out variants, and A × the held-out variants. A holdout
+    sharing an accent or a variant with the tune set would see fine-tuning adapt to it; the
+    split keeps them apart, dropping the bridging voices rather than sharing a factor."""
+    train_accents, train_variants, held_variants = range(1, 7), range(10, 40), range(90, 97)
+    voices = [(0, v) for v in train_variants] + [
+        (a, v) for a in train_accents for v in held_variants
+    ]
+    voices += [(0, v) for v in held_variants]
+    groups = np.array([voice for voice in voices for _ in range(12)])  # 12 clips per voice
+    n = len(groups)
+    for seed in range(3):
+        tune, holdout = defender_split(range(n), n, fraction=0.6, seed=seed, groups=groups)
+        for k in range(2):
+            assert not set(groups[tune, k]) & set(groups[holdout, k])
+        assert len(holdout) >= round(0.2 * round(0.6 * n)) and len(tune) >= 0.8 * 42 * 12
+    one_factor = defender_split(
+        range(n), n, fraction=0.6, seed=0, groups=groups[:, 0] * 100 + groups[:, 1]
+    )
+    assert set(map(tuple, groups[one_factor[0]])) & set(map(tuple, groups[one_factor[1]])) == set()

@@ -36,6 +36,7 @@ from torchpurify.attacks import ATTACKS
 from torchpurify.attacks.poison import poisoning_problem
 from torchpurify.checks import kind_problem, normalise
 from torchpurify.data import DATASETS, split_groups
+from torchpurify.data.splits import GROUP_RULE
 from torchpurify.defenses import DEFENSES, Defense, build_defense
 from torchpurify.errors import UserError
 from torchpurify.estimate import EstimateConfig
@@ -327,8 +328,8 @@ def cell_jobs(spec: ExperimentSpec, models: list[ModelJob] | None = None) -> lis
                 "estimate": estimate,
             }
             by = split_groups(job.dataset.name)
-            if by:  # the rule changed for grouped data; cells of the random split stay apart
-                content["defender_split"] = f"by {by}"
+            if by:  # the rule changed for grouped data; cells of earlier rules stay apart
+                content["defender_split"] = f"by {by}: {GROUP_RULE}"
             cells.append(CellJob(digest(content), job, defense, params, spec.defender_fraction))
     return cells
 

@@ -20,8 +20,9 @@ from torchpurify.errors import UserError
 class Split:
     """Inputs ``x`` (float32) and labels ``y`` (int64) of the same length.
 
-    ``groups`` (int64, optional) says which samples belong together — a speech clip's speaker —
-    so that the defender's holdout can be drawn from other groups than its tune set
+    ``groups`` (int64, optional; one id per sample, or one row of factor ids) says which
+    samples are related — a speech clip's speaker, or a synthetic voice's accent and variant —
+    so that the defender's holdout shares none with its tune set
     (:func:`~torchpurify.data.splits.defender_split`); ids are only compared within one split.
     """
 

@@ -140,18 +140,24 @@ def speaker(path: Path) -> str:
 
 
 def speaker_ids(clips: list[Clip]) -> torch.Tensor:
-    """One int64 id per clip: equal for clips of one speaker (numbered in sorted name order);
-    each synthetic silence clip is a group of its own."""
-    names = sorted({speaker(clip.path) for clip in clips if clip.path is not None})
-    number = {name: i for i, name in enumerate(names)}
-    ids, extra = [], len(names)
-    for clip in clips:
-        if clip.path is None:
-            ids.append(extra)
-            extra += 1
-        else:
-            ids.append(number[speaker(clip.path)])
-    return torch.tensor(ids, dtype=torch.int64)
+    """The clips' speakers as int64 factor ids, one row per clip: a speaker's name split at
+    ``+`` (speech-synth's voices are ``<accent>+<variant>``: two factors; a Speech Commands
+    speaker, one), each column numbered in sorted name order. Two clips are related when any
+    factor is equal (:func:`~torchpurify.data.splits.defender_split`); each synthetic silence
+    clip, and a missing factor, gets an id of its own."""
+    names = [None if clip.path is None else speaker(clip.path).split("+") for clip in clips]
+    width = max((len(parts) for parts in names if parts), default=1)
+    ids = np.zeros((len(clips), width), dtype=np.int64)
+    for k in range(width):
+        values = sorted({parts[k] for parts in names if parts and len(parts) > k})
+        number = {value: i for i, value in enumerate(values)}
+        fresh = len(values)
+        for row, parts in zip(ids, names, strict=True):
+            if parts and len(parts) > k:
+                row[k] = number[parts[k]]
+            else:
+                row[k], fresh = fresh, fresh + 1
+    return torch.from_numpy(ids)
 
 
 def read_speech_commands(

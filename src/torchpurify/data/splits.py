@@ -31,6 +31,10 @@ def train_val_split(
     return np.sort(order[n_val:]).astype(np.int64), np.sort(order[:n_val]).astype(np.int64)
 
 
+# What a grouped defender split guarantees; part of a grid cell's key (a changed rule reruns).
+GROUP_RULE = "whole units in the holdout, no factor shared with tune"
+
+
 def defender_split(
     candidates: Sequence[int] | np.ndarray,
     n_train: int,
@@ -82,27 +86,69 @@ def _group_split(
     pool: np.ndarray, groups: np.ndarray, size: int, n_tune: int, n_holdout: int,
     rng: np.random.Generator,
 ) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
-    """Tune and holdout indices of ``pool`` with no group in both (see :func:`defender_split`):
-    whole groups until the holdout has ``n_holdout``, then up to ``n_tune`` from the others."""
-    if groups.shape != (size,):
-        raise UserError(f"groups must give one id per pool sample ({size}), got {groups.shape}")
-    ids = groups[pool]
-    order = rng.permutation(np.unique(ids))
-    shuffled = pool[rng.permutation(len(pool))]
-    by_group = {g: shuffled[groups[shuffled] == g] for g in order.tolist()}
-    holdout: list[np.ndarray] = []
-    held = 0
-    rest = iter(order.tolist())
-    for g in rest:
-        holdout.append(by_group[g])
-        held += len(by_group[g])
-        if held >= n_holdout:
-            break
-    others = [by_group[g] for g in rest]
-    tune = np.concatenate(others)[:n_tune] if others else np.array([], dtype=np.int64)
-    if held < n_holdout or len(tune) == 0:
+    """Tune and holdout indices of ``pool`` sharing no group factor (see :func:`defender_split`).
+
+    ``groups`` is one id per sample (a speaker) or one row of F factor ids per sample (a
+    synthetic voice: accent, variant); two samples are related when any factor is equal. A
+    *unit* is a distinct row. The holdout takes whole units until it holds ``n_holdout``; the
+    tune set takes up to ``n_tune`` from the units that share no factor with it. With one
+    factor per unit that is any order; with shared factors the holdout grows greedily, each
+    time by the unit that makes the fewest other samples ineligible for tune (ties in the
+    seed's order), from the start unit — of the first 64 in the seed's order — that leaves
+    the tune set largest.
+    """
+    if groups.ndim == 1:
+        groups = groups[:, None]
+    if groups.ndim != 2 or len(groups) != size:
         raise UserError(
-            f"{len(pool)} samples of {len(order)} groups (speakers) cannot give a holdout of "
+            f"groups must give one id (or row) per pool sample ({size}), got {groups.shape}"
+        )
+    rows, unit_of = np.unique(groups[pool], axis=0, return_inverse=True)
+    unit_of = unit_of.reshape(-1)
+    order = rng.permutation(len(rows)).tolist()
+    shuffled = rng.permutation(len(pool))
+    members = {u: pool[shuffled[unit_of[shuffled] == u]] for u in order}
+    sizes = {u: len(members[u]) for u in order}
+    factors = {u: {(k, int(v)) for k, v in enumerate(rows[u])} for u in order}
+    carriers: dict[tuple[int, int], list[int]] = {}
+    for u in order:
+        for f in factors[u]:
+            carriers.setdefault(f, []).append(u)
+
+    def grow(start: int) -> tuple[list[int], int]:
+        """The holdout's units from ``start``, and how many samples the tune set can have."""
+        chosen, held, taken = [start], sizes[start], set(factors[start])
+        ineligible = {v for f in factors[start] for v in carriers[f]}
+        while held < n_holdout:
+            best, best_cost = None, None
+            for u in order:
+                if u in ineligible and u not in chosen and not factors[u] - taken:
+                    best, best_cost = u, 0  # adds no new factor: free
+                    break
+                if u in chosen:
+                    continue
+                lost = {v for f in factors[u] - taken for v in carriers[f]} - ineligible - {u}
+                cost = sum(sizes[v] for v in lost)
+                if best_cost is None or cost < best_cost:
+                    best, best_cost = u, cost
+            if best is None:
+                break
+            chosen.append(best)
+            held += sizes[best]
+            taken |= factors[best]
+            ineligible |= {v for f in factors[best] for v in carriers[f]}
+        if held < n_holdout:
+            return chosen, -1
+        return chosen, sum(sizes[u] for u in order if u not in ineligible)
+
+    shared = any(len(units) > 1 for units in carriers.values())
+    starts = order[:64] if shared else order[:1]
+    chosen, room = max((grow(start) for start in starts), key=lambda result: result[1])
+    if room <= 0:
+        raise UserError(
+            f"{len(pool)} samples of {len(rows)} groups (speakers) cannot give a holdout of "
             f"{n_holdout} and a tune set from other groups; give clean data of more groups"
         )
-    return np.sort(tune), np.sort(np.concatenate(holdout))
+    taken = {f for u in chosen for f in factors[u]}
+    tune = np.concatenate([members[u] for u in order if not factors[u] & taken])[:n_tune]
+    return np.sort(tune), np.sort(np.concatenate([members[u] for u in chosen]))
