@@ -115,8 +115,16 @@ def _group_split(
         for f in factors[u]:
             carriers.setdefault(f, []).append(u)
 
+    shared = any(len(units) > 1 for units in carriers.values())
+
     def grow(start: int) -> tuple[list[int], int]:
         """The holdout's units from ``start``, and how many samples the tune set can have."""
+        if not shared:  # every unit costs nothing: the greedy takes them in the seed's order
+            held = np.cumsum([sizes[u] for u in order])
+            count = int(np.searchsorted(held, n_holdout)) + 1
+            if count > len(order):
+                return order, -1
+            return order[:count], int(held[-1] - held[count - 1])
         chosen, held, taken = [start], sizes[start], set(factors[start])
         ineligible = {v for f in factors[start] for v in carriers[f]}
         while held < n_holdout:
@@ -141,7 +149,6 @@ def _group_split(
             return chosen, -1
         return chosen, sum(sizes[u] for u in order if u not in ineligible)
 
-    shared = any(len(units) > 1 for units in carriers.values())
     starts = order[:64] if shared else order[:1]
     chosen, room = max((grow(start) for start in starts), key=lambda result: result[1])
     if room <= 0:
