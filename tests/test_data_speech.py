@@ -308,8 +308,7 @@ def test_synthetic_voices_have_two_factors():
 
 
 def test_the_defender_split_of_speech_is_by_speaker(tmp_path):
-    """defender_data on a Speech Commands folder: no holdout speaker is in the tune set, and the
-    purified card records the rule."""
+    """defender_data on a Speech Commands folder: no holdout speaker is in the tune set."""
     from torchpurify.experiment import DataSpec, defender_data
 
     root = tmp_path / "sc"

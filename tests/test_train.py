@@ -118,6 +118,13 @@ def test_defenses_fine_tune_with_augmentation_when_asked():
     assert any(not torch.equal(results[False][k], results[True][k]) for k in results[False])
 
 
+def test_augmentation_of_other_inputs_is_a_user_error():
+    data = Split(torch.rand(8, 1, 50), torch.arange(8) % 2)  # N×C×T: neither images nor clips
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(50, 2))
+    with pytest.raises(UserError, match=r"augment needs images .* \(1, 50\)"):
+        fit(model, data, config(epochs=1, augment=True, batch_size=4))
+
+
 def test_divergence_is_its_own_error_not_a_user_error():
     data = bright_or_dark()
     data.x[0, 0, 0, 0] = float("nan")

@@ -330,6 +330,11 @@ class Trainer:
                     x = augment_batch(x, self.generator)
                 elif config.augment and x.dim() == 2:
                     x = shift_waveforms(x, self.generator)
+                elif config.augment:
+                    raise UserError(
+                        "augment needs images (N×C×H×W) or waveforms (N×T), got inputs of "
+                        f"shape {tuple(x.shape[1:])} per sample; leave augment off"
+                    )
                 x = x.contiguous(memory_format=self.memory_format) if x.dim() == 4 else x
                 loss = self.step(model, x, y, self.optimizer, self.result.cost)
                 if self.scheduler is not None:

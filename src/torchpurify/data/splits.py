@@ -51,11 +51,12 @@ def defender_split(
     the indices that were not poisoned, so the defender never holds a poisoned sample — and
     splits them ``tune_fraction`` / rest.
 
-    ``groups`` (one id per pool index, e.g. a clip's speaker) makes the split group-disjoint:
-    the holdout takes whole groups in a random order until it holds its share (so it may hold a
-    few samples more), the tune set its share of the groups that remain (fewer only when the
-    pool runs out) — so the holdout measures the model on groups it was not tuned on, as the
-    test split does (methods.md §0).
+    ``groups`` (one id or one row of factor ids per pool index: a clip's speaker, a synthetic
+    voice's accent and variant) makes the split group-disjoint (:func:`_group_split`): the
+    holdout takes whole groups until it holds its share (so it may hold a few samples more),
+    the tune set its share of the groups sharing no factor with them (fewer when the pool runs
+    out) — so the holdout measures the model on speakers it was not tuned on, as the test split
+    does (methods.md §0).
     """
     check(0 < fraction <= 1, f"defender fraction must be in (0, 1], got {fraction}")
     check(0 < tune_fraction < 1, f"tune_fraction must be in (0, 1), got {tune_fraction}")
