@@ -319,7 +319,7 @@ def test_linf_cut_prunes_nothing_more_once_the_trigger_already_fails(tiny_backdo
 def test_gnft_half_second_pass_counts_fewer_passes_than_a_full_one(tiny_backdoor):
     clean = Clean(tiny_backdoor.tune, tiny_backdoor.holdout)
     costs = {
-        share: build_defense("gnft", device="cpu", epochs=1, second_pass=share)
+        share: build_defense("gnft", device="cpu", epochs=1, second_pass=share, distill=0.0)
         .purify(tiny_backdoor.model, clean)
         .cost
         for share in (0.5, 1.0)
@@ -329,6 +329,11 @@ def test_gnft_half_second_pass_counts_fewer_passes_than_a_full_one(tiny_backdoor
     # Per batch of 128: 1 + 1 passes (full), 1 + 0.5 (half); plus two holdout passes (guard).
     assert costs[1.0].backward == 2 * 128 * batches
     assert costs[0.5].backward == 192 * batches
+    # Distillation (the default) adds one forward and backward of the model and one forward of
+    # the frozen input model per batch.
+    distilled = build_defense("gnft", device="cpu", epochs=1).purify(tiny_backdoor.model, clean)
+    assert distilled.cost.backward == 3 * 128 * batches
+    assert distilled.cost.forward == costs[1.0].forward + 2 * 128 * batches
 
 
 def test_a_defense_built_directly_is_checked_like_one_built_by_name():

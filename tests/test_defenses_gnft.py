@@ -140,13 +140,18 @@ def one_batch_of(tiny, n=64):
 
 
 def test_gnft_with_alpha_zero_is_ft_step_for_step(tiny_backdoor):
-    """FT and GN-FT see identical batches in identical order: α = 0 reproduces FT exactly."""
+    """FT and GN-FT see identical batches in identical order: α = 0 reproduces FT exactly, with
+    or without distillation (GN-FT's default distils, FT's does not)."""
     clean = Clean(tiny_backdoor.tune, tiny_backdoor.holdout)
     recipe = {"epochs": 2, "lr": 0.05, "device": "cpu", "batch_size": 64, "guard_retries": 0}
-    ft = build_defense("ft", **recipe).purify(tiny_backdoor.model, clean).model
-    gn = build_defense("gnft", alpha=0.0, **recipe).purify(tiny_backdoor.model, clean).model
-    for (name, a), b in zip(ft.state_dict().items(), gn.state_dict().values(), strict=True):
-        assert torch.equal(a, b), name
+    for distill in (0.0, 8.0):
+        ft = build_defense("ft", distill=distill, **recipe).purify(tiny_backdoor.model, clean)
+        gn = build_defense("gnft", alpha=0.0, distill=distill, **recipe)
+        gn = gn.purify(tiny_backdoor.model, clean)
+        pairs = zip(ft.model.state_dict().items(), gn.model.state_dict().values(), strict=True)
+        for (name, a), b in pairs:
+            assert torch.equal(a, b), (distill, name)
+    assert build_defense("gnft").distill == 8.0 and build_defense("ft").distill == 0.0
 
 
 def test_gnft_default_updates_batchnorm_statistics_as_ft_does(tiny_backdoor):

@@ -253,3 +253,16 @@ def test_a_parameter_added_later_keeps_the_keys_at_its_neutral_value(tmp_path):
               "c.yaml")  # fmt: skip
     differ = [i for i, (a, b) in enumerate(zip(cells, on[1], strict=True)) if a != b]
     assert differ == list(range(0, len(cells), 3))  # the ft cell of every model
+    for neutral in ("distill: 0", "distill: 0.0"):
+        spelled = replace("params: {epochs: 1}", f"params: {{epochs: 1, {neutral}}}")
+        assert keys(tmp_path, spelled, "d.yaml") == (models, cells)
+    on = keys(tmp_path, replace("params: {epochs: 1}", "params: {epochs: 1, distill: 2}"),
+              "e.yaml")  # fmt: skip
+    assert on[0] == models and on[1] != cells
+
+
+def test_distillation_is_a_defense_setting_not_a_training_setting(tmp_path):
+    """distill holds a defense's fine-tuning near the model it was given; an attacker's training
+    recipe has no model to hold to, so a spec's ``training`` may not set it."""
+    message, _ = error_of(tmp_path, SPEC + "training: {distill: 1.0}\n")
+    assert "distill" in message

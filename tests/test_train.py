@@ -118,6 +118,58 @@ def test_defenses_fine_tune_with_augmentation_when_asked():
     assert any(not torch.equal(results[False][k], results[True][k]) for k in results[False])
 
 
+def _pushed_off(distill: float, batchnorm: bool = False):
+    """Train with a step whose own objective only drags every weight towards zero (a stand-in
+    for a purification penalty); return the model, its start and the data."""
+    data = bright_or_dark(128)
+    torch.manual_seed(0)
+    layers = [torch.nn.Flatten(), torch.nn.Linear(64, 16)]
+    layers += [torch.nn.BatchNorm1d(16)] if batchnorm else []
+    model = torch.nn.Sequential(*layers, torch.nn.ReLU(), torch.nn.Linear(16, 2))
+    fit(model, data, config(epochs=5))
+    start = copy.deepcopy(model)
+
+    def shrink(model, x, y, optimizer, cost):
+        optimizer.zero_grad(set_to_none=True)
+        loss = sum((p * p).sum() for p in model.parameters())
+        loss.backward()
+        optimizer.step()
+        return loss.detach()
+
+    fit(model, data, config(epochs=3, lr=0.05, momentum=0, distill=distill), step=shrink)
+    return model, start, data
+
+
+def test_distillation_holds_the_clean_outputs_near_the_input_models():
+    """With distill, the step's own objective still moves the weights, but the outputs on
+    clean data stay closer to those of the model training started from."""
+    import torch.nn.functional as F
+
+    gaps, moves = {}, {}
+    for beta in (0.0, 20.0):
+        model, start, data = _pushed_off(beta)
+        with torch.no_grad():
+            gaps[beta] = F.kl_div(
+                F.log_softmax(model(data.x), 1), F.log_softmax(start(data.x), 1),
+                reduction="batchmean", log_target=True,
+            ).item()  # fmt: skip
+        moves[beta] = sum(
+            (a - b).norm() for a, b in zip(model.parameters(), start.parameters(), strict=True)
+        ).item()
+    assert gaps[20.0] < 0.5 * gaps[0.0]
+    assert moves[20.0] > 0.1 * moves[0.0]  # the step's objective still acts
+
+
+def test_distillation_leaves_batchnorm_running_statistics_to_the_step():
+    """The extra forward pass of distillation does not update BatchNorm's running statistics:
+    the step alone (which here never runs the model) leaves them exactly as they were."""
+    model, start, _ = _pushed_off(5.0, batchnorm=True)
+    assert torch.equal(model[2].running_mean, start[2].running_mean)
+    assert torch.equal(model[2].running_var, start[2].running_var)
+    with pytest.raises(UserError, match="distill must be ≥ 0"):
+        config(distill=-1.0)
+
+
 def test_augmentation_of_other_inputs_is_a_user_error():
     data = Split(torch.rand(8, 1, 50), torch.arange(8) % 2)  # N×C×T: neither images nor clips
     model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(50, 2))

@@ -59,13 +59,15 @@ ATTACK_KEYS = ("name", "params", "poison_rate", "target", "target_mode", "clean_
 DEFENSE_KEYS = ("name", "params", "label")
 # The recipe a spec may set; seeds come from ``seeds``, the device from ``device``.
 TRAINING_KEYS = tuple(
-    f.name for f in dataclasses.fields(TrainConfig) if f.name not in ("seed", "device", "progress")
+    f.name
+    for f in dataclasses.fields(TrainConfig)
+    if f.name not in ("seed", "device", "progress", "distill")  # distill: defenses only
 )
 # Parameters that do not change a result, left out of keys.
 UNHASHED = ("device", "progress")
 # Defense parameters added after stores were written, at the value that reproduces the earlier
 # behaviour: left out of a cell's key at that value, so the stored cells stay valid.
-NEUTRAL = {"augment": False}
+NEUTRAL = {"augment": False, "distill": 0.0}
 MAX_BYTES = 1_000_000  # a spec is a page of YAML
 MAX_VALUES = 100_000  # values after alias expansion; real specs have hundreds
 MAX_MESSAGE = 400

@@ -7,6 +7,7 @@ regularised fine-tuning reuse the same loop, schedule, progress display and pass
 
 from __future__ import annotations
 
+import copy
 import math
 import time
 from collections.abc import Callable
@@ -147,6 +148,9 @@ class TrainConfig:
     augment: bool = False  # images: crop + flip (augment_batch); waveforms: time shift
     channels_last: bool | None = None  # None: the model's own preference (see fit)
     freeze_bn_stats: bool = False  # BatchNorm in evaluation mode while training (see fit)
+    # A defense's fine-tuning only: the weight β of β·KL(p_input ‖ p_model) on each batch, the
+    # model's outputs distilled towards those of the model it started from (see Trainer).
+    distill: float = 0.0
     seed: int = 0
     device: str = "auto"
     progress: bool = True
@@ -164,6 +168,7 @@ class TrainConfig:
         )
         check(0 <= self.momentum < 1, f"momentum must be in [0, 1), got {self.momentum}")
         check(self.weight_decay >= 0, f"weight decay must be ≥ 0, got {self.weight_decay}")
+        check(self.distill >= 0, f"distill must be ≥ 0, got {self.distill}")
         check(
             self.schedule in ("cosine", "constant"),
             f"--schedule must be cosine or constant, got {self.schedule!r}",
@@ -276,7 +281,36 @@ class Trainer:
         self.result = TrainResult()
         self.epochs_done = 0
         self.counter = count_passes(model, self.result.cost)
+        self.batch: torch.Tensor | None = None
+        if config.distill > 0:
+            self.add_distillation(config.distill)
         self.start = time.perf_counter()
+
+    def add_distillation(self, beta: float) -> None:
+        """Before every optimiser step, add the gradient of ``β·KL(p_input ‖ p_model)`` on the
+        step's batch to whatever gradient the step computed: the model's clean outputs are
+        held near those of the model it started from (a frozen copy in evaluation mode), while
+        the step's own objective (a penalty, a mask, a regulariser) moves it. One more forward
+        and backward of the model per step; BatchNorm running statistics are not touched by it.
+        """
+        teacher = copy.deepcopy(self.model).eval()
+        for p in teacher.parameters():
+            p.requires_grad_(False)
+        params = [p for p in self.model.parameters() if p.requires_grad]
+
+        def hook(optimizer, args, kwargs) -> None:
+            x = self.batch
+            with torch.no_grad():
+                target = F.log_softmax(teacher(x), dim=1)
+            with torch.enable_grad(), FrozenRunningStats(self.model):
+                log_p = F.log_softmax(self.model(x), dim=1)
+                kl = F.kl_div(log_p, target, reduction="batchmean", log_target=True)
+                grads = torch.autograd.grad(beta * kl, params, allow_unused=True)
+            for p, g in zip(params, grads, strict=True):
+                if g is not None:
+                    p.grad = g if p.grad is None else p.grad + g
+
+        self.optimizer.register_step_pre_hook(hook)
 
     def __enter__(self) -> Trainer:
         self.counter.__enter__()
@@ -336,6 +370,7 @@ class Trainer:
                         f"shape {tuple(x.shape[1:])} per sample; leave augment off"
                     )
                 x = x.contiguous(memory_format=self.memory_format) if x.dim() == 4 else x
+                self.batch = x
                 loss = self.step(model, x, y, self.optimizer, self.result.cost)
                 if self.scheduler is not None:
                     self.scheduler.step()

@@ -27,12 +27,16 @@ class FineTuneRecipe(Defense):
     # Augment the tune set while fine-tuning (TrainConfig.augment: crop + flip on images, a
     # ±100 ms time shift on waveforms); off by default (methods.md §12.7).
     augment: bool = False
+    # Hold the clean outputs near the input model's while fine-tuning: β of β·KL(p_input ‖ p),
+    # on the tune batches (Trainer.add_distillation); 0 = off.
+    distill: float = 0.0
 
     def validate(self) -> None:
         self.require("epochs", self.epochs >= 1, "at least 1")
         self.require("lr", self.lr > 0 and math.isfinite(self.lr), "a positive finite number")
         self.require("momentum", 0 <= self.momentum < 1, "in [0, 1)")
         self.require("weight_decay", self.weight_decay >= 0, "≥ 0")
+        self.require("distill", self.distill >= 0, "≥ 0")
 
     def back_off(self) -> FineTuneRecipe:
         """The guard's smaller step: the same recipe at half the learning rate."""
@@ -48,6 +52,7 @@ class FineTuneRecipe(Defense):
             schedule="cosine",
             freeze_bn_stats=self.freeze_bn_stats,
             augment=self.augment,
+            distill=self.distill,
             seed=self.seed,
             device=self.device,
             progress=self.progress,
