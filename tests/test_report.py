@@ -170,6 +170,56 @@ def test_defense_table_shows_mean_and_std_over_seeds(report):
     )
 
 
+def test_overview_pairs_each_run_with_the_model_it_was_given(report):
+    _, markdown, _ = report
+    # By hand: fine-pruning ΔACC 0.90 − 0.95 and 0.86 − 0.93 → −5.0, −7.0 points: −6.0 ± 1.4;
+    # ASR 0.20, 0.12 → 0.160. gnft: only the later run of seed 0 counts (0.91 − 0.95 = −4.0).
+    # The clean model's fine-tuning: 0.955 − 0.96 = −0.5 points. One attack: no mean column.
+    heading = "gratings / small-cnn"
+    header = "defense | badnets | clean model ΔACC"
+    section = markdown.split(f"### {heading}\n", 1)[1]
+    assert " | ".join(cells(section.split("\n", 2)[1])) == header
+    assert table_row(markdown, heading, "no defense") == "no defense | 0.940 / 0.980 | 0.960"
+    assert table_row(markdown, heading, "fine-pruning") == "fine-pruning | −6.0 ± 1.4 / 0.160 | –"
+    assert table_row(markdown, heading, "gnft") == "gnft | −4.0 / 0.500 | –"
+    assert table_row(markdown, heading, "ft \\<lr 0.01> & more") == (
+        "ft \\<lr 0.01> & more | – | −0.5"
+    )
+
+
+def test_overview_names_settings_of_one_attack_apart_and_averages_attacks(tmp_path):
+    low = {**BADNETS, "poison_rate": 0.01}
+    blended = {**BADNETS, "attack": "blended", "attack_params": {}}
+    models = [
+        model_row("b10", BADNETS, 0, (0.90, 1.0, 0.0)),
+        model_row("b01", low, 0, (0.92, 0.9, 0.1)),
+        model_row("bl", blended, 0, (0.88, 1.0, 0.0)),
+    ]
+    cells_ = [
+        cell_row("c1", models[0], "ft", (0.90, 1.0, 0.0), (0.88, 0.2, 0.7), 0.89, 1.0),
+        cell_row("c2", models[1], "ft", (0.92, 0.9, 0.1), (0.93, 0.6, 0.3), 0.65, 1.0),
+        cell_row("c3", models[2], "ft", (0.88, 1.0, 0.0), (0.84, 0.4, 0.5), 0.78, 1.0),
+        cell_row("c4", models[2], "gnft", (0.88, 1.0, 0.0), (0.86, 0.1, 0.8), 0.94, 1.0),
+    ]
+    markdown = write_report(make_store(tmp_path / "r.db", models, cells_), tmp_path / "out")[
+        0
+    ].read_text()
+    heading = "gratings / small-cnn"
+    section = markdown.split(f"### {heading}\n", 1)[1]
+    assert " | ".join(cells(section.split("\n", 2)[1])) == (
+        "defense | badnets (1 % poisoned) | badnets (10 % poisoned) | blended | "
+        "mean of 3: ΔACC / ASR / DER"
+    )
+    # ft: ΔACC +1, −2, −4 → mean −1.7; ASR 0.6, 0.2, 0.4 → 0.400; DER 0.65, 0.89, 0.78 → 0.773.
+    assert table_row(markdown, heading, "ft") == (
+        "ft | +1.0 / 0.600 | −2.0 / 0.200 | −4.0 / 0.400 | −1.7 / 0.400 / 0.773"
+    )
+    # gnft ran on one attack of three: its mean says so.
+    assert table_row(markdown, heading, "gnft") == (
+        "gnft | – | – | −2.0 / 0.100 | −2.0 / 0.100 / 0.940 (1 of 3)"
+    )
+
+
 def test_identification_and_figures(report):
     out, markdown, _ = report
     auc = markdown.split("### ROC-AUC\n", 1)[1].split("\n### ", 1)[0]
@@ -195,7 +245,7 @@ def test_identification_and_figures(report):
 
 def test_html_is_self_contained_and_escaped(report):
     out, markdown, page = report
-    assert page.count("<table>") == markdown.count("\n| ---") == 4
+    assert page.count("<table>") == markdown.count("\n| ---") == 5
     assert page.count("<img ") == markdown.count("![")
     attributes = re.findall(r"""\b(?:src|href)\s*=\s*["']?([^"'\s>]*)""", page, re.I)
     assert attributes and all(value.startswith("data:image/png;base64,") for value in attributes)

@@ -57,6 +57,7 @@ class Setting:
     model: str
     attack: str
     details: str
+    parts: list[str] = field(default_factory=list)  # the details, one item each
     slug: str = ""
     models: list[dict] = field(default_factory=list)
     cells: list[dict] = field(default_factory=list)
@@ -85,13 +86,18 @@ def _setting_key(row: dict) -> tuple:
     )
 
 
-def _details(row: dict) -> str:
+def _detail_parts(row: dict) -> list[str]:
+    """What sets an attack's setting apart: poison rate, target mode, trigger parameters."""
     if row["attack"] == "none":
-        return ""
+        return []
     parts = [] if row["poison_rate"] is None else [f"{row['poison_rate'] * 100:g} % poisoned"]
     parts += [row["target_mode"]] if row["target_mode"] else []
     parts += [f"{k}={v}" for k, v in sorted((row["attack_params"] or {}).items())]
-    return ", ".join(parts)
+    return parts
+
+
+def _details(row: dict) -> str:
+    return ", ".join(_detail_parts(row))
 
 
 def _latest_per_seed(rows: list[dict], stamp: str) -> list[dict]:
@@ -124,7 +130,10 @@ def group_settings(models: list[dict], cells: list[dict]) -> list[Setting]:
     for row in models + cells:
         key = _setting_key(row)
         if key not in settings:
-            settings[key] = Setting(row["dataset"], row["model"], row["attack"], _details(row))
+            parts = _detail_parts(row)
+            settings[key] = Setting(
+                row["dataset"], row["model"], row["attack"], ", ".join(parts), parts
+            )
     for row in models:
         settings[_setting_key(row)].models.append(row)
     for row in cells:
@@ -349,6 +358,126 @@ def defense_section(settings: list[Setting], out: Path) -> list:
         plot_defenses(setting, rows, out / relative)
         shown = "ACC" if setting.clean else "ACC and ASR"
         blocks.append(Image(relative, f"{setting.title}: test {shown}, no defense and after each"))
+    return blocks
+
+
+# ----------------------------------------------------------------------------- overview
+
+
+def _short_names(settings: list[Setting]) -> list[str]:
+    """Column names for one model's settings: the attack's name, with the details that tell
+    apart settings of the same attack (``badnets (1 % poisoned)``, ``badnets (all-to-all)``)."""
+    names = []
+    for setting in settings:
+        same = [s for s in settings if s.attack == setting.attack]
+        common = set.intersection(*(set(s.parts) for s in same))
+        own = [part for part in setting.parts if part not in common]
+        names.append(f"{setting.attack} ({', '.join(own)})" if own else setting.attack)
+    return names
+
+
+def _paired(setting: Setting, label: str) -> list[dict]:
+    """Each seed's run of ``label`` (latest record): its ΔACC against the model it was given
+    (points), ASR and DER after."""
+    runs = [c for c in _latest_runs(setting.cells) if c["label"] == label]
+    return [
+        {
+            "dacc": None
+            if c["acc_after"] is None or c["acc_before"] is None
+            else 100 * (c["acc_after"] - c["acc_before"]),
+            "asr": c["asr_after"],
+            "der": c["der"],
+        }
+        for c in runs
+    ]
+
+
+def _signed(values: list, digits: int = 1) -> str:
+    """``mean ± std`` of a change, with its sign (``+0.4``, ``−1.2 ± 0.3``)."""
+    text = mean_std(values, digits)
+    if text == "–":
+        return text
+    return "−" + text[1:] if text.startswith("-") else "+" + text
+
+
+def overview_table(settings: list[Setting]) -> Table:
+    """One model's settings side by side: per defense and attack the test ΔACC (points,
+    paired per seed, mean ± std) / ASR after (mean); the mean over the backdoored settings of
+    ΔACC, ASR and DER; the clean model's ΔACC. The first row is the undefended model."""
+    backdoored = [s for s in settings if not s.clean]
+    clean = [s for s in settings if s.clean]
+    names = _short_names(backdoored)
+    header = ["defense", *names]
+    if len(backdoored) > 1:
+        header.append(f"mean of {len(backdoored)}: ΔACC / ASR / DER")
+    header += ["clean model ΔACC"] * len(clean)  # a model has at most one clean setting
+
+    def mean_of(rows: list[dict], name: str) -> str:
+        present = _present([r[name] for r in rows])
+        return fmt(statistics.fmean(present)) if present else "–"
+
+    first = [NO_DEFENSE]
+    for setting in backdoored:
+        before = defense_rows(setting)[0][1]
+        first.append(f"{mean_of(before, 'acc')} / {mean_of(before, 'asr')}")
+    if len(backdoored) > 1:
+        first.append("")
+    first += [mean_of(defense_rows(s)[0][1], "acc") for s in clean]
+    table = Table(header, [first])
+    labels = sorted({c["label"] for s in settings for c in s.cells})
+    for label in labels:
+        row, means = [label], []
+        for setting in backdoored:
+            runs = _paired(setting, label)
+            if not runs:
+                row.append("–")
+                continue
+            dacc, asr = [r["dacc"] for r in runs], [r["asr"] for r in runs]
+            row.append(f"{_signed(dacc)} / {mean_of(runs, 'asr')}")
+            means.append(
+                [statistics.fmean(_present(v)) if _present(v) else None for v in
+                 (dacc, asr, [r["der"] for r in runs])]
+            )  # fmt: skip
+        if len(backdoored) > 1:
+            if means:
+                dacc, asr, der = (_present([m[i] for m in means]) for i in range(3))
+                text = f"{_signed([statistics.fmean(dacc)])} / {fmt(statistics.fmean(asr))}"
+                text += f" / {fmt(statistics.fmean(der)) if der else '–'}"
+                if len(means) < len(backdoored):
+                    text += f" ({len(means)} of {len(backdoored)})"
+                row.append(text)
+            else:
+                row.append("–")
+        for setting in clean:
+            runs = _paired(setting, label)
+            row.append(_signed([r["dacc"] for r in runs]) if runs else "–")
+        table.rows.append(row)
+    return table
+
+
+def overview_section(settings: list[Setting]) -> list:
+    """Per dataset and model, every defense against every attack in one table."""
+    blocks = [
+        Heading("Overview: the change each defense makes", 2),
+        Text(
+            "Per dataset and model: test ΔACC in points against the model each run was given "
+            "(paired per seed; mean ± std over seeds) / ASR after (mean over seeds), the mean "
+            "over the attacks (each attack's seed mean, averaged), and the ΔACC on clean "
+            "models. The first row is the undefended model's ACC / ASR. The sections below "
+            "give the absolute numbers with their spread."
+        ),
+    ]
+    groups: dict[tuple[str, str], list[Setting]] = defaultdict(list)
+    for setting in settings:
+        groups[(setting.dataset, setting.model)].append(setting)
+    shown = 0
+    for (dataset, model), members in groups.items():
+        if not any(s.cells for s in members):
+            continue
+        blocks += [Heading(f"{dataset} / {model}", 3), overview_table(members)]
+        shown += 1
+    if not shown:
+        blocks.append(Note("No defense was run yet."))
     return blocks
 
 
@@ -647,6 +776,7 @@ def _write_pages(db: Path, out: Path, models: list[dict], cells: list[dict]) -> 
     settings = group_settings(models, cells)
     blocks = [
         *header(db, models, cells),
+        *overview_section(settings),
         *defense_section(settings, out),
         *estimate_section(cells, out),
         *pruning_section(settings, out),
