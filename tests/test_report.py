@@ -174,16 +174,18 @@ def test_overview_pairs_each_run_with_the_model_it_was_given(report):
     _, markdown, _ = report
     # By hand: fine-pruning ΔACC 0.90 − 0.95 and 0.86 − 0.93 → −5.0, −7.0 points: −6.0 ± 1.4;
     # ASR 0.20, 0.12 → 0.160. gnft: only the later run of seed 0 counts (0.91 − 0.95 = −4.0).
-    # The clean model's fine-tuning: 0.955 − 0.96 = −0.5 points. One attack: no mean column.
+    # The clean model's fine-tuning: 0.955 − 0.96 = −0.5 points. One attack: its DER, no mean.
     heading = "gratings / small-cnn"
-    header = "defense | badnets | clean model ΔACC"
+    header = "defense | badnets | DER | clean model ΔACC"
     section = markdown.split(f"### {heading}\n", 1)[1]
     assert " | ".join(cells(section.split("\n", 2)[1])) == header
-    assert table_row(markdown, heading, "no defense") == "no defense | 0.940 / 0.980 | 0.960"
-    assert table_row(markdown, heading, "fine-pruning") == "fine-pruning | −6.0 ± 1.4 / 0.160 | –"
-    assert table_row(markdown, heading, "gnft") == "gnft | −4.0 / 0.500 | –"
+    assert table_row(markdown, heading, "no defense") == "no defense | 0.940 / 0.980 |  | 0.960"
+    assert table_row(markdown, heading, "fine-pruning") == (
+        "fine-pruning | −6.0 ± 1.4 / 0.160 | 0.880 | –"
+    )
+    assert table_row(markdown, heading, "gnft") == "gnft | −4.0 / 0.500 | 0.725 | –"
     assert table_row(markdown, heading, "ft \\<lr 0.01> & more") == (
-        "ft \\<lr 0.01> & more | – | −0.5"
+        "ft \\<lr 0.01> & more | – | – | −0.5"
     )
 
 

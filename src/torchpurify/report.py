@@ -403,13 +403,16 @@ def _signed(values: list, digits: int = 1) -> str:
 def overview_table(settings: list[Setting]) -> Table:
     """One model's settings side by side: per defense and attack the test ΔACC (points,
     paired per seed, mean ± std) / ASR after (mean); the mean over the backdoored settings of
-    ΔACC, ASR and DER; the clean model's ΔACC. The first row is the undefended model."""
+    ΔACC, ASR and DER (the DER alone for a single attack); the clean model's ΔACC. The first
+    row is the undefended model."""
     backdoored = [s for s in settings if not s.clean]
     clean = [s for s in settings if s.clean]
     names = _short_names(backdoored)
     header = ["defense", *names]
     if len(backdoored) > 1:
         header.append(f"mean of {len(backdoored)}: ΔACC / ASR / DER")
+    elif backdoored:
+        header.append("DER")
     header += ["clean model ΔACC"] * len(clean)  # a model has at most one clean setting
 
     def mean_of(rows: list[dict], name: str) -> str:
@@ -420,7 +423,7 @@ def overview_table(settings: list[Setting]) -> Table:
     for setting in backdoored:
         before = defense_rows(setting)[0][1]
         first.append(f"{mean_of(before, 'acc')} / {mean_of(before, 'asr')}")
-    if len(backdoored) > 1:
+    if backdoored:
         first.append("")
     first += [mean_of(defense_rows(s)[0][1], "acc") for s in clean]
     table = Table(header, [first])
@@ -448,6 +451,8 @@ def overview_table(settings: list[Setting]) -> Table:
                 row.append(text)
             else:
                 row.append("–")
+        elif backdoored:
+            row.append(fmt(means[0][2]) if means else "–")
         for setting in clean:
             runs = _paired(setting, label)
             row.append(_signed([r["dacc"] for r in runs]) if runs else "–")
