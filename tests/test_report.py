@@ -376,7 +376,7 @@ def test_report_renders_in_a_headless_browser(report, tmp_path):
     probe.feed(dom)
     lines = markdown.splitlines()
     expected = [cells(lines[i - 1]) for i, line in enumerate(lines) if line.startswith("| ---")]
-    assert len(expected) == 4
+    assert len(expected) == 5
     assert [[cell.strip() for cell in table] for table in probe.tables] == expected
     assert probe.widths is not None, "the probe script did not run"
     assert len(probe.widths) == markdown.count("![") == page.count("<img ")
