@@ -463,12 +463,12 @@ def overview_table(settings: list[Setting]) -> Table:
 def overview_section(settings: list[Setting]) -> list:
     """Per dataset and model, every defense against every attack in one table."""
     blocks = [
-        Heading("Overview: the change each defense makes", 2),
+        Heading("Summary: the change each defense makes", 2),
         Text(
             "Per dataset and model: test ΔACC in points against the model each run was given "
             "(paired per seed; mean ± std over seeds) / ASR after (mean over seeds), the mean "
             "over the attacks (each attack's seed mean, averaged), and the ΔACC on clean "
-            "models. The first row is the undefended model's ACC / ASR. The sections below "
+            "models. The first row is the undefended model's ACC / ASR. The sections above "
             "give the absolute numbers with their spread."
         ),
     ]
@@ -781,8 +781,8 @@ def _write_pages(db: Path, out: Path, models: list[dict], cells: list[dict]) -> 
     settings = group_settings(models, cells)
     blocks = [
         *header(db, models, cells),
-        *overview_section(settings),
         *defense_section(settings, out),
+        *overview_section(settings),
         *estimate_section(cells, out),
         *pruning_section(settings, out),
         *identification_section(settings),
