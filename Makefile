@@ -20,7 +20,8 @@ data:
 	fi
 
 demo: $(STAMP) data
-	$(BIN)/torchpurify run configs/demo.yaml --results runs/demo/results.db --cache runs/demo/models
+	$(BIN)/torchpurify run configs/demo.yaml --results runs/demo/results.db --cache runs/demo/models \
+		--executor ray --cpus-per-task 1
 	$(BIN)/torchpurify report runs/demo/results.db --out runs/demo/report
 
 # Development and evaluation cells (docs/methods.md §12.1); each spec file ≤ 90 min on 2 cores.
