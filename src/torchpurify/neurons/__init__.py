@@ -18,6 +18,7 @@ from torchpurify.neurons.masks import (
     masked_layers,
     unmask,
 )
+from torchpurify.neurons.perturbation import invert_perturbations as invert_perturbations
 from torchpurify.neurons.stats import ActivationStats, activation_stats
 
 __all__ = [
