@@ -3,7 +3,7 @@
 :func:`read_own` reads one of
 
 - an image folder ``ROOT/<class>/*.png|jpg|jpeg|ppm|bmp``: float32 C×H×W in [0, 1], resized to
-  the model's input size (or to the first image's size when the model does not say), grey when
+  the model's input size (or to the most common size when the model does not say), grey when
   the model takes one channel (or every image is grey), RGB otherwise;
 - a Speech Commands-style folder ``ROOT/<word>/*.wav`` (``_background_noise_`` and hidden folders
   are skipped): mono float32 at the model's sample rate — several channels are averaged, another
@@ -19,12 +19,18 @@ How folder names become the model's output indices, in this order:
    number of classes the model outputs.
 
 A label outside the model's outputs, or a class count that does not match, is one clear line.
+
+Memory follows what the files hold, never what their headers declare: sizes are checked from
+headers before anything is decoded (:data:`MAX_VALUES`, :data:`MAX_SAMPLE_RATE`,
+:data:`~torchpurify.data.folder.MAX_IMAGE_PIXELS`, :func:`~torchpurify.models.io.check_unpacked`).
 """
 
 from __future__ import annotations
 
 import hashlib
 import math
+import zipfile
+import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,12 +39,27 @@ from typing import Any
 import numpy as np
 import torch
 
+from torchpurify.card import MAX_CLASSES, MAX_INPUT_VALUES
 from torchpurify.data.base import Split
-from torchpurify.data.folder import IMAGE_SUFFIXES, _open, _stack, _to_array
+from torchpurify.data.folder import (
+    IMAGE_SUFFIXES,
+    _open,
+    _stack,
+    _to_array,
+    check_name,
+    common_size,
+    image_headers,
+)
 from torchpurify.data.speech import Clip, speaker_ids
 from torchpurify.errors import UserError, check
+from torchpurify.models.io import check_unpacked
 
 AUDIO_SUFFIXES = {".wav", ".flac", ".ogg"}
+# The highest sample rate read, from the file's header or --sample-rate: resampling between
+# rates with no common factor builds a filter 20× the larger rate (0.2 GB and 1 s a clip here;
+# a 244-byte WAV declaring 5 MHz took 4.8 GiB and 35 s).
+MAX_SAMPLE_RATE = 192_000
+MAX_VALUES = 1 << 30  # values of one data set held in memory: 4 GiB as float32
 
 
 @dataclass
@@ -61,7 +82,33 @@ class OwnData:
 
 
 def class_folders(root: Path) -> list[Path]:
-    return sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(("_", ".")))
+    return sorted(
+        check_name(p) for p in root.iterdir() if p.is_dir() and not p.name.startswith(("_", "."))
+    )
+
+
+def _check_size(shape: Sequence[int], where: str) -> None:
+    """Refuse data of ``shape`` (N samples × one input) before it is decoded: a sample larger
+    than a model input may be, or more than :data:`MAX_VALUES` values in all."""
+    sample = math.prod(shape[1:])
+    check(
+        sample <= MAX_INPUT_VALUES,
+        f"{where}: one sample of shape {tuple(shape[1:])} has more than the "
+        f"{MAX_INPUT_VALUES:,} values a model input may have; give smaller samples",
+    )
+    check(
+        shape[0] * sample <= MAX_VALUES,
+        f"{where} holds {shape[0]:,} samples of {sample:,} values, more than the "
+        f"{MAX_VALUES:,} torchpurify holds in memory; give fewer or smaller samples",
+    )
+
+
+def _check_rate(rate: int, what: str, fix: str) -> None:
+    """Refuse a sample rate above :data:`MAX_SAMPLE_RATE`, before any audio is decoded."""
+    check(
+        0 < rate <= MAX_SAMPLE_RATE,
+        f"{what} is {rate} Hz; torchpurify reads rates of 1 to {MAX_SAMPLE_RATE} Hz: {fix}",
+    )
 
 
 def folder_kind(root: Path) -> str:
@@ -117,14 +164,25 @@ def _digest(files: Sequence[Path], root: Path) -> str:
 
 
 def read_audio(path: Path, rate: int, length: int, notes: set[str]) -> np.ndarray:
-    """One clip as mono float32 at ``rate``, padded or cut to ``length`` samples."""
+    """One clip as mono float32 at ``rate``, padded or cut to ``length`` samples. The file's
+    rate is checked from its header, and only the frames that make ``length`` samples are read."""
     import soundfile
     from scipy.signal import resample_poly
 
     try:
-        audio, file_rate = soundfile.read(path, dtype="float32", always_2d=True)
+        with soundfile.SoundFile(path) as file:
+            file_rate = file.samplerate
+            _check_rate(file_rate, f"the sample rate of {path}", "resample it, or delete it")
+            needed = math.ceil(length * file_rate / rate)
+            if file.frames > needed:
+                notes.add(f"cut clips longer than {length} samples")
+            audio = file.read(needed, dtype="float32", always_2d=True)
     except (RuntimeError, soundfile.LibsndfileError) as error:
         raise UserError(f"cannot read audio file {path} ({error}); replace or delete it") from None
+    check(
+        bool(np.isfinite(audio).all()),
+        f"{path}: the audio contains NaN or infinity; replace or delete it",
+    )
     if audio.shape[1] > 1:
         notes.add("averaged several channels to mono")
     clip = audio.mean(axis=1)
@@ -132,9 +190,7 @@ def read_audio(path: Path, rate: int, length: int, notes: set[str]) -> np.ndarra
         common = math.gcd(rate, file_rate)
         clip = resample_poly(clip, rate // common, file_rate // common).astype(np.float32)
         notes.add(f"resampled from {file_rate} Hz to the model's {rate} Hz")
-    if len(clip) > length:
-        notes.add(f"cut clips longer than {length} samples")
-    elif len(clip) < length:
+    if len(clip) < length:
         notes.add(f"padded clips shorter than {length} samples with silence")
     out = np.zeros(length, np.float32)
     out[: min(length, len(clip))] = clip[:length]
@@ -167,7 +223,7 @@ def read_own(
         mapping = map_classes(names, model_classes, num_outputs, str(path))
     suffixes = IMAGE_SUFFIXES if kind == "images" else AUDIO_SUFFIXES
     files = [
-        (f, mapping[folder.name])
+        (check_name(f), mapping[folder.name])
         for folder in folders
         for f in sorted(folder.iterdir())
         if f.is_file() and f.suffix.lower() in suffixes
@@ -175,14 +231,16 @@ def read_own(
     check(len(files) > 0, f"{path} holds no {kind} files in its class folders")
     notes: set[str] = set()
     if kind == "images":
-        split = _read_images(files, input_shape, notes)
+        split = _read_images(files, input_shape, notes, path)
     else:
         if input_shape is not None:
             check(
                 len(input_shape) == 1,
                 f"{path} holds audio but the model takes inputs of shape {tuple(input_shape)}",
             )
+        _check_rate(sample_rate, "--sample-rate (the model's rate)", "give the model's own rate")
         length = input_shape[0] if input_shape is not None else sample_rate
+        _check_size((len(files), length), str(path))
         clips = [read_audio(f, sample_rate, length, notes) for f, _ in files]
         # Speech Commands names (<speaker>_nohash_<n>.wav): the defender's split is by speaker.
         named = all("_nohash_" in f.stem for f, _ in files)
@@ -204,12 +262,10 @@ def read_own(
 
 
 def _read_images(
-    files: list[tuple[Path, int]], input_shape: Sequence[int] | None, notes: set[str]
+    files: list[tuple[Path, int]], input_shape: Sequence[int] | None, notes: set[str], root: Path
 ) -> Split:
-    headers = []
-    for path, _ in files:
-        with _open(path, decode=False) as image:
-            headers.append((image.mode, (image.height, image.width)))
+    """Images at the model's input size, else at the most common size (:func:`common_size`)."""
+    headers = image_headers(path for path, _ in files)
     if input_shape is not None:
         check(
             len(input_shape) == 3 and input_shape[0] in (1, 3),
@@ -218,7 +274,8 @@ def _read_images(
         mode, size = ("L" if input_shape[0] == 1 else "RGB"), tuple(input_shape[1:])
     else:
         mode = "L" if all(m == "L" for m, _ in headers) else "RGB"
-        size = headers[0][1]
+        size = common_size(s for _, s in headers)
+    _check_size((len(files), 1 if mode == "L" else 3, *size), str(root))
     if any(h[1] != size for h in headers):
         notes.add(f"resized images to {size[0]}×{size[1]}")
     if any((m == "L") != (mode == "L") for m, _ in headers):
@@ -227,32 +284,87 @@ def _read_images(
     return _stack(images, [label for _, label in files], mode, size)
 
 
-def _read_npz(path: Path, input_shape: Sequence[int] | None, num_outputs: int | None) -> OwnData:
-    check(path.suffix == ".npz", f"{path} is a file: give an .npz with x and y, or a folder")
-    try:
-        with np.load(path, allow_pickle=False) as archive:
-            check("x" in archive and "y" in archive, f"{path} needs arrays named x and y")
-            x, y = archive["x"], archive["y"]
-    except (OSError, ValueError) as error:
-        raise UserError(f"{path} is not a readable .npz without pickles ({error})") from None
+def _npy_header(archive: zipfile.ZipFile, name: str) -> tuple[tuple[int, ...], np.dtype]:
+    """Shape and dtype of array ``name`` in an .npz, from its .npy header alone; refused when
+    the header declares more data than the member holds."""
+    info = archive.getinfo(f"{name}.npy")
+    with archive.open(info) as member:
+        version = np.lib.format.read_magic(member)
+        read_header = {
+            (1, 0): np.lib.format.read_array_header_1_0,
+            (2, 0): np.lib.format.read_array_header_2_0,
+        }.get(version)
+        if read_header is None:
+            raise ValueError(f"{name}.npy has .npy format version {version}, not 1.0 or 2.0")
+        shape, _, dtype = read_header(member)
     check(
-        np.issubdtype(x.dtype, np.number) and not np.issubdtype(x.dtype, np.complexfloating),
-        f"{path}: x must hold numbers, got {x.dtype}",
+        math.prod(shape) * dtype.itemsize <= info.file_size,
+        f"{archive.filename}: {name} declares shape {shape} of {dtype} but holds only "
+        f"{info.file_size:,} bytes; the file is cut short or forged",
+    )
+    return shape, dtype
+
+
+def _check_headers(
+    path: Path,
+    x: tuple[tuple[int, ...], np.dtype],
+    y: tuple[tuple[int, ...], np.dtype],
+    input_shape: Sequence[int] | None,
+) -> None:
+    """Refuse an .npz by the (shape, dtype) of its ``x`` and ``y``, before they are decoded."""
+    (x_shape, x_dtype), (y_shape, y_dtype) = x, y
+    check(len(x_shape) >= 1, f"{path}: x must be N samples (N×...), got a 0-dimensional array")
+    check(
+        np.issubdtype(x_dtype, np.number) and not np.issubdtype(x_dtype, np.complexfloating),
+        f"{path}: x must hold numbers, got {x_dtype}",
     )
     check(
-        np.issubdtype(y.dtype, np.integer) and y.ndim == 1 and len(y) == len(x) and len(y) > 0,
-        f"{path}: y must be {len(x)} integer labels (one per row of x), got {y.dtype} {y.shape}",
+        np.issubdtype(y_dtype, np.integer) and y_shape == x_shape[:1] and x_shape[0] > 0,
+        f"{path}: y must be {x_shape[0]} integer labels (one per row of x), got "
+        f"{y_dtype} {y_shape}",
     )
     if input_shape is not None:
         check(
-            tuple(x.shape[1:]) == tuple(input_shape),
-            f"{path}: x has samples of shape {tuple(x.shape[1:])} but the model takes "
+            tuple(x_shape[1:]) == tuple(input_shape),
+            f"{path}: x has samples of shape {tuple(x_shape[1:])} but the model takes "
             f"{tuple(input_shape)}",
         )
+    _check_size(x_shape, str(path))
+
+
+def _read_npz(path: Path, input_shape: Sequence[int] | None, num_outputs: int | None) -> OwnData:
+    """``x`` and ``y`` of an .npz, their sizes checked from the zip directory and the .npy
+    headers before either is decoded."""
+    check(path.suffix == ".npz", f"{path} is a file: give an .npz with x and y, or a folder")
+    try:
+        with zipfile.ZipFile(path) as archive:
+            members = ["x.npy", "y.npy"]
+            check(set(members) <= set(archive.namelist()), f"{path} needs arrays named x and y")
+            check_unpacked(path, map(archive.getinfo, members))
+            _check_headers(path, *(_npy_header(archive, name) for name in "xy"), input_shape)
+            x, y = (
+                np.lib.format.read_array(archive.open(member), allow_pickle=False)
+                for member in members
+            )
+    except UserError:
+        raise
+    except (
+        zipfile.BadZipFile,
+        OSError,
+        ValueError,
+        EOFError,
+        NotImplementedError,
+        zlib.error,
+    ) as error:
+        raise UserError(
+            f"{path} is not a readable .npz without pickles ({error}); save it with "
+            "numpy.savez(PATH, x=..., y=...)"
+        ) from None
     check(int(y.min()) >= 0, f"{path}: labels must be 0 or more, got {int(y.min())}")
+    outputs = num_outputs if num_outputs is not None else MAX_CLASSES
     check(
-        num_outputs is None or int(y.max()) < num_outputs,
-        f"{path}: label {int(y.max())} is not an output of the model (0..{(num_outputs or 1) - 1})",
+        int(y.max()) < outputs,
+        f"{path}: label {int(y.max())} is outside 0..{outputs - 1}, the model's output indices",
     )
     x = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
     check(bool(torch.isfinite(x).all()), f"{path}: x contains NaN or infinity")

@@ -6,6 +6,8 @@ Both decode with pillow and resize to one size, so every split is a single N×C�
 from __future__ import annotations
 
 import csv
+import os
+from collections import Counter
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -19,17 +21,41 @@ IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".ppm", ".bmp"}
 GTSRB_CLASSES = [f"{i:05d}" for i in range(43)]
 GTSRB_SIZE = (32, 32)
 GTSRB_TEST_CSV = "GT-final_test.csv"
+# Pixels of one image file, read from its header before decoding (8192×4096; 100 MB as RGB).
+MAX_IMAGE_PIXELS = 1 << 25
 
 
 def _open(path: Path, decode: bool = True) -> Image.Image:
-    """The image at ``path``; with ``decode=False`` only its header is read (mode and size)."""
+    """The image at ``path``; with ``decode=False`` only its header is read (mode and size).
+    An image of more than :data:`MAX_IMAGE_PIXELS` pixels is refused from its header."""
     try:
         image = Image.open(path)
+        if image.width * image.height > MAX_IMAGE_PIXELS:
+            image.close()
+            raise UserError(
+                f"image {path} is {image.width}×{image.height}, over the {MAX_IMAGE_PIXELS:,} "
+                "pixels torchpurify decodes; resize it to the model's input size or delete it"
+            )
         if decode:
             image.load()
     except (OSError, ValueError, Image.DecompressionBombError) as err:
         raise UserError(f"cannot read image {path} ({err}); replace or delete it") from None
     return image
+
+
+def image_headers(paths: Iterable[Path]) -> list[tuple[str, tuple[int, int]]]:
+    """The mode and (H, W) of each image, read from its header: nothing is decoded."""
+    headers = []
+    for path in paths:
+        with _open(path, decode=False) as image:
+            headers.append((image.mode, (image.height, image.width)))
+    return headers
+
+
+def common_size(sizes: Iterable[tuple[int, int]]) -> tuple[int, int]:
+    """The most common (H, W), the smallest of a tie: one odd image never sets the size of all."""
+    counts = Counter(sizes)
+    return min(counts, key=lambda size: (-counts[size], size[0] * size[1], size))
 
 
 def _to_array(image: Image.Image, mode: str, size: tuple[int, int]) -> np.ndarray:
@@ -46,8 +72,19 @@ def _stack(images: list[np.ndarray], labels: list[int], mode: str, size: tuple[i
     return images_to_split(stacked, np.asarray(labels, dtype=np.int64))
 
 
+def check_name(path: Path) -> Path:
+    """``path``, refused in one printable line when its name is not valid UTF-8 (it could be
+    neither printed, nor hashed, nor recorded in a card)."""
+    try:
+        path.name.encode()
+    except UnicodeEncodeError:
+        shown = os.fsencode(path).decode(errors="backslashreplace")
+        raise UserError(f"{shown}: the name is not valid UTF-8; rename it") from None
+    return path
+
+
 def _image_files(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    return sorted(check_name(p) for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
 
 
 # ---------------------------------------------------------------- generic image folder
@@ -62,16 +99,17 @@ def missing_image_folder(root: Path) -> str | None:
 def read_image_folder(root: Path, size: tuple[int, int] | None = None) -> Dataset:
     """``root/train/<class>/*`` and ``root/test/<class>/*``; classes are the sorted folder names.
 
-    Images are resized to ``size`` (H, W), by default the first training image's size, and kept
-    grey only when every image is mode L.
+    Images are resized to ``size`` (H, W), by default the most common size (:func:`common_size`),
+    and kept grey only when every image is mode L.
     """
     root = Path(root)
-    classes = sorted(p.name for p in (root / "train").iterdir() if p.is_dir())
+    classes = sorted(check_name(p).name for p in (root / "train").iterdir() if p.is_dir())
     if not classes:
         raise UserError(f"{root / 'train'} has no class subfolders; put images in train/<class>/")
     files: dict[str, list[tuple[Path, int]]] = {}
     for split in ("train", "test"):
-        unknown = {p.name for p in (root / split).iterdir() if p.is_dir()} - set(classes)
+        unknown = {check_name(p).name for p in (root / split).iterdir() if p.is_dir()}
+        unknown -= set(classes)
         if unknown:
             raise UserError(
                 f"{root / split} has classes {sorted(unknown)} that train/ lacks; "
@@ -83,14 +121,11 @@ def read_image_folder(root: Path, size: tuple[int, int] | None = None) -> Datase
             if (root / split / name).is_dir()
             for path in _image_files(root / split / name)
         ]
-    headers = []
-    for path, _ in files["train"] + files["test"]:
-        with _open(path, decode=False) as image:
-            headers.append((image.mode, (image.height, image.width)))
+    headers = image_headers(path for path, _ in files["train"] + files["test"])
     if not headers:
         raise UserError(f"{root} holds no {'/'.join(sorted(IMAGE_SUFFIXES))} images")
     mode = "L" if all(m == "L" for m, _ in headers) else "RGB"
-    size = size or headers[0][1]
+    size = size or common_size(s for _, s in headers)
     splits = {}
     for split, pairs in files.items():
         images = [_to_array(_open(path), mode, size) for path, _ in pairs]

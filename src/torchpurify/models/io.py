@@ -22,7 +22,8 @@ import json
 import math
 import platform
 import warnings
-from collections.abc import Mapping, Sequence
+import zipfile
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +42,11 @@ from torchpurify.outputs import staged_output
 WEIGHTS = "model.safetensors"
 CARD = "model.json"
 MAX_CARD_BYTES = 64 << 20
+# A zip (a .pt, an .npz) whose directory says it unpacks to more than MAX_UNPACKED bytes, or to
+# more than MAX_INFLATION times its size once past FREE_UNPACKED, is refused before inflating.
+MAX_UNPACKED = 8 << 30  # 2**30 float64 values
+MAX_INFLATION = 100  # stored or real data: 1-10×; a file of zeros: up to 1000×
+FREE_UNPACKED = 64 << 20
 
 __all__ = [
     "CARD",
@@ -49,6 +55,7 @@ __all__ = [
     "WEIGHTS",
     "Normalized",
     "allow_architecture",
+    "check_unpacked",
     "export_weights",
     "load_model",
     "read_card",
@@ -142,6 +149,21 @@ def read_card(directory: str | Path) -> ModelCard:
     return ModelCard.from_dict(card, source=str(path))
 
 
+def check_unpacked(path: Path, members: Iterable[zipfile.ZipInfo]) -> None:
+    """Refuse the zip at ``path`` when ``members`` would unpack to more than
+    :data:`MAX_UNPACKED` bytes, or to more than :data:`MAX_INFLATION` times the file's size
+    (past :data:`FREE_UNPACKED`): sizes read from the zip directory, before anything inflates."""
+    unpacked = sum(member.file_size for member in members)
+    held = path.stat().st_size
+    limit = min(MAX_UNPACKED, max(MAX_INFLATION * held, FREE_UNPACKED))
+    check(
+        unpacked <= limit,
+        f"{path} would unpack to {unpacked:,} bytes from {held:,} on disk, over its limit of "
+        f"{limit:,} (at most {MAX_INFLATION}× the file and {MAX_UNPACKED >> 30} GiB); save real "
+        "data uncompressed (numpy.savez, torch.save)",
+    )
+
+
 def read_weights(path: str | Path) -> dict[str, torch.Tensor]:
     """Tensors from a safetensors file or a ``.pt``/``.pth`` state dict, without unpickling code."""
     path = Path(path)
@@ -154,9 +176,14 @@ def read_weights(path: str | Path) -> dict[str, torch.Tensor]:
             raise UserError(f"{path} is not a readable safetensors file ({error})") from None
     if path.suffix in (".pt", ".pth"):
         try:
+            if zipfile.is_zipfile(path):  # torch.save's format: sizes checked before inflating
+                with zipfile.ZipFile(path) as archive:
+                    check_unpacked(path, archive.infolist())
             with warnings.catch_warnings():  # torch warns about pickle protocols before refusing
                 warnings.simplefilter("ignore")
                 state = torch.load(str(path), map_location="cpu", weights_only=True)
+        except UserError:
+            raise
         except Exception as error:  # the unpickler raises many types; none may leak as a traceback
             reason = str(error).splitlines()[0] if str(error) else type(error).__name__
             raise UserError(
@@ -169,6 +196,11 @@ def read_weights(path: str | Path) -> dict[str, torch.Tensor]:
             isinstance(v, torch.Tensor) for v in state.values()
         ):
             raise UserError(f"{path} holds a {type(state).__name__}, not a state dict of tensors")
+        sparse = [key for key, value in state.items() if value.layout != torch.strided]
+        if sparse:
+            raise UserError(
+                f"{path}: {sparse[0]!r} is a sparse tensor; save dense weights (tensor.to_dense())"
+            )
         return state
     raise UserError(
         f"unsupported weights file {path.name}: use a model directory, .safetensors, .pt or .pth"
