@@ -317,3 +317,16 @@ def test_divergence_is_one_line_and_a_defense_rolls_it_back(tmp_path):
     assert "guard: rolled back to the input model" in result.output
     card = json.loads((tmp_path / "p" / "model.json").read_text())
     assert card["defense"]["log"]["guard"]["attempts"][1]["changed"] == {"lr": 5e29}
+
+
+def test_purify_follows_the_cards_seed_unless_one_is_given(tmp_path):
+    """Without --seed a model directory is purified with its training seed, as the runner's
+    cells are: the same defender split and the same defense seed as the grid's."""
+    out = train_digits(tmp_path / "m", "lenet5", "--attack", "badnets", "--seed", 3)
+    for given, expected in (([], 3), (["--seed", 5], 5)):
+        folder = tmp_path / f"p{expected}"
+        result = run("purify", "--model", out, "--defense", "clp", "--no-estimate",
+                     "--no-progress", "--out", folder, *given)  # fmt: skip
+        assert result.exit_code == 0, result.output
+        card = json.loads((folder / "model.json").read_text())
+        assert card["defense"]["params"]["seed"] == expected

@@ -84,9 +84,13 @@ def test_purify_keeps_the_contract(name, device, tiny_backdoor):
     hooks = {id(m): len(m._forward_hooks) for m in model.modules()}
     defense = build_defense(name, **quick(name, device=device))
     clean = Clean(tiny_backdoor.tune, tiny_backdoor.holdout, known_trigger=tiny_backdoor.trigger)
+    torch.manual_seed(1234)
+    expected = torch.rand(3)  # what the caller's generator gives next, untouched by a defense
+    torch.manual_seed(1234)
 
     result = defense.purify(model, clean)
 
+    assert torch.equal(torch.rand(3), expected), "the defense reseeded its caller's generator"
     # The input is untouched: weights, buffers, hooks, mode, device.
     assert result.model is not model and same_state(before, model.state_dict())
     assert {id(m): len(m._forward_hooks) for m in model.modules()} == hooks

@@ -82,6 +82,82 @@ def test_every_cell_is_stored_once_with_its_results(finished):
     assert labels == {"ft", "pruning"}
 
 
+def sha256_of(path) -> str:
+    import hashlib
+
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_every_model_and_cell_names_the_hash_of_its_weights_and_the_commit(finished):
+    _, folder, rows = finished
+    with Store(folder / "results.db") as store:
+        models = {m["key"]: m for m in store.models()}
+    for key, model in models.items():
+        assert model["weights_sha256"] == sha256_of(folder / "cache" / key / "model.safetensors")
+        assert model["versions"]["torch"] and model["versions"].get("commit")  # a git checkout
+    for row in rows:
+        assert row["weights_sha256"] == models[row["model_key"]]["weights_sha256"]
+        assert row["versions"].get("commit")
+
+
+def test_a_cell_never_attaches_to_weights_with_another_hash(finished, tmp_path, monkeypatch):
+    """A cached model whose weights changed since the store recorded them (retrained elsewhere,
+    copied over) is refused before any new cell runs on it."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    _, folder, _ = finished
+    results, cache = tmp_path / "results.db", tmp_path / "cache"
+    results.write_bytes((folder / "results.db").read_bytes())
+    shutil.copytree(folder / "cache", cache)
+    with Store(results) as store:  # the stored rows point at the copied cache
+        for model in store.models():
+            store.add_model({**model, "path": str(cache / model["key"])})
+    (key,) = read(results, "SELECT key FROM models WHERE attack = 'badnets' AND seed = 0")[0]
+    weights = cache / key / "model.safetensors"
+    state = load_file(str(weights))
+    first = next(iter(state))
+    state[first] = state[first] + 1e-3  # other weights, same architecture
+    save_file(state, str(weights))
+    changed = load_spec(
+        write_spec(
+            tmp_path, SPEC.replace("epochs: 1}\n  - name: fine", "epochs: 2}\n  - name: fine")
+        )
+    )
+    monkeypatch.setattr(runner, "train_model", lambda *a, **k: pytest.fail("retrained"))
+    with pytest.raises(UserError, match="not those the results store recorded"):
+        runner.run_experiment(changed, results, cache, progress=False)
+    stored = read(
+        results, "SELECT COUNT(*) FROM cells WHERE model_key = ?".replace("?", f"'{key}'")
+    )
+    assert stored == [(2,)]  # only the two cells of the first run: none on the changed weights
+
+
+def test_training_gives_one_hash_whatever_the_callers_thread_count(tmp_path):
+    """The runner trains with a fixed thread count and deterministic algorithms: the same job
+    gives bit-identical weights when the caller runs 1 or 2 intra-op threads."""
+    import torch
+
+    from torchpurify.models.io import weights_sha256
+
+    spec = load_spec(write_spec(tmp_path, SPEC.replace("seeds: [0, 1]", "seeds: [0]")))
+    job = next(j for j in runner.model_jobs(spec) if j.attack is not None)
+    hashes = []
+    before = torch.get_num_threads()
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            stage = runner.ModelStage(job, tmp_path / f"t{threads}", "train", None)
+            row = runner.prepare_model(stage, spec)
+            hashes.append(row["weights_sha256"])
+            assert weights_sha256(tmp_path / f"t{threads}") == row["weights_sha256"]
+            assert torch.get_num_threads() == threads  # the caller's setting is restored
+    finally:
+        torch.set_num_threads(before)
+    assert hashes[0] == hashes[1]
+
+
 def test_models_are_cached_with_diagnostics_for_backdoored_ones(finished):
     _, folder, _ = finished
     with Store(folder / "results.db") as store:
@@ -235,6 +311,10 @@ def test_the_ray_executor_stores_the_same_cells(finished, tmp_path):
         (4, 4)
     ]
     assert read(tmp_path / "results.db", "SELECT COUNT(*) FROM models") == [(2,)]
+    # The same weights, bit for bit, as the local executor trained: one SHA-256 per model.
+    local = dict(read(finished[1] / "results.db", "SELECT key, weights_sha256 FROM models"))
+    for key, digest in read(tmp_path / "results.db", "SELECT key, weights_sha256 FROM models"):
+        assert digest == local[key]
     by_key = {r["key"]: r for r in rows}
     for row in new:  # the same cells as the local run, with the same numbers
         assert row["acc_after"] == pytest.approx(by_key[row["key"]]["acc_after"], abs=1e-6)

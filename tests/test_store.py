@@ -19,6 +19,7 @@ def model_row(key="m1", **extra):
         "train_recipe": {"epochs": 1, "lr": 0.05}, "path": "/cache/m1", "acc": 0.9,
         "asr": 1.0, "ra": 0.0, "train_seconds": 1.5, "identification": {"rules": {}},
         "neuron_table": [{"channel": 0}], "pruning_curve": None, "created_at": utc_now(),
+        "weights_sha256": "ab" * 32, "versions": {"torch": "x", "commit": "c0ffee"},
         **extra,
     }  # fmt: skip
 
@@ -33,7 +34,7 @@ def cell_row(key="c1", model_key="m1", **extra):
         "asr_after": 0.1, "ra_after": 0.8, "der": 0.94, "seconds": 2.0, "forward_passes": 10,
         "backward_passes": 10, "log": {"history": [{"epoch": 1, "loss": 0.3}]},
         "versions": {"torch": "x"}, "started_at": utc_now(), "finished_at": utc_now(),
-        **extra,
+        "weights_sha256": "ab" * 32, **extra,
     }  # fmt: skip
 
 
@@ -48,9 +49,37 @@ def test_the_schema_is_the_agreed_one(tmp_path):
     }
     assert columns["models"] == list(MODEL_COLUMNS)
     assert columns["cells"] == list(CELL_COLUMNS)
-    assert MODEL_COLUMNS[-4:] == ("identification", "neuron_table", "pruning_curve", "created_at")
-    assert CELL_COLUMNS[-7:-3] == ("log", "versions", "started_at", "finished_at")
-    assert CELL_COLUMNS[-3:] == ("estimate", "est_asr_before", "est_asr_after")  # added later
+    assert MODEL_COLUMNS[-6:-2] == (
+        "identification", "neuron_table", "pruning_curve", "created_at"
+    )  # fmt: skip
+    assert MODEL_COLUMNS[-2:] == ("weights_sha256", "versions")  # added later
+    assert CELL_COLUMNS[-8:-4] == ("log", "versions", "started_at", "finished_at")
+    assert CELL_COLUMNS[-4:] == (  # added later
+        "estimate", "est_asr_before", "est_asr_after", "weights_sha256"
+    )  # fmt: skip
+
+
+def test_an_older_store_gains_the_provenance_columns_and_keeps_its_rows(tmp_path):
+    """A store written before weights hashes were recorded opens for writing with the new
+    columns added (NULL for its rows), and reads as before when opened read-only."""
+    with Store(tmp_path / "r.db") as store:
+        store.add_model(model_row())
+        store.add_cell(cell_row())
+    connection = sqlite3.connect(tmp_path / "r.db")
+    for table, columns in (("models", MODEL_COLUMNS[:-2]), ("cells", CELL_COLUMNS[:-1])):
+        connection.executescript(  # the table as it was before the provenance columns
+            f"CREATE TABLE old AS SELECT {', '.join(columns)} FROM {table}; "
+            f"DROP TABLE {table}; ALTER TABLE old RENAME TO {table};"
+        )
+    connection.close()
+    with Store(tmp_path / "r.db", readonly=True) as store:
+        assert "weights_sha256" not in store.models()[0]
+    with Store(tmp_path / "r.db") as store:
+        (model,), (cell,) = store.models(), store.cells()
+        assert model["weights_sha256"] is None and model["versions"] is None
+        assert cell["weights_sha256"] is None and cell["acc_after"] == 0.88
+        store.add_model(model_row("m2"))
+        assert store.model("m2")["weights_sha256"] == "ab" * 32
 
 
 def test_rows_round_trip_with_json_columns_decoded(tmp_path):

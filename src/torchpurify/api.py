@@ -32,7 +32,7 @@ from torchpurify.defenses import Clean, Defense, build_defense
 from torchpurify.errors import UserError, check
 from torchpurify.metrics import Metrics, attack_rates, evaluate, predict
 from torchpurify.models import MODELS, is_reference
-from torchpurify.models.io import export_weights, load_model, save_model
+from torchpurify.models.io import check_export, export_weights, load_model, save_model
 
 MAX_IN_MEMORY = 1 << 31  # values of clean data gathered from a Dataset or DataLoader
 
@@ -398,18 +398,21 @@ def purify_own(
     tune_fraction: float = 0.8,
     export: str | Path | None = None,
     estimate: bool | None = None,
+    force: bool = True,
 ) -> OwnResult:
     """The bring-your-own purification (``torchpurify purify --clean PATH``), end to end.
 
     ``estimate`` None: the defender-side backdoor estimate runs when no trigger is named (no
-    ``attack``, no ``triggered_path``), so some measure of the backdoor is always reported."""
+    ``attack``, no ``triggered_path``), so some measure of the backdoor is always reported.
+
+    ``out`` and ``export`` replace an earlier torchpurify artifact only with ``force`` (the
+    library default; the CLI passes its ``--force``); ``export`` never replaces the input model
+    or a file torchpurify did not write, and is checked before any work."""
     from torchpurify.train import resolve_device
 
-    if export is not None:
-        check(
-            Path(export).suffix in (".safetensors", ".pt", ".pth"),
-            f"--export {export} must end in .safetensors, .pt or .pth",
-        )
+    if export is not None:  # before any work: never the input, never a file not ours
+        inputs = [p for p in (model_path, clean_path, test_path, triggered_path) if p is not None]
+        check_export(export, force=force, inputs=inputs, out=out)
     own = load_own(
         model_path,
         clean_path,
@@ -469,9 +472,9 @@ def purify_own(
         ),
     }  # fmt: skip
     if out is not None:
-        save_model(purified, out, new_card)
+        save_model(purified, out, new_card, force=force)
     if export is not None:
-        export_weights(purified, export)
+        export_weights(purified, export, force=force)
     return OwnResult(purified, record, new_card, before, after, own.notes)
 
 

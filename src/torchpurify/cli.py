@@ -5,10 +5,14 @@ Every user mistake ends in one line on stderr and exit code 2; nothing half-writ
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import functools
 import json
 import re
+import signal
 import sys
+import threading
 from enum import Enum
 from pathlib import Path
 from typing import Annotated, Any
@@ -101,22 +105,51 @@ def settings_for_every_command(
         torch.set_num_threads(threads)
 
 
+@contextlib.contextmanager
+def first_interrupt_only():
+    """The first Ctrl-C interrupts the command; later ones, while it cleans up (removes its
+    staging folders) and says what exists, are ignored instead of ending in a traceback."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    hits = []
+
+    def interrupt(signum, frame):
+        hits.append(signum)
+        if len(hits) == 1:
+            raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGINT, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
 def command(*args, **kwargs):
     """``app.command`` that turns :class:`UserError` into one line on stderr and exit code 2."""
 
     def wrap(function):
         @functools.wraps(function)
         def run(*a, **k):
+            from rich.markup import escape
+
+            from torchpurify.outputs import WRITTEN, interrupted_message
+
+            WRITTEN.clear()
             try:
-                return function(*a, **k)
+                with first_interrupt_only():
+                    return function(*a, **k)
             except UserError as error:
-                err.print(f"[bold red]error:[/] {error}", highlight=False, soft_wrap=True)
+                err.print(f"[bold red]error:[/] {escape(str(error))}", highlight=False,
+                          soft_wrap=True)  # fmt: skip
                 raise typer.Exit(UserError.exit_code) from None
             except Divergence as error:  # not the user's mistake, but one line all the same
-                err.print(f"[bold red]error:[/] {error}", highlight=False, soft_wrap=True)
+                err.print(f"[bold red]error:[/] {escape(str(error))}", highlight=False,
+                          soft_wrap=True)  # fmt: skip
                 raise typer.Exit(Divergence.exit_code) from None
             except KeyboardInterrupt:
-                err.print("interrupted; nothing was written")
+                err.print(interrupted_message(), markup=False, highlight=False, soft_wrap=True)
                 raise typer.Exit(130) from None
 
         return app.command(*args, **kwargs)(run)
@@ -421,7 +454,13 @@ def purify(
         float,
         typer.Option(help="Clean data the defender holds, as a fraction of the training set."),
     ] = 0.05,
-    seed: Annotated[int, seed_option("Seed of the defender's split and of the defense.")] = 0,
+    seed: Annotated[
+        int | None,
+        seed_option(
+            "Seed of the defender's split and of the defense (default: a model directory's "
+            "training seed, as the experiment runner uses; 0 for your own files)."
+        ),
+    ] = None,
     data_root: DataRoot = None,
     device: Device = "auto",
     as_json: Annotated[bool, typer.Option("--json", help="Print the results as JSON.")] = False,
@@ -480,7 +519,7 @@ def purify(
     from torchpurify.defenses import build_defense
     from torchpurify.estimate import EstimateConfig
     from torchpurify.experiment import purify_model
-    from torchpurify.models.io import load_model
+    from torchpurify.models.io import check_export, load_model
     from torchpurify.outputs import check_output
 
     if not model.exists():
@@ -501,19 +540,25 @@ def purify(
         if given:
             raise UserError(f"{', '.join(given)} go with --clean PATH (your own clean data)")
     chosen = build_defense(
-        defense, device=device, seed=seed, progress=progress, **parse_settings(settings)
+        defense, device=device, seed=seed or 0, progress=progress, **parse_settings(settings)
     )
     check_output(out_dir, "model", force)
+    if export is not None:
+        inputs = [path for path in (model, clean, test, triggered) if path is not None]
+        check_export(export, force=force, inputs=inputs, out=out_dir)
     if clean is not None:
         _purify_own(
             model, clean, chosen, out_dir, arch=arch, trust_code=trust_code, test=test,
             triggered=triggered, attack=attack, attack_settings=attack_settings, target=target,
             target_mode=target_mode.value, tune_fraction=tune_fraction, normalize=normalize,
             num_classes=num_classes, sample_rate=sample_rate, export=export, estimate=estimate,
-            as_json=as_json,
+            as_json=as_json, force=force,
         )  # fmt: skip
         return
     net, card = load_model(model, arch, trust_code=trust_code)
+    if seed is None:  # the card's training seed, as the runner's cells use it
+        seed = (card.get("data") or {}).get("seed", 0)
+        chosen = dataclasses.replace(chosen, seed=seed)
     result = purify_model(
         net,
         card,
@@ -523,6 +568,7 @@ def purify(
         seed=seed,
         out=out_dir,
         estimate=None if estimate is False else EstimateConfig(),
+        force=force,
     )
     record = result.card["defense"]
     if as_json:

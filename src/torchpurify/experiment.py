@@ -29,7 +29,7 @@ from torchpurify.estimate import EstimateConfig, compare, estimate_backdoor, est
 from torchpurify.metrics import Metrics, der, evaluate
 from torchpurify.models import MODELS, build_model
 from torchpurify.models.io import save_model
-from torchpurify.train import TrainConfig, fit
+from torchpurify.train import TrainConfig, fit, reproducible
 
 
 @dataclass
@@ -152,8 +152,18 @@ def train_model(
     out: str | Path | None = None,
     prepared: Prepared | None = None,
     on_epoch=None,
+    threads: int | None = None,
 ) -> Backdoored:
-    """Poison (when ``attack`` is given), train, evaluate on the test split and save to ``out``."""
+    """Poison (when ``attack`` is given), train, evaluate on the test split and save to ``out``.
+
+    Training runs with deterministic algorithms and, with ``threads``, on that many intra-op
+    threads (:func:`~torchpurify.train.reproducible`): the same data, recipe and seed then give
+    bit-identical weights wherever they are trained (the runner fixes ``threads``)."""
+    with reproducible(threads):
+        return _train_model(data, model_name, attack, config, out, prepared, on_epoch, threads)
+
+
+def _train_model(data, model_name, attack, config, out, prepared, on_epoch, threads) -> Backdoored:
     if ":" not in model_name:
         MODELS.get(model_name)
     prepared = prepared or prepare_data(data, progress=config.progress)
@@ -228,6 +238,7 @@ def train_model(
             **config.to_dict(),
             "seconds": round(result.cost.seconds, 2),
             "history": result.history,
+            **({"threads": threads} if threads is not None else {}),
         },
         "metrics": metrics.to_dict(),
     }
@@ -326,6 +337,7 @@ def purify_model(
     out: str | Path | None = None,
     estimate: EstimateConfig | None = None,
     estimate_cache: str | Path | None = None,
+    force: bool = True,
 ) -> Defended:
     """Run ``defense`` with the defender's clean data and measure it on the test split.
 
@@ -391,5 +403,5 @@ def purify_model(
         new_card["estimate"] = guess
     purified.model.to("cpu")
     if out is not None:
-        save_model(purified.model, out, new_card)
+        save_model(purified.model, out, new_card, force=force)
     return Defended(before, after, der_value, purified, new_card, guess)

@@ -35,6 +35,23 @@ MODEL_CARD = "model.json"
 MODEL_FORMAT = "torchpurify-model"
 KINDS = ("model", "report", "inspect", "trigger-demo")
 
+# What this process has finished writing (folders renamed into place, exported files), in
+# order: an interrupted command says exactly what exists (cli.command).
+WRITTEN: list[Path] = []
+
+
+def record_written(path: str | Path) -> None:
+    """Note that ``path`` is complete on disk (see :data:`WRITTEN`)."""
+    WRITTEN.append(Path(path))
+
+
+def interrupted_message() -> str:
+    """What an interrupted command leaves: the outputs it finished, or that nothing was written."""
+    if not WRITTEN:
+        return "interrupted; nothing was written"
+    done = ", ".join(str(path) for path in WRITTEN)
+    return f"interrupted; already written and complete: {done}; nothing else was written"
+
 
 def artifact_kind(path: str | Path) -> str | None:
     """``model``, ``report``, … for a folder torchpurify wrote; None for anything else."""
@@ -171,6 +188,7 @@ def staged_output(path: str | Path, kind: str, force: bool = True) -> Iterator[P
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
+    record_written(path)
 
 
 def replace_folder(staging: Path, path: Path) -> None:

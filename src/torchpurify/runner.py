@@ -32,7 +32,7 @@ from torchpurify.data import load_dataset
 from torchpurify.errors import UserError, check
 from torchpurify.experiment import defender_data, purify_model, train_model, trigger_of
 from torchpurify.models import build_model
-from torchpurify.models.io import CARD, load_model, versions
+from torchpurify.models.io import CARD, load_model, versions, weights_sha256
 from torchpurify.outputs import check_writable, sweep_staging
 from torchpurify.report import fmt, mean_std
 from torchpurify.spec import CellJob, ExperimentSpec, ModelJob, attack_name, cell_jobs, model_jobs
@@ -43,6 +43,10 @@ EXECUTORS = ("local", "ray")
 # The backdoor estimate before purification, computed once per model (methods.md §12).
 ESTIMATE_FILE = "estimate-before.json"
 RAY_MISSING = "the ray executor needs Ray; install the extra: pip install 'torchpurify[ray]'"
+# Training in a grid runs on this many intra-op threads whatever the executor, the CPUs of a
+# task or --threads: reductions split over another number of threads round differently, and
+# the same spec must give bit-identical weights (one SHA-256) wherever it is trained.
+TRAINING_THREADS = 1
 
 
 @dataclass
@@ -192,16 +196,22 @@ def prepare_model(
     job = stage.job
     if stage.action == "train":
         config = job.train_config(spec.device, progress)
-        result = train_model(job.data_spec(), job.model, job.attack, config, out=stage.folder)
+        result = train_model(
+            job.data_spec(), job.model, job.attack, config, out=stage.folder,
+            threads=TRAINING_THREADS,
+        )  # fmt: skip
         model, card = result.model, result.card
         row = model_row(job, stage.folder, card)
+        check_same_weights(stage.row, row["weights_sha256"], job.name)
     else:
         # The spec names the architecture, so a module:function in it is the user's own.
         model, card = load_model(stage.folder, job.model)
         if stage.action == "adopt":
             row = model_row(job, stage.folder, card)
         else:
-            row = {**stage.row, "path": str(stage.folder)}
+            digest = weights_sha256(stage.folder)
+            check_same_weights(stage.row, digest, job.name)
+            row = {**stage.row, "path": str(stage.folder), "weights_sha256": digest}
     if spec.diagnostics and card.get("attack"):
         row.update(diagnose(model, card, job, spec))
     return row
@@ -221,6 +231,18 @@ def job_columns(job: ModelJob) -> dict[str, Any]:
     }
 
 
+def check_same_weights(row: dict[str, Any] | None, digest: str, name: str) -> None:
+    """Refuse weights other than those the store's row recorded: a result never attaches to
+    weights with another hash. Rows stored before hashes were recorded have none to compare."""
+    recorded = (row or {}).get("weights_sha256")
+    if recorded is not None and recorded != digest:
+        raise UserError(
+            f"{name}: the model's weights (sha256 {digest[:12]}…) are not those the results "
+            f"store recorded (sha256 {recorded[:12]}…), so its stored cells were measured on "
+            "other weights; restore the cached model folder, or give a new --results store"
+        )
+
+
 def model_row(job: ModelJob, folder: Path, card: dict[str, Any]) -> dict[str, Any]:
     metrics = card["metrics"]
     return {
@@ -237,6 +259,8 @@ def model_row(job: ModelJob, folder: Path, card: dict[str, Any]) -> dict[str, An
         "neuron_table": None,
         "pruning_curve": None,
         "created_at": utc_now(),
+        "weights_sha256": weights_sha256(folder),
+        "versions": {**versions(), "numpy": np.__version__},
     }
 
 
@@ -263,6 +287,8 @@ def run_cell(
 ) -> dict[str, Any]:  # fmt: skip
     """Purify the cell's model (``model`` is its store row) with the cell's defense; the row."""
     started = utc_now()
+    digest = weights_sha256(model["path"])  # the weights this cell purifies, by their hash
+    check_same_weights(model, digest, cell.model.name)
     net, card = load_model(model["path"], cell.model.model)
     defense = cell.defense.build(cell.model.seed, spec.device, progress)
     result = purify_model(
@@ -293,6 +319,7 @@ def run_cell(
         "estimate": guess,
         "est_asr_before": guess["before"]["est_asr"] if guess else None,
         "est_asr_after": guess["after"]["est_asr"] if guess else None,
+        "weights_sha256": digest,
     }
 
 

@@ -39,7 +39,9 @@ CREATE TABLE IF NOT EXISTS models (
   identification TEXT,             -- JSON: diagnostics.neuron_identification(...) or NULL
   neuron_table TEXT,               -- JSON: diagnostics.neuron_table(...) rows or NULL
   pruning_curve TEXT,              -- JSON: diagnostics.pruning_curve(...) rows or NULL
-  created_at TEXT NOT NULL         -- ISO 8601 UTC
+  created_at TEXT NOT NULL,        -- ISO 8601 UTC
+  weights_sha256 TEXT,             -- SHA-256 of model.safetensors (NULL: stored before 12-06)
+  versions TEXT                    -- JSON: versions and git commit that trained it
 );
 CREATE TABLE IF NOT EXISTS cells (
   key TEXT PRIMARY KEY, -- sha256 of model key + defense name + resolved params + defender_fraction
@@ -56,7 +58,8 @@ CREATE TABLE IF NOT EXISTS cells (
   versions TEXT NOT NULL,          -- JSON: torchpurify, torch, numpy, python versions
   started_at TEXT NOT NULL, finished_at TEXT NOT NULL,
   estimate TEXT,                   -- JSON: the backdoor estimate before/after (estimate.compare)
-  est_asr_before REAL, est_asr_after REAL  -- its estimated ASR, for plain SQL
+  est_asr_before REAL, est_asr_after REAL,  -- its estimated ASR, for plain SQL
+  weights_sha256 TEXT              -- SHA-256 of the weights it purified (NULL: before 12-06)
 );
 CREATE TABLE IF NOT EXISTS leases (
   key TEXT PRIMARY KEY,            -- a cell key, or 'model:' + a model key
@@ -67,13 +70,24 @@ CREATE TABLE IF NOT EXISTS leases (
 TABLES = ("models", "cells", "leases")
 SQLITE_HEADER = b"SQLite format 3\x00"
 LEASE_SECONDS = 120.0  # a runner silent this long is taken for dead
-MODEL_JSON = ("attack_params", "train_recipe", "identification", "neuron_table", "pruning_curve")
+MODEL_JSON = (
+    "attack_params",
+    "train_recipe",
+    "identification",
+    "neuron_table",
+    "pruning_curve",
+    "versions",
+)
 CELL_JSON = ("attack_params", "defense_params", "log", "versions", "estimate")
 # Columns added to a table after its first release: a store without them gains them (NULL for
 # the rows already there) when opened for writing, and reads as if they were NULL when not.
 ADDED_COLUMNS = {
-    "cells": {"estimate": "TEXT", "est_asr_before": "REAL", "est_asr_after": "REAL"},
-}
+    "models": {"weights_sha256": "TEXT", "versions": "TEXT"},
+    "cells": {
+        "estimate": "TEXT", "est_asr_before": "REAL", "est_asr_after": "REAL",
+        "weights_sha256": "TEXT",
+    },
+}  # fmt: skip
 
 
 def utc_now() -> str:

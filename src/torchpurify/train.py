@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import copy
 import math
+import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from typing import Protocol
 
@@ -387,6 +389,27 @@ class Trainer:
         record["seconds"] = time.perf_counter() - self.start
         self.result.history.append(record)
         return record
+
+
+@contextmanager
+def reproducible(threads: int | None = None) -> Iterator[None]:
+    """Within the block: deterministic algorithms and, when ``threads`` is given, that many
+    intra-op threads (a reduction split over another number of threads rounds differently);
+    both are restored after it. On CUDA, cuBLAS is asked for its deterministic workspace."""
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    before = (
+        torch.get_num_threads(),
+        torch.are_deterministic_algorithms_enabled(),
+        torch.is_deterministic_algorithms_warn_only_enabled(),
+    )
+    if threads is not None:
+        torch.set_num_threads(threads)
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before[0])
+        torch.use_deterministic_algorithms(before[1], warn_only=before[2])
 
 
 def fit(

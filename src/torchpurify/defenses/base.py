@@ -139,9 +139,12 @@ class Defense:
     def purify(self, model: nn.Module, clean: Clean) -> Purified:
         """Return a purified copy of ``model`` on the defense's device; ``model`` is untouched."""
         start = time.perf_counter()
-        given = copy.deepcopy(model).to(resolve_device(self.device))
+        device = resolve_device(self.device)
+        given = copy.deepcopy(model).to(device)
         counter = count_passes(given)
-        with counter as cost:
+        # The defense seeds torch's generators; the caller's random state is given back after.
+        cuda = [device.index or 0] if device.type == "cuda" else []
+        with counter as cost, torch.random.fork_rng(devices=cuda):
             before = accuracy(given, clean.holdout, batch_size=self.batch_size)
             floor = before - self.budget(before, len(clean.holdout))
             guard: dict[str, Any] = {

@@ -18,11 +18,15 @@ weights) that loads into the user's own class without torchpurify.
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import json
 import math
 import platform
+import subprocess
 import warnings
 import zipfile
+from collections import OrderedDict
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -37,7 +41,7 @@ from torchpurify.errors import UserError, check
 from torchpurify.models import architecture_of, build_architecture, is_reference
 from torchpurify.models.image import Normalize
 from torchpurify.neurons.masks import attach_masks, fold_masks, masked_layers
-from torchpurify.outputs import staged_output
+from torchpurify.outputs import check_writable, record_written, staged_output
 
 WEIGHTS = "model.safetensors"
 CARD = "model.json"
@@ -55,23 +59,68 @@ __all__ = [
     "WEIGHTS",
     "Normalized",
     "allow_architecture",
+    "check_export",
     "check_unpacked",
     "export_weights",
+    "is_export",
     "load_model",
     "read_card",
     "read_weights",
     "save_model",
+    "versions",
+    "weights_sha256",
 ]
 
 
 def versions() -> dict[str, str]:
+    """What made a result: the package versions and, when torchpurify runs from a git
+    checkout, its commit (``-dirty`` when tracked files under src/ differ from it)."""
     from torchpurify import __version__
 
-    return {
+    found = {
         "torchpurify": __version__,
         "torch": torch.__version__,
         "python": platform.python_version(),
     }
+    commit = source_commit()
+    if commit is not None:
+        found["commit"] = commit
+    return found
+
+
+@functools.cache
+def source_commit() -> str | None:
+    """The git commit of the checkout this package is imported from (an editable install or
+    ``src`` on the path), with ``-dirty`` when src/ has uncommitted changes; None for an
+    installed package or where git is not at hand."""
+    package = Path(__file__).resolve().parents[1]
+
+    def git(*args: str) -> str:
+        done = subprocess.run(
+            ["git", "-C", str(package), *args], capture_output=True, text=True, timeout=10,
+            check=True,
+        )  # fmt: skip
+        return done.stdout.strip()
+
+    try:
+        top = Path(git("rev-parse", "--show-toplevel")).resolve()
+        if top / "src" / "torchpurify" != package:
+            return None  # installed inside some other repository (a venv in a checkout)
+        commit = git("rev-parse", "HEAD")
+        dirty = git("status", "--porcelain", "--untracked-files=no", "--", "src")
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return commit + ("-dirty" if dirty else "")
+
+
+def weights_sha256(directory: str | Path) -> str:
+    """SHA-256 of a model folder's weights file: the identity of the weights a result used
+    (``sha256sum DIR/model.safetensors`` gives the same)."""
+    digest = hashlib.sha256()
+    with open(Path(directory) / WEIGHTS, "rb") as file:
+        for block in iter(lambda: file.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 class Normalized(nn.Module):
@@ -100,9 +149,13 @@ def _plain_state(model: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().to("cpu").contiguous().clone() for k, v in model.state_dict().items()}
 
 
-def save_model(model: nn.Module, directory: str | Path, card: Mapping[str, Any]) -> Path:
+def save_model(
+    model: nn.Module, directory: str | Path, card: Mapping[str, Any], *, force: bool = True
+) -> Path:
     """Write ``model`` and its card atomically to ``directory``: a new or empty folder, or an
-    existing model artifact (replaced); anything else there is refused (outputs.py)."""
+    existing model artifact (replaced, unless ``force`` is False: then an artifact there is
+    refused — a command that checked ``--out`` before its work keeps a concurrent run's
+    result); anything else there is refused (outputs.py)."""
     directory = Path(directory)
     architecture = card.get("architecture") or architecture_of(unwrap(model))
     if architecture is None:
@@ -125,7 +178,7 @@ def save_model(model: nn.Module, directory: str | Path, card: Mapping[str, Any])
         }
     checked = ModelCard.from_dict(record, source=f"the card for {directory}").to_dict()
     # Written beside the target and renamed into place; only an artifact is ever replaced.
-    with staged_output(directory, "model") as staging:
+    with staged_output(directory, "model", force) as staging:
         save_file(_plain_state(model), str(staging / WEIGHTS))
         (staging / CARD).write_text(json.dumps(checked, indent=2, sort_keys=True) + "\n")
     return directory
@@ -342,26 +395,104 @@ def load_model(
     return model.eval(), ModelCard.from_dict(record, source=str(path))
 
 
-def export_weights(model: nn.Module, path: str | Path) -> Path:
-    """Write the weights of ``model`` for the user's own class: masks folded into the weights,
-    no mask buffers, no normalisation wrapper. ``.safetensors`` or ``.pt``/``.pth`` by suffix;
-    load it with ``YourNet(...).load_state_dict(torch.load(path))``."""
+EXPORT_SUFFIXES = (".safetensors", ".pt", ".pth")
+# The mark that says "torchpurify --export wrote this file": a safetensors metadata entry, or
+# an entry of a .pt state dict's root ``_metadata`` (which load_state_dict passes over).
+EXPORT_MARK = ("torchpurify", "export")
+
+
+def is_export(path: str | Path) -> bool:
+    """True for a file that :func:`export_weights` wrote (it carries :data:`EXPORT_MARK`)."""
+    path = Path(path)
+    key, value = EXPORT_MARK
+    try:
+        if path.suffix == ".safetensors":
+            with safe_open(str(path), "pt") as f:
+                return (f.metadata() or {}).get(key) == value
+        # mmap: the tensors are not read; weights_only: no code runs.
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        root = getattr(state, "_metadata", None) or {}
+        return isinstance(root.get(""), dict) and root[""].get(key) == value
+    except Exception:  # any file that is not a readable export is not one of ours
+        return False
+
+
+def check_export(
+    path: str | Path,
+    *,
+    force: bool = False,
+    inputs: Sequence[str | Path] = (),
+    out: str | Path | None = None,
+) -> Path:
+    """Refuse, before any work, an ``--export`` file that would lose something or cannot be
+    written (the rule of outputs.py for files): a new file, or — with ``force`` — a file an
+    earlier export wrote. Never an input (``inputs``: the user's model), never a file that
+    torchpurify did not write, never a place inside the ``--out`` folder (replaced whole)."""
     path = Path(path)
     check(
-        path.suffix in (".safetensors", ".pt", ".pth"),
+        path.suffix in EXPORT_SUFFIXES,
         f"--export {path} must end in .safetensors, .pt or .pth",
     )
+    check(not path.is_symlink(), f"--export {path} is a link; name a new file")
     check(not path.is_dir(), f"--export {path} is a folder; give a file name")
+    resolved = path.resolve()
+
+    def within(place: Path) -> bool:
+        return resolved == place.resolve() or place.resolve() in resolved.parents
+
+    for given in map(Path, inputs):
+        if within(given) or (path.exists() and given.exists() and path.samefile(given)):
+            raise UserError(
+                f"--export {path} is (inside) the input {given}; torchpurify never overwrites "
+                "its input — name a new file"
+            )
+    if out is not None and within(Path(out)):
+        raise UserError(
+            f"--export {path} is inside --out {out}, which is written whole; name a file elsewhere"
+        )
+    if path.exists():
+        if not is_export(path):
+            raise UserError(
+                f"--export {path} exists and was not written by torchpurify; name a new file — "
+                "torchpurify never replaces files it did not write"
+            )
+        if not force:
+            raise UserError(
+                f"--export {path} holds an earlier torchpurify export; pass --force to replace "
+                "it, or name a new file"
+            )
+    check_writable(resolved.parent, "--export", shown=path)
+    return path
+
+
+def export_weights(model: nn.Module, path: str | Path, *, force: bool = True) -> Path:
+    """Write the weights of ``model`` for the user's own class: masks folded into the weights,
+    no mask buffers, no normalisation wrapper. ``.safetensors`` or ``.pt``/``.pth`` by suffix;
+    load it with ``YourNet(...).load_state_dict(torch.load(path))``.
+
+    The file is checked by :func:`check_export` (callers with inputs to protect check first,
+    before their work) and replaces only an earlier export — with ``force``, the default for
+    library callers; it is written beside the target and renamed into place."""
+    path = check_export(path, force=force)
     state = _plain_state(unwrap(fold_masks(model)))
     path.parent.mkdir(parents=True, exist_ok=True)
     staging = path.with_name(f".{path.name}.partial")
+    key, value = EXPORT_MARK
     try:
         if path.suffix == ".safetensors":
-            save_file(state, str(staging))
+            save_file(state, str(staging), metadata={key: value})
         else:
-            torch.save(state, staging)
+            marked = OrderedDict(state)
+            marked._metadata = OrderedDict({"": {key: value}})  # type: ignore[attr-defined]
+            torch.save(marked, staging)
+        if path.exists() and not is_export(path):  # appeared while we wrote: never replace it
+            raise UserError(
+                f"--export {path} appeared while the export was written and is not a "
+                "torchpurify export; it was left alone"
+            )
         staging.replace(path)
     except BaseException:
         staging.unlink(missing_ok=True)
         raise
+    record_written(path)
     return path
