@@ -104,6 +104,18 @@ def check_fields(instance: Any, owner: str, skip: tuple[str, ...] = ()) -> None:
         object.__setattr__(instance, field.name, normalise(value, hints[field.name]))
 
 
+def default(value: Any, source: str) -> Any:
+    """A dataclass field's default together with where it comes from, stored as the field's
+    ``metadata["source"]``: ``alpha: float = default(0.2, "paper: ...")``. The kinds of source
+    and the test that checks every one are in methods.md, "Where each default comes from"."""
+    return dataclasses.field(default=value, metadata={"source": source})
+
+
+def source_of(field: dataclasses.Field) -> str | None:
+    """The source a field's default names (see :func:`default`), or None."""
+    return field.metadata.get("source")
+
+
 def require(owner: str, field: str, value: Any, ok: bool, allowed: str) -> None:
     """The range check: a one-line UserError ``owner: field must be allowed, got value``."""
     if not ok:
