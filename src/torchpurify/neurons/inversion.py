@@ -150,14 +150,17 @@ def anomaly_index(norms: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def _success(model, x, label, trigger, batch_size) -> float:
+def success_rate(model, x, label, trigger, batch_size) -> float:
+    """Fraction of ``x`` (already on the model's device, in its memory format) that ``trigger``
+    sends to ``label``, in batches of ``batch_size``; the model must already be in evaluation
+    mode (inside :class:`EvalMode`). :func:`trigger_success` is the checked public entry."""
     hits = 0
     for start in range(0, len(x), batch_size):
         hits += int((model(trigger(x[start : start + batch_size])).argmax(1) == label).sum())
     return hits / len(x)
 
 
-class _EvalMode:
+class EvalMode:
     """The model in evaluation mode (channels_last where it prefers it, as in ``train.fit``) for
     the duration of an inversion, and the data prepared the same way; restored afterwards."""
 
@@ -170,7 +173,7 @@ class _EvalMode:
     def inputs(self, x: torch.Tensor) -> torch.Tensor:
         return x.to(self.device, memory_format=self.memory_format)
 
-    def __enter__(self) -> _EvalMode:
+    def __enter__(self) -> EvalMode:
         self.was_training = self.model.training
         self.model.eval().to(memory_format=self.memory_format)
         return self
@@ -191,10 +194,10 @@ def trigger_success(
     """Fraction of the samples of ``data`` whose label is not ``label`` that ``trigger`` sends to
     ``label`` (an attack success rate measured on clean data; the model is not changed)."""
     check(isinstance(data, Split) and len(data) > 0, "data must be a non-empty Split")
-    with _EvalMode(model, data, device) as mode:
+    with EvalMode(model, data, device) as mode:
         x = data.x[data.y != label]
         check(len(x) > 0, f"data has no sample of a label other than {label}")
-        return _success(model, mode.inputs(x), label, trigger, batch_size)
+        return success_rate(model, mode.inputs(x), label, trigger, batch_size)
 
 
 def _logit(p: torch.Tensor) -> torch.Tensor:
@@ -231,7 +234,7 @@ def invert_capped(
     low, high = value_range
     check(low < high, f"value_range must be (low, high), got {value_range}")
     generator = torch.Generator().manual_seed(seed * 100_003 + label)
-    with _EvalMode(model, data, device) as mode:
+    with EvalMode(model, data, device) as mode:
         x = mode.inputs(data.x[data.y != label])
         check(len(x) > 0, f"data has no sample of a label other than {label}")
         sample_shape = x.shape[1:]
@@ -381,7 +384,7 @@ def invert_triggers(
                     threshold=threshold, value_range=value_range, seed=seed,
                 )  # fmt: skip
                 triggers.append(trigger)
-                success.append(_success(model, x, label, trigger, 4 * batch_size))
+                success.append(success_rate(model, x, label, trigger, 4 * batch_size))
                 bar.advance(task)
     finally:
         model.train(was_training).to(memory_format=torch.contiguous_format)

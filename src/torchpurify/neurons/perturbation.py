@@ -63,10 +63,10 @@ from torchpurify.data.base import Split
 from torchpurify.errors import check
 from torchpurify.neurons.inversion import (
     SPACES,
-    _EvalMode,
-    _success,
+    EvalMode,
     anomaly_index,
     feature_space,
+    success_rate,
     uses_features,
     value_range_of,
 )
@@ -131,6 +131,11 @@ class PerturbationSearch:
         check(label in self.labels, f"label must be one of {self.labels}, got {label!r}")
         return self.perturbations[self.labels.index(label)]
 
+    def trigger(self, label: int) -> Perturbation:
+        """The same as :meth:`perturbation`: the name every trigger family's result shares
+        (:meth:`.inversion.Inversion.trigger`, :meth:`.generator.GeneratorSearch.trigger`)."""
+        return self.perturbation(label)
+
 
 def size_ratios(radii: torch.Tensor) -> torch.Tensor:
     """Each radius over the median radius of the other labels (≪ 1: a shortcut to the label);
@@ -183,7 +188,7 @@ def _search_one(model, x, label, *, norm, scale, value_range, ladder, ratio, ste
     delta = torch.zeros(x.shape[1:], device=x.device)
 
     def rate(d: torch.Tensor) -> float:
-        return _success(model, x, label, lambda b: (b + d).clamp(low, high), 4 * batch_size)
+        return success_rate(model, x, label, lambda b: (b + d).clamp(low, high), 4 * batch_size)
 
     for relative in ladder:
         eps = relative * scale
@@ -198,26 +203,30 @@ def _search_one(model, x, label, *, norm, scale, value_range, ladder, ratio, ste
             seen += batch_size
             if step % CHECK_EVERY == 0:
                 if hits / seen >= threshold and rate(delta) >= threshold:
-                    refined = _refine(
+                    scale_down = flip_scale(
                         model, x, label, delta, value_range, threshold, 1 / ratio, 4 * batch_size
                     )
-                    return refined, True
+                    return scale_down * delta, True
                 hits, seen = 0, 0
     return delta, False
 
 
 @torch.no_grad()
-def _refine(model, x, label, delta, value_range, threshold, lowest, batch_size):
-    """The smallest c·delta, c in [lowest, 1], that sends a ``threshold`` fraction of ``x`` to
-    ``label``: each sample's flipping scale is bisected in log c (``REFINE_STEPS`` forward
-    passes), and c is the ``threshold`` quantile of those scales — a continuous value, so the
-    labels' radii do not tie on a grid."""
+def flip_scale(model, x, label, delta, value_range, threshold, lowest, batch_size) -> float:
+    """The smallest c in [``lowest``, 1] such that ``clip(x + c·delta)`` sends a ``threshold``
+    fraction of ``x`` to ``label``: each sample's flipping scale is bisected in log c
+    (``REFINE_STEPS`` forward passes), and c is the ``threshold`` quantile of those scales — a
+    continuous value, so the labels' radii do not tie on a grid. ``delta`` is one sample's
+    shape (shared, :func:`invert_perturbations`) or ``x``'s shape (one change per sample, the
+    generator of :mod:`.generator`). The model must be in evaluation mode."""
     low_value, high_value = value_range
     shape = (-1,) + (1,) * (x.dim() - 1)
+    per_sample = delta.dim() == x.dim()
 
     def flipped(scale: torch.Tensor) -> torch.Tensor:
         return torch.cat([
-            model((x[i : i + batch_size] + scale[i : i + batch_size].view(shape) * delta)
+            model((x[i : i + batch_size] + scale[i : i + batch_size].view(shape)
+                   * (delta[i : i + batch_size] if per_sample else delta))
                   .clamp(low_value, high_value)).argmax(1) == label
             for i in range(0, len(x), batch_size)
         ])  # fmt: skip
@@ -232,7 +241,22 @@ def _refine(model, x, label, delta, value_range, threshold, lowest, batch_size):
         low = torch.where(hit, low, middle)
     high[never] = float("inf")
     needed = min(len(x), max(1, math.ceil(threshold * len(x) - 1e-9)))
-    return float(high.sort().values[needed - 1].clamp_max(1.0)) * delta
+    return float(high.sort().values[needed - 1].clamp_max(1.0))
+
+
+def suspected_target(
+    labels: list[int], radii: torch.Tensor, index: torch.Tensor, ratios: torch.Tensor,
+    heldout_success: list[float],
+) -> int | None:  # fmt: skip
+    """The label with the smallest radius among those with anomaly index > 2, size ratio at most
+    ``TARGET_RATIO`` and held-out success ≥ 0.5; None if there is none. The rule of
+    :class:`PerturbationSearch` and :class:`.generator.GeneratorSearch`."""
+    candidates = [
+        i
+        for i in range(len(labels))
+        if index[i] > 2 and ratios[i] <= TARGET_RATIO and heldout_success[i] >= 0.5
+    ]
+    return labels[min(candidates, key=lambda i: radii[i])] if candidates else None
 
 
 def invert_perturbations(
@@ -318,7 +342,7 @@ def invert_perturbations(
     check(scale > 0, "data has no variation to measure a radius against (all samples equal)")
     ladder = [start * ratio**k for k in range(rungs)]
     perturbations = []
-    with _EvalMode(model, data, device) as mode:
+    with EvalMode(model, data, device) as mode:
         with torch.no_grad():
             num_classes = model(mode.inputs(data.x[:1])).shape[1]
         labels = list(range(num_classes)) if labels is None else [int(t) for t in labels]
@@ -349,20 +373,17 @@ def invert_perturbations(
                 perturbations.append(
                     dataclasses.replace(
                         trigger,
-                        fit_success=_success(model, x, label, trigger, 4 * batch_size),
-                        heldout_success=_success(model, held, label, trigger, 4 * batch_size),
+                        fit_success=success_rate(model, x, label, trigger, 4 * batch_size),
+                        heldout_success=success_rate(model, held, label, trigger, 4 * batch_size),
                     )
                 )
                 bar.advance(task)
     radii = torch.tensor([p.radius for p in perturbations])
     index = anomaly_index(radii)
     ratios = size_ratios(radii)
-    candidates = [
-        i
-        for i, p in enumerate(perturbations)
-        if index[i] > 2 and ratios[i] <= TARGET_RATIO and p.heldout_success >= 0.5
-    ]
-    target = labels[min(candidates, key=lambda i: radii[i])] if candidates else None
+    target = suspected_target(
+        labels, radii, index, ratios, [p.heldout_success for p in perturbations]
+    )
     return PerturbationSearch(
         labels=labels,
         perturbations=perturbations,
