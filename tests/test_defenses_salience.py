@@ -19,7 +19,7 @@ from torchpurify.defenses.salience_ar import (
 )
 from torchpurify.errors import UserError
 from torchpurify.neurons import activation_stats
-from torchpurify.train import TrainConfig, fit
+from torchpurify.train import FrozenRunningStats, TrainConfig, fit
 
 
 def plain_cnn(seed=0):
@@ -161,3 +161,74 @@ def test_runs_on_a_model_without_batchnorm_and_keeps_it_working():
     assert result.log["unit"] == {"3": "channel", "7": "weight"}  # the classifier: weights
     assert result.log["regularised"] == {"3": "3", "7": "7"}  # no BatchNorm: the conv itself
     assert result.log["guard"]["action"] == "kept"
+
+
+@pytest.mark.parametrize("epochs", [1, 2, 5, 10])
+def test_the_schedule_runs_from_beta_to_beta_final(epochs):
+    """The share of units AR acts on is β in the first epoch and β_final in the last (the earlier
+    e/E never reached β_final: 0.95 at E = 10); a single epoch is the last."""
+    defense = build_defense("salience-ar", epochs=epochs, beta=0.5, beta_final=1.0)
+    ratios = [defense.ratio(e) for e in range(epochs)]
+    assert ratios[-1] == 1.0
+    assert ratios == sorted(ratios)
+    if epochs > 1:
+        assert ratios[0] == 0.5
+        assert ratios[1] - ratios[0] == pytest.approx(0.5 / (epochs - 1))
+
+
+def test_the_last_epoch_regularises_beta_final_of_the_units(tiny_backdoor):
+    """Through a whole run: with β_final = 1 the last epoch selects every unit."""
+    clean = Clean(tiny_backdoor.tune, tiny_backdoor.holdout)
+    defense = build_defense(
+        "salience-ar", device="cpu", epochs=3, beta=0.5, beta_final=1.0, batch_size=64,
+        max_acc_drop=0.99,
+    )  # fmt: skip
+    result = defense.purify(tiny_backdoor.model, clean)
+    assert result.log["guard"]["action"] == "kept"
+    assert result.log["ratios"] == pytest.approx([0.5, 0.75, 1.0])
+
+
+def bn_state(model):
+    return {k: v.clone() for k, v in model.state_dict().items() if "running" in k or "batches" in k}
+
+
+@pytest.mark.parametrize("freeze_bn_stats", [False, True])
+def test_warm_up_salience_is_taken_in_the_mode_purification_trains_in(
+    freeze_bn_stats, tiny_backdoor
+):
+    """The warm-up's salience estimates the loss the training steps estimate (training mode;
+    BatchNorm on batch statistics unless frozen), not the evaluation-mode loss, and changes no
+    weight, running statistic or mode. Behind a BatchNorm the conv channel's Σ −g ⊙ w is 0 in
+    training mode (scale invariance) and not in evaluation mode, which tells the two apart."""
+    model = copy.deepcopy(tiny_backdoor.model).eval()
+    data = tiny_backdoor.tune.subset(list(range(64)))  # one whole batch
+    conv = model.get_submodule("block4.0")
+    group = Group("block4.0", "block4.0", [conv.weight], per_channel=True, scales=[1.0])
+    weights, stats = copy.deepcopy(model.state_dict()), bn_state(model)
+
+    warm = Salience(0.9).warm_up(model, data, [group], 64, freeze_bn_stats)["block4.0"]
+
+    assert not model.training and all(not m.training for m in model.modules())
+    for key, value in bn_state(model).items():
+        assert torch.equal(value, stats[key]), key
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, weights[key]), key
+
+    def estimate(train_mode):
+        model.train(train_mode)
+        if freeze_bn_stats:
+            for m in model.modules():
+                if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                    m.eval()
+        model.zero_grad()
+        with FrozenRunningStats(model):
+            F.cross_entropy(model(data.x), data.y).backward()
+        model.eval()
+        return group.estimate()
+
+    training, evaluation = estimate(True), estimate(False)
+    assert torch.allclose(warm, training, atol=1e-7)
+    if freeze_bn_stats:  # evaluation-mode BatchNorm in both, as the trainer runs it
+        assert torch.allclose(warm, evaluation, atol=1e-7)
+    else:
+        assert warm.abs().max() < 1e-3 * evaluation.abs().max()

@@ -33,6 +33,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from torchpurify.checks import default
 from torchpurify.data.base import Split
 from torchpurify.errors import check
 from torchpurify.neurons.inversion import (
@@ -49,6 +50,16 @@ from torchpurify.train import console
 
 FLAG_ASR = 0.5  # a capped trigger that works on at least half the holdout flags a backdoor
 
+# Where the settings' defaults come from (methods.md, "Where each default comes from").
+COST = (
+    "protocol: sized for cost, ~32,000 sample passes before purification (about two training "
+    "epochs), methods.md §12.2"
+)
+SPACE_SOURCE = (
+    "dev: configs/dev-audio.yaml seeds 100-102: inverting on log-mel features abstained on all "
+    "nine models, false alarms and detections alike (methods.md §12.5)"
+)
+
 
 @dataclass(frozen=True)
 class EstimateConfig:
@@ -58,15 +69,21 @@ class EstimateConfig:
     cost about 10 × 100 × 32 = 32,000 forward and backward sample passes before purification
     (about two epochs of the 18,000-image training set) and about 5,000 after."""
 
-    steps: int = 100
-    capped_steps: int = 50
-    batch_size: int = 32
-    budget: float = 0.08  # chosen on development models (methods.md §12.2)
-    all_labels_after: bool = False
-    seed: int = 0
+    steps: int = default(100, COST)
+    capped_steps: int = default(50, COST)
+    batch_size: int = default(32, COST)
+    budget: float = default(
+        0.08,
+        "dev: development models of seed 100 (BadNets size ratio 0.04, Bag's natural 0.30) and "
+        "the tiny test task, methods.md §12.2",
+    )
+    all_labels_after: bool = default(
+        False, "protocol: re-inverting every label costs ten times as much (methods.md §12.2)"
+    )
+    seed: int = default(0, "run setting")
     # Where triggers are inverted: the model's input, or its fixed front end's features (the
     # log-mel map of an audio model); "auto" takes features whenever there is a front end.
-    space: str = "input"
+    space: str = default("input", SPACE_SOURCE)
 
     def __post_init__(self) -> None:
         for name in ("steps", "capped_steps", "batch_size"):

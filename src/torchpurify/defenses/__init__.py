@@ -16,5 +16,14 @@ from torchpurify.defenses import (  # noqa: F401
     tsbd,
 )
 from torchpurify.defenses.base import DEFENSES, Clean, Defense, Purified, build_defense
+from torchpurify.defenses.sources import PENDING_RECHOICE, default_sources
 
-__all__ = ["DEFENSES", "Clean", "Defense", "Purified", "build_defense"]
+__all__ = [
+    "DEFENSES",
+    "PENDING_RECHOICE",
+    "Clean",
+    "Defense",
+    "Purified",
+    "build_defense",
+    "default_sources",
+]

@@ -39,6 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from torchpurify.checks import default
 from torchpurify.data.base import Split
 from torchpurify.defenses.base import Clean, Defense, Purified, register_defense
 from torchpurify.defenses.clp import NORMS, Unit, weighted_units
@@ -47,6 +48,9 @@ from torchpurify.errors import check
 from torchpurify.metrics import accuracy
 from torchpurify.neurons import list_layers, mask_channels, masked_layers, unmask
 from torchpurify.train import Cost, TrainConfig, fit
+
+# Where these defaults come from (methods.md, "Where each default comes from").
+PAPER = "paper: ANP's code (csdongxian/ANP_backdoor optimize_mask_cifar.py), methods.md §6.6"
 
 
 def mask_neurons(model: nn.Module, example: torch.Tensor) -> list[tuple[str, int]]:
@@ -231,8 +235,13 @@ class MaskPruning(Defense):
     """What ANP and RNP share: learn a mask per neuron, prune the original by its values
     (holdout budget: ``max_acc_drop``, by default the noise rule of methods.md §0)."""
 
-    pruning_max: float = 0.9
-    threshold: float | None = None
+    pruning_max: float = default(
+        0.9, "paper: the top of the ANP / RNP authors' threshold grid, methods.md §6.6, §6.8"
+    )
+    threshold: float | None = default(
+        None, "protocol: the threshold is chosen on the holdout within the budget (the "
+        "authors read it off the test set), methods.md §6.6"
+    )  # fmt: skip
 
     def validate(self) -> None:
         self.require("pruning_max", 0 < self.pruning_max <= 1, "in (0, 1]")
@@ -263,11 +272,11 @@ class AdversarialNeuronPruning(MaskPruning):
     name = "anp"
     summary = "prune neurons sensitive to adversarial neuron perturbation (Wu & Wang 2021)"
 
-    eps: float = 0.4
-    steps: int = 1
-    alpha: float = 0.2
-    mask_lr: float = 0.2
-    iterations: int = 2000
+    eps: float = default(0.4, PAPER)
+    steps: int = default(1, PAPER)
+    alpha: float = default(0.2, PAPER)
+    mask_lr: float = default(0.2, PAPER)
+    iterations: int = default(2000, PAPER)
 
     quick = {"iterations": 12}
 

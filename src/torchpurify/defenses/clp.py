@@ -27,6 +27,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from torchpurify.checks import default
 from torchpurify.defenses.base import Clean, Defense, Purified, register_defense
 from torchpurify.neurons import list_layers, mask_channels
 from torchpurify.neurons.masks import ZERO_PRESERVING
@@ -107,10 +108,13 @@ class ChannelLipschitzPruning(Defense):
     name = "clp"
     summary = "prune channels with outlying Lipschitz upper bounds, data-free (Zheng et al. 2022)"
 
-    u: float = 3.0
+    u: float = default(3.0, "paper: CLP's default u (methods.md §6.7)")
     # conv: convolutions only (the paper); conv+linear: hidden Linear units too; auto: conv,
     # or the hidden Linear units of a model without convolutions.
-    layers: str = "auto"
+    layers: str = default(
+        "auto", "paper: convolutions, as the paper; the hidden Linear units of a model "
+        "without any (methods.md §6.7)"
+    )  # fmt: skip
 
     def validate(self) -> None:
         self.require("u", self.u >= 0, "≥ 0")

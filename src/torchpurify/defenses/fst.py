@@ -25,11 +25,18 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from torchpurify.checks import default
 from torchpurify.defenses.base import Clean, Purified, register_defense
 from torchpurify.defenses.recipe import FineTuneRecipe
 from torchpurify.errors import UserError
 from torchpurify.neurons.layers import get_module, list_layers
 from torchpurify.train import fit
+
+# Where these defaults come from (methods.md, "Where each default comes from").
+PAPER = (
+    "paper: FST's code (AISafety-HKUST/stable_backdoor_purification fine_tune/ft.py), "
+    "methods.md §6.2"
+)
 
 
 def linear_head(model: nn.Module, example: torch.Tensor) -> str:
@@ -86,10 +93,12 @@ class FeatureShiftTuning(FineTuneRecipe):
     name = "fst"
     summary = "re-initialise the head, fine-tune pushing it from the old one (Min et al. 2023)"
 
-    epochs: int = 10
-    weight_decay: float = 0.0
-    alpha: float = 0.2
-    head: str | None = None
+    epochs: int = default(10, PAPER)
+    lr: float = default(0.01, PAPER)
+    momentum: float = default(0.9, PAPER)
+    weight_decay: float = default(0.0, PAPER)
+    alpha: float = default(0.2, PAPER)
+    head: str | None = default(None, "paper: the linear head, found generically (methods.md §6.2)")
 
     def validate(self) -> None:
         super().validate()

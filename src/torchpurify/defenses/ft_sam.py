@@ -25,9 +25,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from torchpurify.checks import default
 from torchpurify.defenses.base import Clean, Purified, register_defense
 from torchpurify.defenses.recipe import FineTuneRecipe
 from torchpurify.train import FrozenRunningStats, fit
+
+# Where these defaults come from (methods.md, "Where each default comes from").
+PAPER = (
+    "paper: FT-SAM's code (BackdoorBench defense/ft-sam.py, config/defense/ft-sam), methods.md §6.1"
+)
 
 
 def smoothed_cross_entropy(logits: torch.Tensor, y: torch.Tensor, smoothing: float) -> torch.Tensor:
@@ -89,9 +95,16 @@ class FineTuningSAM(FineTuneRecipe):
     name = "ft-sam"
     summary = "fine-tune with adaptive sharpness-aware minimisation (Zhu et al. 2023)"
 
-    rho: float = 2.0
-    adaptive: bool = True
-    label_smoothing: float = 0.1
+    epochs: int = default(
+        20, "paper: FT-SAM's ~1,000 steps cut to the project's fine-tuning budget (20 epochs, "
+        "~320 steps), methods.md §6.1"
+    )  # fmt: skip
+    lr: float = default(0.01, PAPER)
+    momentum: float = default(0.9, PAPER)
+    weight_decay: float = default(5e-4, PAPER)
+    rho: float = default(2.0, PAPER)
+    adaptive: bool = default(True, PAPER)
+    label_smoothing: float = default(0.1, PAPER)
 
     def validate(self) -> None:
         super().validate()

@@ -19,9 +19,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from torchpurify.checks import default
 from torchpurify.defenses.base import Clean, Purified, register_defense
 from torchpurify.defenses.recipe import FineTuneRecipe
 from torchpurify.train import FrozenRunningStats, fit
+
+DEV_RADIUS = (
+    "dev: development seed 100 (configs/dev-image.yaml BadNets small-cnn, configs/dev-nobn.yaml), "
+    "methods.md §5, §11.4"
+)
 
 
 def _norms(grads: list[torch.Tensor], per_tensor: bool) -> list[torch.Tensor]:
@@ -112,22 +118,30 @@ class GradientNormFineTuning(FineTuneRecipe):
     name = "gnft"
     summary = "fine-tune with a gradient-norm penalty, two-pass approximation (Zhou et al. 2025)"
 
-    mode: str = "approx"
+    mode: str = default("approx", "paper: GN-FT's two-pass approximation (methods.md §5)")
     # radius="relative": r is a fraction of the weights' norm ‖θ‖ at the start (model-scale
     # free); "absolute": r itself. r and α were chosen on the development cells (methods.md §5,
     # §11.4): at these radii the two-pass step is SAM-like, not the Taylor penalty.
-    radius: str = "relative"
-    r: float = 0.04
-    alpha: float = 0.9
-    per_tensor: bool = False
+    radius: str = default("relative", DEV_RADIUS)
+    r: float = default(0.04, DEV_RADIUS)
+    alpha: float = default(0.9, DEV_RADIUS)
+    per_tensor: bool = default(
+        False, "paper: the objective's ‖∇θ L‖₂ is the global norm (methods.md §5)"
+    )
     # The whole batch in both passes: FT and GN-FT see identical batches and BatchNorm
     # statistics are updated once per step, as in FT.
-    second_pass: float = 1.0
+    second_pass: float = default(
+        1.0, "protocol: both passes see the whole batch, so alpha 0 is FT step for step "
+        "(methods.md §5)"
+    )  # fmt: skip
     # Not in the paper: the clean outputs held near the input model's, β·KL(p_input ‖ p) on
     # each tune batch (Trainer.add_distillation), so the penalty removes the backdoor at a
     # fraction of the accuracy it cost without (development cells, methods.md §12.8).
     # distill=0 is the paper's objective; FT keeps 0 (plain fine-tuning).
-    distill: float = 8.0
+    distill: float = default(
+        8.0, "dev: configs/dev-audio-distill.yaml and configs/dev-image-distill.yaml, seeds "
+        "100-102, after single runs on seed 100 (methods.md §12.8)"
+    )  # fmt: skip
 
     def validate(self) -> None:
         super().validate()

@@ -30,9 +30,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from torchpurify.checks import default
 from torchpurify.data.base import Split
 from torchpurify.defenses.base import Clean, Defense, Purified, register_defense
 from torchpurify.train import TrainConfig, fit
+
+# Where these defaults come from (methods.md, "Where each default comes from").
+PAPER = "paper: I-BAU's code (YiZeng623/I-BAU defense.py, hypergrad.py), methods.md §6.4"
 
 
 def project(delta: torch.Tensor, radius: float) -> None:
@@ -120,14 +124,14 @@ class ImplicitBackdoorAdversarialUnlearning(Defense):
     summary = "unlearn a universal adversarial perturbation via implicit hypergradients (Zeng 2022)"
     quick = {"rounds": 1, "fixed_point_steps": 2}
 
-    rounds: int = 5
-    fixed_point_steps: int = 5
-    lr: float = 0.001
-    inner_lr: float = 0.1
-    perturbation_lr: float = 10.0
-    perturbation_weight: float = 0.001
-    max_norm: float = 10.0
-    portion: float = 0.01
+    rounds: int = default(5, PAPER)
+    fixed_point_steps: int = default(5, PAPER)
+    lr: float = default(0.001, PAPER)
+    inner_lr: float = default(0.1, PAPER)
+    perturbation_lr: float = default(10.0, PAPER)
+    perturbation_weight: float = default(0.001, PAPER)
+    max_norm: float = default(10.0, PAPER)
+    portion: float = default(0.01, PAPER)
 
     def validate(self) -> None:
         self.require("rounds", self.rounds >= 1, "at least 1")

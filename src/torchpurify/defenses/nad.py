@@ -27,11 +27,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from torchpurify.checks import default
 from torchpurify.defenses.base import Clean, Purified, register_defense
 from torchpurify.defenses.recipe import FineTuneRecipe
 from torchpurify.neurons import default_neuron_layer
 from torchpurify.neurons.layers import get_module
 from torchpurify.train import fit
+
+# Where these defaults come from (methods.md, "Where each default comes from").
+PAPER = "paper: NAD's code (bboylyg/NAD config.py, main.py), methods.md §6.3"
 
 
 def attention_map(features: torch.Tensor, power: float) -> torch.Tensor:
@@ -90,12 +94,19 @@ class NeuralAttentionDistillation(FineTuneRecipe):
     summary = "distil a fine-tuned teacher's attention maps into the model (Li et al. 2021)"
     quick = {"teacher_epochs": 1}
 
-    epochs: int = 20
-    weight_decay: float = 1e-4
-    teacher_epochs: int = 10
-    beta: float = 5000.0
-    power: float = 2.0
-    layers: str | None = None
+    epochs: int = default(20, PAPER)
+    lr: float = default(
+        0.01, "paper: BackdoorBench's NAD, lr 0.01 with the cosine schedule (the authors' "
+        "0.1 then 0.01), methods.md §6.3"
+    )  # fmt: skip
+    momentum: float = default(0.9, PAPER)
+    weight_decay: float = default(1e-4, PAPER)
+    teacher_epochs: int = default(10, "paper: NAD's README (5-10 epochs), methods.md §6.3")
+    beta: float = default(5000.0, PAPER)
+    power: float = default(2.0, PAPER)
+    layers: str | None = default(
+        None, "paper: the last feature map only (the neuron layer of methods.md §0), §6.3"
+    )
 
     def validate(self) -> None:
         super().validate()

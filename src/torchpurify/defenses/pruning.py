@@ -14,6 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from torchpurify.checks import default
 from torchpurify.data.base import Split
 from torchpurify.defenses.base import Clean
 from torchpurify.defenses.recipe import FineTuneRecipe
@@ -29,7 +30,11 @@ class PruningDefense(FineTuneRecipe):
     neuron layer) within the holdout budget (``max_acc_drop``, by default the noise rule of
     methods.md §0), then optionally fine-tune with the masks in place."""
 
-    layer: str | None = None
+    layer: str | None = default(
+        None, "paper: the last convolutional feature map, which Fine-Pruning and ℓ∞ pruning "
+        "prune (the neuron layer of methods.md §0; §2, §3)"
+    )  # fmt: skip
+    # Each pruning defense names the source of its own fine-tuning epochs and BN setting.
     epochs: int = 10
     # Fine-tuning a pruned model with train-mode BatchNorm revives the backdoor (methods.md §11.1).
     freeze_bn_stats: bool = True

@@ -9,27 +9,50 @@ import dataclasses
 import math
 from dataclasses import dataclass
 
+from torchpurify.checks import default
 from torchpurify.defenses.base import Defense
 from torchpurify.train import TrainConfig
+
+# Sources shared by several defenses' fields (each field names its own; methods.md, "Where each
+# default comes from").
+SHARED_SGD = (
+    "protocol: the shared fine-tuning recipe's SGD (methods.md §11; BackdoorBench's values, "
+    "§6.1), not tuned"
+)
+PENDING_FT_RECIPE = (
+    "pending: FT / GN-FT's step (FT is GN-FT's recipe at alpha 0, methods.md §11), kept from "
+    "the runs on evaluation seed 0 (§11.1); to be re-chosen on development cells"
+)
+BN_TRAINING_MODE = (
+    "paper: fine-tuning as the papers run it, BatchNorm in training mode (methods.md §11.1)"
+)
 
 
 @dataclass
 class FineTuneRecipe(Defense):
     """The fine-tuning recipe shared by FT and GN-FT (and the fine-tuning inside other methods)."""
 
-    epochs: int = 20
-    lr: float = 0.01
-    momentum: float = 0.9
-    weight_decay: float = 5e-4
+    # Where each default comes from (methods.md, "Where each default comes from"). FT is this
+    # recipe; a defense whose paper gives other values redeclares the field with its source.
+    epochs: int = default(20, PENDING_FT_RECIPE)
+    lr: float = default(0.01, PENDING_FT_RECIPE)
+    momentum: float = default(0.9, SHARED_SGD)
+    weight_decay: float = default(5e-4, SHARED_SGD)
     # Re-estimating BatchNorm statistics on clean-only data alone revives a pruned backdoor
     # (methods.md §11.1); frozen, the running statistics stay those the model was trained with.
-    freeze_bn_stats: bool = False
+    freeze_bn_stats: bool = default(False, BN_TRAINING_MODE)
     # Augment the tune set while fine-tuning (TrainConfig.augment: crop + flip on images, a
     # ±100 ms time shift on waveforms); off by default (methods.md §12.7).
-    augment: bool = False
+    augment: bool = default(
+        False,
+        "dev: single runs on configs/dev-audio.yaml models, seed 100: augmentation removed a "
+        "little more and cost more, so off for every fine-tuning defense (methods.md §12.7)",
+    )
     # Hold the clean outputs near the input model's while fine-tuning: β of β·KL(p_input ‖ p),
     # on the tune batches (Trainer.add_distillation); 0 = off.
-    distill: float = 0.0
+    distill: float = default(
+        0.0, "paper: the method's own objective, no distillation term (methods.md §12.8)"
+    )
 
     def validate(self) -> None:
         self.require("epochs", self.epochs >= 1, "at least 1")

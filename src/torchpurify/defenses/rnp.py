@@ -23,10 +23,14 @@ from dataclasses import dataclass
 import torch.nn.functional as F
 from torch import nn
 
+from torchpurify.checks import default
 from torchpurify.data.base import Split
 from torchpurify.defenses.anp import Gated, MaskPruning, NeuronGates, mask_neurons, mask_recipe
 from torchpurify.defenses.base import Clean, Purified, register_defense
 from torchpurify.train import TrainConfig, Trainer, fit
+
+# Where these defaults come from (methods.md, "Where each default comes from").
+PAPER = "paper: RNP's code (bboylyg/RNP main.py), methods.md §6.8"
 
 MILESTONES = (10, 20)
 
@@ -37,12 +41,12 @@ class ReconstructiveNeuronPruning(MaskPruning):
     name = "rnp"
     summary = "unlearn on clean data, recover neuron masks, prune the original (Li et al. 2023)"
 
-    unlearning_lr: float = 0.01
-    unlearning_epochs: int = 20
-    clean_threshold: float = 0.2
-    recovering_lr: float = 0.2
-    recovering_epochs: int = 20
-    alpha: float = 0.2
+    unlearning_lr: float = default(0.01, PAPER)
+    unlearning_epochs: int = default(20, PAPER)
+    clean_threshold: float = default(0.2, PAPER)
+    recovering_lr: float = default(0.2, PAPER)
+    recovering_epochs: int = default(20, PAPER)
+    alpha: float = default(0.2, PAPER)
 
     def validate(self) -> None:
         super().validate()

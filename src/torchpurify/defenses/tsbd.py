@@ -32,12 +32,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from torchpurify.checks import default
 from torchpurify.defenses.base import Clean, Purified, register_defense
 from torchpurify.defenses.fst import linear_head
 from torchpurify.defenses.gnft import gradient_norm_step
 from torchpurify.defenses.recipe import FineTuneRecipe
 from torchpurify.metrics import accuracy
 from torchpurify.train import TrainConfig, fit
+
+# Where these defaults come from (methods.md, "Where each default comes from").
+PAPER = "paper: TSBD's code (linweiii/TSBD tsbd.py, tsbd/config.yaml), methods.md §6.5"
 
 FRACTIONS = (0.01, 0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.4, 0.5, 0.7, 0.9)
 
@@ -118,15 +122,20 @@ class TwoStageDefense(FineTuneRecipe):
     summary = "zero the neurons clean unlearning moves most, then GN fine-tuning (Lin et al. 2024)"
     quick = {"unlearn_epochs": 3, "unlearn_lr": 0.05}
 
-    epochs: int = 21
-    weight_decay: float = 0.0
-    unlearn_lr: float = 1e-4
-    unlearn_acc: float = 0.10
-    unlearn_epochs: int = 1000
-    weight_fraction: float = 0.7
-    fraction: float | None = None
-    r: float = 0.05
-    alpha: float = 0.7
+    epochs: int = default(21, PAPER)
+    lr: float = default(0.01, PAPER)
+    momentum: float = default(0.9, PAPER)
+    weight_decay: float = default(0.0, PAPER)
+    unlearn_lr: float = default(1e-4, PAPER)
+    unlearn_acc: float = default(0.10, PAPER)
+    unlearn_epochs: int = default(1000, PAPER)
+    weight_fraction: float = default(0.7, PAPER)
+    fraction: float | None = default(
+        None, "protocol: n chosen on the holdout within the budget from the authors' grid "
+        "(they read test ASR), methods.md §6.5"
+    )  # fmt: skip
+    r: float = default(0.05, PAPER)
+    alpha: float = default(0.7, PAPER)
 
     def validate(self) -> None:
         super().validate()
