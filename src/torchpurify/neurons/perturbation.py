@@ -11,7 +11,7 @@ fixed additive change ``x' ≈ x + δ``. So, for each candidate label t, we look
 where ``clip`` keeps the input in its value range (``value_range_of``: [0, 1] for images,
 [-1, 1] for waveforms). A backdoor target needs a much smaller δ than the other labels, whose
 only way in is their natural features, so its radius is a low outlier (MAD anomaly index of
-:func:`.inversion.anomaly_index` > 2).
+:func:`.inversion.anomaly_index` > 2, with the MAD floored: :func:`radius_anomaly_index`).
 
 Scale. Radii are relative to the data's scale ``s``: the mean ‖x_i − x̄‖_p over the fitting
 samples (x̄ the per-feature mean), in the norm searched. Centring makes the scale blind to an
@@ -56,12 +56,12 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from rich.progress import Progress
 from torch import nn
 
 from torchpurify.data.base import Split
 from torchpurify.errors import check
 from torchpurify.neurons.inversion import (
+    MAD_CONSTANT,
     SPACES,
     EvalMode,
     anomaly_index,
@@ -70,7 +70,7 @@ from torchpurify.neurons.inversion import (
     uses_features,
     value_range_of,
 )
-from torchpurify.train import console
+from torchpurify.train import console, progress_bar
 
 NORMS = ("l2", "linf")
 CHECK_EVERY = 5  # steps between looks at the recent mini-batches' success
@@ -80,6 +80,12 @@ CHECK_EVERY = 5  # steps between looks at the recent mini-batches' success
 # cells (methods.md §12.1).
 TARGET_RATIO = 0.5
 REFINE_STEPS = 8  # bisections of each sample's flipping scale: resolution ratio^(1/256)
+# The MAD of the radii is floored at MAD_FLOOR·median/1.4826 (1.4826·MAD ≥ 5 % of the median):
+# labels that stop on one rung with nearly the same refined scale tie, and with six labels two
+# ties in the middle made the MAD ~0 and indices of 10² (the generator family with its default
+# ladder on the tiny warp task: radii 0.668, 0.668, 0.669 gave 379 and 126). Pending
+# development cells (methods.md §12.1).
+MAD_FLOOR = 0.05
 
 
 @dataclass(frozen=True)
@@ -108,7 +114,8 @@ class Perturbation:
 class PerturbationSearch:
     """One additive trigger per label in ``labels`` (in that order; tensors on the CPU).
 
-    ``radii`` are the relative radii; ``anomaly_index`` is their MAD outlier score, positive
+    ``radii`` are the relative radii; ``anomaly_index`` is their MAD outlier score
+    (:func:`radius_anomaly_index`), positive
     when a label needs a smaller δ than typical; ``size_ratio`` each radius over the median of
     the other labels' radii. ``target`` is the label with the smallest radius among those with
     anomaly index > 2 whose δ works on most held-out samples (≥ 0.5) — the rule of
@@ -135,6 +142,18 @@ class PerturbationSearch:
         """The same as :meth:`perturbation`: the name every trigger family's result shares
         (:meth:`.inversion.Inversion.trigger`, :meth:`.generator.GeneratorSearch.trigger`)."""
         return self.perturbation(label)
+
+
+def radius_anomaly_index(radii: torch.Tensor) -> torch.Tensor:
+    """:func:`.inversion.anomaly_index` of the radii, with ``1.4826·MAD`` at least
+    ``MAD_FLOOR`` times their median: a label must be a few percent of the median below it, not
+    just below a tie, to score high. Positive when a label needs less than typical."""
+    median = radii.median()
+    floor = MAD_FLOOR * median / MAD_CONSTANT
+    mad = (radii - median).abs().median()
+    if mad >= floor:
+        return anomaly_index(radii)
+    return (median - radii) / (MAD_CONSTANT * floor).clamp_min(torch.finfo(radii.dtype).tiny)
 
 
 def size_ratios(radii: torch.Tensor) -> torch.Tensor:
@@ -350,7 +369,7 @@ def invert_perturbations(
             len(labels) > 0 and all(0 <= t < num_classes for t in labels),
             f"labels must be a non-empty list of classes in 0..{num_classes - 1}, got {labels}",
         )
-        with Progress(console=console, transient=True, disable=not progress) as bar:
+        with progress_bar(console=console, transient=True, disable=not progress) as bar:
             task = bar.add_task("invert perturbations", total=len(labels))
             for label in labels:
                 others = (data.y != label).nonzero().flatten()
@@ -379,7 +398,7 @@ def invert_perturbations(
                 )
                 bar.advance(task)
     radii = torch.tensor([p.radius for p in perturbations])
-    index = anomaly_index(radii)
+    index = radius_anomaly_index(radii)
     ratios = size_ratios(radii)
     target = suspected_target(
         labels, radii, index, ratios, [p.heldout_success for p in perturbations]
