@@ -28,6 +28,66 @@ from torchpurify.metrics import accuracy
 
 console = Console(stderr=True)
 
+LOG_EVERY = 10.0  # seconds between two progress lines in a log (stderr not a terminal)
+# When the last progress line was printed (or the first bar started), shared by every bar: a
+# command quicker than LOG_EVERY prints none.
+_last_line: list[float] = []
+
+
+class LogProgress:
+    """What a progress bar shows, as plain timestamped lines for a log: ``12:03:45 ft 2/5:
+    40/120, 23 s`` — stage, done/total, elapsed — at most one line every :data:`LOG_EVERY`
+    seconds over all bars. The subset of ``rich.progress.Progress`` torchpurify uses."""
+
+    def __init__(self, console: Console) -> None:
+        self.console = console
+        self.tasks: dict[int, dict] = {}
+        if not _last_line:
+            _last_line.append(time.monotonic())
+
+    def __enter__(self) -> LogProgress:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        return None
+
+    def add_task(self, description: str, total: float | None = None, **fields) -> int:
+        task = len(self.tasks)
+        self.tasks[task] = {"description": description, "total": total, "completed": 0,
+                            "start": time.monotonic(), **fields}  # fmt: skip
+        return task
+
+    def update(self, task: int, *, completed: float | None = None, advance: float = 0, **fields):
+        state = self.tasks[task]
+        state.update(fields)
+        state["completed"] = (state["completed"] if completed is None else completed) + advance
+        now = time.monotonic()
+        if now - _last_line[0] < LOG_EVERY:
+            return
+        _last_line[0] = now
+        total = "" if state["total"] is None else f"/{state['total']:g}"
+        loss = f", loss {state['loss']:.3f}" if isinstance(state.get("loss"), float) else ""
+        self.console.print(
+            f"{time.strftime('%H:%M:%S')} {state['description']}: {state['completed']:g}{total}"
+            f"{loss}, {now - state['start']:.0f} s",
+            markup=False, highlight=False, soft_wrap=True,
+        )  # fmt: skip
+
+    def advance(self, task: int, advance: float = 1) -> None:
+        self.update(task, advance=advance)
+
+
+def progress_bar(
+    *columns, console: Console | None = None, transient: bool = True, disable: bool = False
+) -> Progress | LogProgress:
+    """A rich progress bar on a terminal; :class:`LogProgress` lines where the output is a log
+    (a bar would show nothing until the end there); a disabled bar when ``disable``. The
+    console is stderr's (this module's ``console``) unless given."""
+    console = console or globals()["console"]
+    if not disable and not console.is_terminal:
+        return LogProgress(console)
+    return Progress(*columns, console=console, transient=transient, disable=disable)
+
 
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
     """``auto`` → CUDA when available, else CPU; asking for CUDA without it is a user error."""
@@ -349,9 +409,7 @@ class Trainer:
             TimeElapsedColumn(),
             TimeRemainingColumn(),
         )
-        with Progress(
-            *columns, console=console, transient=True, disable=not config.progress
-        ) as bar:
+        with progress_bar(*columns, transient=True, disable=not config.progress) as bar:
             task = bar.add_task(
                 f"{self.description} {epoch}/{config.epochs}",
                 total=self.batches_per_epoch,

@@ -22,13 +22,12 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from rich.progress import Progress
 from torch import nn
 
 from torchpurify.data.base import Split
 from torchpurify.errors import check
 from torchpurify.neurons.layers import model_device
-from torchpurify.train import console
+from torchpurify.train import console, progress_bar
 
 CHECK_EVERY = 5
 PATIENCE = 5
@@ -374,7 +373,7 @@ def invert_triggers(
             f"labels must be a non-empty list of classes in 0..{num_classes - 1}, got {labels}",
         )
         triggers, success = [], []
-        with Progress(console=console, transient=True, disable=not progress) as bar:
+        with progress_bar(console=console, transient=True, disable=not progress) as bar:
             task = bar.add_task("invert triggers", total=len(labels))
             for label in labels:
                 x = data.x[data.y != label].to(device, memory_format=memory_format)
