@@ -184,7 +184,8 @@ def _check_normalize(raw: Any, channels: int) -> dict[str, list[float]] | None:
             isinstance(values, list)
             and len(values) in (1, channels)
             and all(_is_number(v) for v in values),
-            f"normalize.{key} must be 1 or {channels} numbers, got {values!r:.80}",
+            f"normalize.{key} must be "
+            f"{'1 number' if channels == 1 else f'1 or {channels} numbers'}, got {values!r:.80}",
         )
     check(all(s > 0 for s in std), f"normalize.std must be positive, got {std}")
     return {"mean": list(mean), "std": list(std)}

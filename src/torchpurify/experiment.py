@@ -278,7 +278,10 @@ def defender_data(
     """
     data_card = card.get("data")
     if not data_card:
-        raise UserError("the model card does not record its training data; pass --dataset")
+        raise UserError(
+            "the model card does not record its training data, so the defender's clean data "
+            "cannot be rebuilt from it; give your clean data with --clean PATH"
+        )
     spec = DataSpec(**{**data_card, "root": root})
     prepared = prepare_data(spec, progress=progress)
     poisoned = np.array([], dtype=np.int64)

@@ -38,6 +38,8 @@ def _open(path: Path, decode: bool = True) -> Image.Image:
             )
         if decode:
             image.load()
+    except UserError:
+        raise
     except (OSError, ValueError, Image.DecompressionBombError) as err:
         raise UserError(f"cannot read image {path} ({err}); replace or delete it") from None
     return image
@@ -188,6 +190,8 @@ def _read_rois(csv_path: Path, folder: Path) -> Iterable[tuple[np.ndarray, int]]
             if not 0 <= label < len(GTSRB_CLASSES):
                 raise UserError(f"{csv_path}: ClassId {label} is outside 0..42")
             yield _to_array(image.crop(box), "RGB", GTSRB_SIZE), label
+    except UserError:
+        raise
     except (KeyError, ValueError) as err:
         raise UserError(
             f"{csv_path} is not a GTSRB annotation file ({type(err).__name__}: {err}); "

@@ -75,6 +75,12 @@ def _import_factory(reference: str) -> Callable[..., Any]:
             f"cannot import {module_name!r} for architecture {reference!r} ({error}); "
             "run from the folder holding it or put it on PYTHONPATH"
         ) from None
+    except SystemExit as error:  # a script's sys.exit() at import would end the command silently
+        raise UserError(
+            f"importing {module_name!r} for architecture {reference!r} called sys.exit"
+            f"({error.code!r}); guard the module's script part with "
+            "if __name__ == '__main__':"
+        ) from None
     factory = getattr(module, function_name, None)
     if not callable(factory):
         raise UserError(f"{module_name!r} has no callable {function_name!r}")
@@ -109,6 +115,14 @@ _KINDS = {bool: ((bool,), "true or false"), int: ((int,), "an integer"),
           float: ((int, float), "a number"), str: ((str,), "a string")}  # fmt: skip
 
 
+def _signature(factory: Callable[..., Any]) -> inspect.Signature:
+    """The factory's signature; a module class without its own ``__init__`` takes no arguments
+    (``nn.Module.__init__``'s ``*args, **kwargs`` accept none of ``input_shape``, ...)."""
+    if isinstance(factory, type) and factory.__init__ is nn.Module.__init__:
+        return inspect.Signature()
+    return inspect.signature(factory)
+
+
 def check_kwargs(name: str, factory: Callable[..., Any], kwargs: dict[str, Any]) -> None:
     """Keyword arguments for ``factory``: plain JSON, named parameters, of the defaults' kinds."""
     check(
@@ -116,7 +130,7 @@ def check_kwargs(name: str, factory: Callable[..., Any], kwargs: dict[str, Any])
         f"the arguments of architecture {name!r} must be a mapping, got {type(kwargs).__name__}",
     )
     try:
-        params = inspect.signature(factory).parameters
+        params = _signature(factory).parameters
     except (TypeError, ValueError):  # a builtin without a signature: nothing to check against
         params = {}
     accepts_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
@@ -172,13 +186,15 @@ def _construct(name: str, factory, given: dict[str, Any], input_shape) -> nn.Mod
     about its input, are the user's to fix (one line); any other exception is a bug in the
     architecture and keeps its traceback."""
     try:
-        inspect.signature(factory).bind(**given)
+        _signature(factory).bind(**given)
     except TypeError as error:
         raise UserError(f"cannot build model {name!r}: {error}") from None
     except ValueError:  # no signature to check against (a builtin)
         pass
     try:
         model = factory(**given)
+    except UserError:
+        raise
     except ValueError as error:
         raise UserError(
             f"cannot build model {name!r} for input {tuple(input_shape)}: {error}"
@@ -223,7 +239,7 @@ def build_architecture(
     check_kwargs(name, factory, kwargs)
     kwargs = dict(kwargs)
     try:
-        params = inspect.signature(factory).parameters
+        params = _signature(factory).parameters
     except (TypeError, ValueError):
         params = {}
     accepts_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
