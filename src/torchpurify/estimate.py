@@ -49,6 +49,7 @@ from torchpurify.neurons.inversion import (
 from torchpurify.train import console
 
 FLAG_ASR = 0.5  # a capped trigger that works on at least half the holdout flags a backdoor
+OUTLIER_INDEX = 2.0  # Neural Cleanse's anomaly-index threshold (§7)
 
 # Where the settings' defaults come from (methods.md, "Where each default comes from").
 COST = (
@@ -128,9 +129,23 @@ class Estimate:
     def from_dict(cls, raw: dict[str, Any]) -> Estimate:
         return cls(**{key: raw[key] for key in cls.__dataclass_fields__})
 
+    @property
+    def reading(self) -> str:
+        """What this estimate's own printed numbers say (methods.md §12.2): ``"backdoor"`` when
+        the estimated ASR is at least :data:`FLAG_ASR`; ``"unclear"`` when it is below but the
+        anomaly index is above :data:`OUTLIER_INDEX` (an outlier label the capped trigger did
+        not confirm); ``"clean"`` when neither."""
+        if self.est_asr >= FLAG_ASR:
+            return "backdoor"
+        return "unclear" if self.anomaly_index > OUTLIER_INDEX else "clean"
+
     def describe(self) -> str:
         """One line for people."""
-        verdict = "backdoor suspected" if self.flagged else "no backdoor found"
+        verdict = {
+            "backdoor": "backdoor suspected",
+            "unclear": "unclear (an outlier label whose capped trigger does not work)",
+            "clean": "no backdoor found",
+        }[self.reading]
         return (
             f"{verdict}: label {self.label}, trigger ℓ1 {self.trigger_size:.1f} "
             f"(others' median {self.reference_size:.1f}, anomaly index {self.anomaly_index:.2f}), "
@@ -282,23 +297,41 @@ def compare(before: Estimate, after: Estimate) -> dict[str, Any]:
         "before": before.to_dict(),
         "after": after.to_dict(),
         "size_growth": growth,
-        "removed": before.flagged and not after.flagged,
+        "removed": before.reading == "backdoor" and after.reading == "clean",
         "summary": describe_change(before, after),
     }
 
 
+def verdict(before: Estimate, after: Estimate) -> str:
+    """The verdict of :func:`describe_change`, from the readings (:attr:`Estimate.reading`) of
+    the numbers it prints — one rule (methods.md §12.2): "removed" only when the estimated ASR
+    was at least 0.5 before and, after, is below 0.5 with an anomaly index of at most 2."""
+    was, now = before.reading, after.reading
+    if now == "backdoor":
+        return (
+            "the backdoor is likely still there"
+            if was != "clean"
+            else "a backdoor is suspected after purification, not before"
+        )
+    if now == "unclear":
+        return (
+            f"unclear: the estimated ASR is below {FLAG_ASR} but the anomaly index is still "
+            f"above {OUTLIER_INDEX:g}"
+        )
+    if was == "backdoor":
+        return "the backdoor is likely removed"
+    if was == "unclear":
+        return "the outlier label seen before (anomaly index above 2) is no longer one"
+    return "no backdoor was suspected before or after"
+
+
 def describe_change(before: Estimate, after: Estimate) -> str:
-    """One line: how the suspected label's trigger changed with purification."""
+    """One line: how the suspected label's trigger changed with purification, and the
+    :func:`verdict` those numbers give."""
     growth = after.trigger_size / before.trigger_size if before.trigger_size > 0 else float("inf")
-    if not before.flagged:
-        verdict = "no backdoor was suspected before"
-    elif after.flagged:
-        verdict = "the backdoor is likely still there"
-    else:
-        verdict = "the backdoor is likely removed"
     return (
         f"label {after.label}: trigger ℓ1 {before.trigger_size:.1f} → {after.trigger_size:.1f} "
         f"(×{growth:.1f}), anomaly index {before.anomaly_index:.2f} → "
         f"{after.anomaly_index:.2f}, estimated ASR {before.est_asr:.3f} → {after.est_asr:.3f}: "
-        f"{verdict}"
+        f"{verdict(before, after)}"
     )
