@@ -332,8 +332,8 @@ def test_bad_byo_input_is_one_line(image_case, tmp_path):
         (["--arch", "tests.test_byo:image_net", "--clean", root / "clean", "--num-classes", 3],
          "4 class folders but the model outputs 3"),
         (["--arch", "tests.test_byo:image_net", "--clean", root / "nope"], "does not exist"),
-        (["--arch", "tests.test_byo:image_net", "--clean", root / "clean", "--attack", "badnets"],
-         "--attack needs --target"),
+        (["--arch", "tests.test_byo:image_net", "--clean", root / "clean", "--test", root / "test",
+          "--attack", "badnets"], "--attack needs --target"),
         (["--arch", "tests.test_byo:image_net", "--clean", root / "clean", "--export", "x.txt"],
          "must end in .safetensors"),
     ]  # fmt: skip

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,17 +25,22 @@ import torch
 from torch import nn
 
 from torchpurify.attacks.poison import target_labels
-from torchpurify.card import ModelCard, targeting
+from torchpurify.card import MAX_CLASSES, ModelCard, targeting
 from torchpurify.data.base import Split
-from torchpurify.data.byo import OwnData, read_own
+from torchpurify.data.byo import OwnData, parse_classes, read_own
 from torchpurify.data.splits import defender_split
 from torchpurify.defenses import Clean, Defense, build_defense
 from torchpurify.errors import UserError, check
-from torchpurify.metrics import Metrics, attack_rates, evaluate, predict
+from torchpurify.metrics import Metrics, accuracy, attack_rates, evaluate, predict
 from torchpurify.models import MODELS, is_reference
 from torchpurify.models.io import check_export, export_weights, load_model, save_model
+from torchpurify.registry import MAX_SEED
 
 MAX_IN_MEMORY = 1 << 31  # values of clean data gathered from a Dataset or DataLoader
+# The chance check (check_above_chance): at most this many clean samples, drawn by seed, and
+# how many standard errors above chance the input model's accuracy must lie.
+CHANCE_SAMPLES = 2000
+CHANCE_Z = 2.0
 
 
 @dataclass
@@ -99,7 +105,104 @@ def as_split(clean: Any) -> Split:
         y.dim() == 1 and len(y) == len(x) and not y.is_floating_point(),
         f"clean labels must be {len(x)} integers, got {tuple(y.shape)} {y.dtype}",
     )
+    check(x.dim() >= 2, f"clean inputs must be N samples (N×...), got shape {tuple(x.shape)}")
+    check(not x.is_sparse and not x.is_meta, "clean inputs must be a dense tensor with values")
+    check(bool(torch.isfinite(x).all()), "the clean inputs contain NaN or infinity")
     return Split(x.float(), y.long())
+
+
+def check_model(model: Any, example: torch.Tensor) -> int:
+    """The number of classes ``model`` outputs for a batch of ``example`` inputs, or one line
+    saying why torchpurify cannot purify it: not a module, no parameters (nothing a defense
+    could change), weights on the meta device (no values), inputs it cannot run on, an output
+    that is not an N×classes tensor of logits. The model is left as it was."""
+    check(
+        isinstance(model, nn.Module),
+        f"model must be a torch.nn.Module, got {type(model).__name__}",
+    )
+    parameters = list(model.parameters())
+    check(
+        len(parameters) > 0,
+        f"the model ({type(model).__name__}) has no parameters: there is nothing a defense can "
+        "change",
+    )
+    check(
+        not any(t.is_meta for t in (*parameters, *model.buffers())),
+        "the model's weights are on the meta device (shapes without values); load its weights "
+        "first (load_state_dict(..., assign=True) or to_empty(device=...))",
+    )
+    was_training = model.training
+    try:
+        with torch.no_grad():
+            logits = model.eval()(example.to(parameters[0].device))
+    except (RuntimeError, IndexError, TypeError) as error:
+        first = (str(error).splitlines() or [type(error).__name__])[0][:200]
+        raise UserError(
+            f"the model cannot run on inputs of shape {tuple(example.shape[1:])} ({first}); "
+            "check the architecture and the data"
+        ) from None
+    finally:
+        model.train(was_training)
+    got = (
+        f"a tensor of shape {tuple(logits.shape)}"
+        if isinstance(logits, torch.Tensor)
+        else f"a {type(logits).__name__}"
+    )
+    check(
+        isinstance(logits, torch.Tensor) and logits.dim() == 2 and logits.shape[1] >= 1,
+        f"the model must return logits of shape N×classes, got {got}; wrap it in a module "
+        "whose forward returns the logits tensor",
+    )
+    return int(logits.shape[1])
+
+
+def check_labels(labels: torch.Tensor, outputs: int, where: str) -> None:
+    """Every label must be one of the model's ``outputs`` indices."""
+    low, high = int(labels.min()), int(labels.max())
+    check(
+        low >= 0 and high < outputs,
+        f"{where} has labels {low}..{high} but the model outputs {outputs} classes "
+        f"(indices 0..{outputs - 1}); give labels in that range",
+    )
+
+
+def check_all_classes(labels: torch.Tensor, outputs: int, where: str, allowed: bool) -> None:
+    """Clean data must hold every class the model outputs, unless ``allowed``: a defense tuned
+    on some classes may give up the others, and a holdout of one class cannot show it."""
+    missing = sorted(set(range(outputs)) - {int(v) for v in labels.unique()})
+    if missing and not allowed:
+        shown = ", ".join(map(str, missing[:8])) + (", …" if len(missing) > 8 else "")
+        raise UserError(
+            f"{where} holds {outputs - len(missing)} of the model's {outputs} classes (missing "
+            f"{shown}): a defense tuned on part of the classes may ruin the others unseen; give "
+            "clean data of every class, or pass --allow-missing-classes "
+            "(allow_missing_classes=True) to go on"
+        )
+
+
+def check_above_chance(
+    model: nn.Module, data: Split, outputs: int, where: str, seed: int = 0, how: str = ""
+) -> float:
+    """The input model's accuracy on (at most :data:`CHANCE_SAMPLES` of) its clean data, or a
+    UserError when it is near or below chance — ``1/outputs`` plus :data:`CHANCE_Z` standard
+    errors of an accuracy at chance on that many samples. A model that does its job scores far
+    above; one that does not is almost always given its classes in the wrong order (``how``
+    says how they were mapped), and a defense would then "purify" it into a broken model."""
+    if len(data) > CHANCE_SAMPLES:
+        order = torch.randperm(len(data), generator=torch.Generator().manual_seed(seed))
+        data = data.subset(order[:CHANCE_SAMPLES])
+    acc = accuracy(model, data)
+    chance = 1 / outputs
+    floor = chance + CHANCE_Z * (chance * (1 - chance) / len(data)) ** 0.5
+    check(
+        acc > floor,
+        f"the input model classifies only {acc:.1%} of {where} correctly ({len(data)} "
+        f"samples), near or below chance ({chance:.1%} for {outputs} classes): the class "
+        f"order is likely wrong{how}; give the model's classes in output order with --classes "
+        "NAME,NAME,... or a JSON map (Python: classes=[...]) — or check the inputs "
+        "(--normalize, --sample-rate, --arch)",
+    )
+    return acc
 
 
 def split_clean(data: Split, tune_fraction: float = 0.8, seed: int = 0) -> Clean:
@@ -169,6 +272,7 @@ def purify(
     device: str = "auto",
     progress: bool = False,
     estimate: Any = True,
+    allow_missing_classes: bool = False,
     **params: Any,
 ) -> tuple[nn.Module, Record]:
     """Purify ``model`` with ``defense`` (see ``torchpurify list defenses``) and its
@@ -179,13 +283,34 @@ def purify(
     Returns the purified ``nn.Module`` and its :class:`Record`: log, cost and the defender-side
     backdoor estimate before and after (trigger inversion on the holdout; ``estimate=False``
     skips it and leaves ``record.estimate`` None; an ``EstimateConfig`` sets its effort).
+
+    Before any work the data is checked against the model (one ``UserError``, a ``ValueError``,
+    naming the problem): the model must run on the inputs and return N×classes logits, the
+    labels must be its output indices, every class must occur (unless
+    ``allow_missing_classes``), and the model must classify the data clearly above chance
+    (else the labels are likely in another order than the model's outputs).
     """
-    check(isinstance(model, nn.Module), f"model must be a torch.nn.Module, got {type(model)}")
+    check_seed(seed)
+    data = as_split(clean)
+    outputs = check_model(model, data.x[:2])
+    check_labels(data.y, outputs, "the clean data")
+    check_all_classes(data.y, outputs, "the clean data", allow_missing_classes)
     chosen = build_defense(defense, device=device, seed=seed, progress=progress, **params)
-    return run_defense(model, split_clean(as_split(clean), tune_fraction, seed), chosen, estimate)
+    check_above_chance(model, data, outputs, "the clean data", seed)
+    return run_defense(model, split_clean(data, tune_fraction, seed), chosen, estimate)
+
+
+def check_seed(seed: Any) -> None:
+    check(
+        isinstance(seed, int) and not isinstance(seed, bool) and 0 <= seed <= MAX_SEED,
+        f"seed must be an integer in 0..{MAX_SEED}, got {seed!r:.40}",
+    )
 
 
 # ----------------------------------------------------------------------------- bring your own
+
+
+MIN_STD = 1e-6  # --normalize: a smaller std scales pixels past float32's useful range
 
 
 def parse_normalize(text: str | None) -> tuple[list[float], list[float]] | None:
@@ -202,7 +327,14 @@ def parse_normalize(text: str | None) -> tuple[list[float], list[float]] | None:
     )
     half = len(values) // 2
     mean, std = values[:half], values[half:]
-    check(all(s > 0 for s in std), f"--normalize: every std must be positive, got {std}")
+    check(
+        all(math.isfinite(v) for v in values),
+        f"--normalize takes finite numbers, got {text!r}",
+    )
+    check(
+        all(MIN_STD <= s <= 1 / MIN_STD for s in std),
+        f"--normalize: every std must lie in {MIN_STD:g}..{1 / MIN_STD:g}, got {text!r}",
+    )
     return mean, std
 
 
@@ -238,13 +370,36 @@ def load_own(
     normalize: tuple[Sequence[float], Sequence[float]] | None = None,
     num_classes: int | None = None,
     sample_rate: int | None = None,
+    classes: Any = None,
+    allow_missing_classes: bool = False,
+    seed: int = 0,
+    progress: bool = False,
 ) -> Own:
     """Load a model (directory or bare weights) and the user's clean data for it.
 
     A directory's card gives the input shape and classes; for a bare weights file they come from
     the data (``num_classes`` overrides the count, e.g. when the clean data lacks a class).
+    ``classes`` is the user's class mapping (:func:`~torchpurify.data.byo.parse_classes`: names
+    in output order, a JSON file, or a name → index dict); it sets the count when
+    ``num_classes`` is not given.
+
+    Checked before any defense runs: the model runs on the data and returns N×classes logits;
+    the clean data holds every class (unless ``allow_missing_classes``); the model classifies
+    it clearly above chance (:func:`check_above_chance`, on samples drawn by ``seed``), so a
+    wrong class order stops here instead of being "purified".
     """
     model_path = Path(model_path)
+    mapping = parse_classes(classes)
+    check(
+        num_classes is None or 2 <= num_classes <= MAX_CLASSES,
+        f"--num-classes must be 2 to {MAX_CLASSES:,} (the model's output count), got {num_classes}",
+    )
+    if mapping is not None and num_classes is not None:
+        top = max(mapping.values())
+        check(
+            top < num_classes,
+            f"--classes maps a class to output {top} but --num-classes is {num_classes}",
+        )
     if model_path.is_dir():
         check(normalize is None, "--normalize is for a bare weights file; a model directory "
               "records its own normalisation")  # fmt: skip
@@ -256,6 +411,8 @@ def load_own(
             model_classes=card.classes,
             num_outputs=card.num_classes,
             sample_rate=rate,
+            classes=mapping,
+            progress=progress,
         )
     else:
         check(
@@ -264,8 +421,21 @@ def load_own(
             "(a registered name or your own module:function)",
         )
         rate = _sample_rate(arch, {}, sample_rate)
-        data = read_own(clean_path, num_outputs=num_classes, sample_rate=rate)
+        if mapping is not None and num_classes is None:
+            num_classes = max(mapping.values()) + 1
+        data = read_own(
+            clean_path, num_outputs=num_classes, sample_rate=rate, classes=mapping,
+            progress=progress,
+        )  # fmt: skip
         count = num_classes if num_classes is not None else max(data.mapping.values()) + 1
+        if normalize is not None and data.kind != "audio":
+            channels = data.input_shape[0]
+            check(
+                all(len(values) in (1, channels) for values in normalize),
+                f"--normalize gives {len(normalize[0])} means and stds but the inputs have "
+                f"{channels} channel{'s' if channels > 1 else ''}: give MEAN,STD"
+                + (f" or {channels} means then {channels} stds" if channels > 1 else ""),
+            )
         kwargs = {"sample_rate": rate} if data.kind == "audio" and _takes_rate(arch) else {}
         net, card = load_model(
             model_path,
@@ -275,37 +445,38 @@ def load_own(
             kwargs=kwargs,
             normalize=normalize,
         )
-        names = {index: name for name, index in data.mapping.items()}
+        names = {index: name for name, index in (mapping or data.mapping).items()}
         card = card.replace(classes=[names.get(i, str(i)) for i in range(count)])
-    outputs = _output_count(net, data.split.x[:2])
+    outputs = check_model(net, data.split.x[:2])
+    net.eval()
     check(
         outputs == card.num_classes,
         f"the model outputs {outputs} classes but {clean_path} maps to {card.num_classes}; give "
         "one folder per output class, name the folders 0..K-1, or pass --num-classes",
     )
+    check_all_classes(data.split.y, outputs, str(clean_path), allow_missing_classes)
+    how = (
+        " (--classes)"
+        if mapping is not None
+        else f" (mapped {_shown(data.mapping)})"
+        if data.kind != "npz"
+        else " (the .npz labels)"
+    )
+    check_above_chance(net, data.split, outputs, str(clean_path), seed, how)
     return Own(net, card, data, list(data.notes))
+
+
+def _shown(mapping: dict[str, int]) -> str:
+    pairs = sorted(mapping.items(), key=lambda pair: pair[1])
+    return ", ".join(f"{name}→{index}" for name, index in pairs[:5]) + (
+        ", …" if len(pairs) > 5 else ""
+    )
 
 
 def _takes_rate(arch: str) -> bool:
     if is_reference(arch):
         return False  # the user's own function gets only the arguments the user gives
     return "sample_rate" in inspect.signature(MODELS.get(arch)).parameters
-
-
-def _output_count(model: nn.Module, example: torch.Tensor) -> int:
-    try:
-        with torch.no_grad():
-            logits = model.eval()(example)
-    except RuntimeError as error:
-        raise UserError(
-            f"the model cannot run on inputs of shape {tuple(example.shape[1:])} "
-            f"({str(error).splitlines()[0][:200]}); check --arch and the data"
-        ) from None
-    check(
-        isinstance(logits, torch.Tensor) and logits.dim() == 2,
-        "the model must return logits of shape N×classes",
-    )
-    return int(logits.shape[1])
 
 
 def measure(
@@ -324,7 +495,11 @@ def measure(
     if test is None and triggered is None:
         return None
     model = model.to(device)
-    how = {"target": target or 0, "mode": mode, "num_classes": num_classes}
+    check(
+        (trigger is None and triggered is None) or target is not None or mode == "all-to-all",
+        "measuring ASR needs the target label (--target T)",
+    )
+    how = {"target": 0 if target is None else target, "mode": mode, "num_classes": num_classes}
     if test is not None:
         result = evaluate(model, test.split, trigger, device=device, **how)
     else:
@@ -343,23 +518,40 @@ def measure(
 
 def trigger_for(
     attack: str | None, params: dict[str, Any], input_shape: tuple[int, ...], target: int | None,
-    num_classes: int, triggered: bool,
+    num_classes: int, triggered: bool, *, tested: bool = True, mode: str = "all-to-one",
 ):  # fmt: skip
-    """The user-named trigger (``--attack NAME --set k=v --target T``), or None."""
+    """The user-named trigger (``--attack NAME --set k=v --target T``), or None. ``--target``
+    is checked on every path: required with ``--attack`` or ``--triggered`` (all-to-one), a
+    label of the model, and refused without either. ``tested``: False when there is no test
+    data to apply ``--attack`` to, which is then refused rather than silently dropped."""
     from torchpurify.attacks import build_attack
 
+    needs_target = mode != "all-to-all"
+    if target is not None:
+        check(
+            0 <= target < num_classes,
+            f"--target must be one of the model's labels, 0..{num_classes - 1}, got {target}",
+        )
     if attack is None:
         check(not params, "--attack-set needs --attack")
         check(
             target is None or triggered,
             "--target needs --attack NAME or --triggered PATH (what to measure the ASR of)",
         )
+        check(
+            not triggered or target is not None or not needs_target,
+            "--triggered needs --target T: the label the trigger leads to",
+        )
         return None
     check(not triggered, "give either --attack or --triggered, not both")
-    check(target is not None, "--attack needs --target T: the label the trigger leads to")
     check(
-        0 <= target < num_classes,
-        f"--target must be a label in 0..{num_classes - 1}, got {target}",
+        tested,
+        "--attack is measured on --test data: give --test PATH, or leave --attack out (the "
+        "defender-side backdoor estimate then runs on the clean holdout)",
+    )
+    check(
+        target is not None or not needs_target,
+        "--attack needs --target T: the label the trigger leads to",
     )
     params = dict(params)
     seed = params.pop("seed", 0)
@@ -399,6 +591,8 @@ def purify_own(
     export: str | Path | None = None,
     estimate: bool | None = None,
     force: bool = True,
+    classes: Any = None,
+    allow_missing_classes: bool = False,
 ) -> OwnResult:
     """The bring-your-own purification (``torchpurify purify --clean PATH``), end to end.
 
@@ -421,20 +615,28 @@ def purify_own(
         normalize=normalize,
         num_classes=num_classes,
         sample_rate=sample_rate,
+        classes=classes,
+        allow_missing_classes=allow_missing_classes,
+        seed=defense.seed,
+        progress=defense.progress,
     )
     card, rate = own.card, own.data.source.get("sample_rate")
     read = {
         "input_shape": card.input_shape,
-        "mapping": own.data.mapping,
+        "mapping": parse_classes(classes) or own.data.mapping,
         "sample_rate": rate or 16000,
+        "progress": defense.progress,
     }
     test = read_own(test_path, **read) if test_path is not None else None
     triggered = read_own(triggered_path, **read) if triggered_path is not None else None
     trigger = trigger_for(
         attack, attack_params or {}, card.input_shape, target, card.num_classes,
-        triggered is not None,
+        triggered is not None, tested=test is not None, mode=target_mode,
     )  # fmt: skip
-    how = targeting({"target": target or 0, "target_mode": target_mode}, card.num_classes)
+    how = targeting(
+        {"target": 0 if target is None else target, "target_mode": target_mode},
+        card.num_classes,
+    )
     device = resolve_device(defense.device)
     measuring = {"trigger": trigger, "triggered": triggered, "device": device, **how.as_kwargs()}
     before = measure(own.model, test, **measuring)

@@ -29,7 +29,9 @@ def predict(
     device: torch.device | str | None = None,
 ) -> torch.Tensor:
     """Predicted labels (on the CPU) for inputs ``x``, optionally transformed batch by batch."""
-    device = torch.device(device) if device is not None else next(model.parameters()).device
+    if device is None:  # the model's own device; a model without parameters runs on the CPU
+        device = next(model.parameters(), torch.empty(0)).device
+    device = torch.device(device)
     was_training = model.training
     model.eval()
     predictions = []
@@ -45,6 +47,20 @@ def predict(
 def accuracy(model: nn.Module, data: Split, **kwargs) -> float:
     check(len(data) > 0, "cannot measure accuracy on an empty split")
     return (predict(model, data.x, **kwargs) == data.y).float().mean().item()
+
+
+def class_accuracies(model: nn.Module, data: Split, **kwargs) -> dict[int, float]:
+    """Accuracy on each class that occurs in ``data``, by label: a holdout's overall accuracy
+    can hide a class the model gave up (one class present vouches for nothing else)."""
+    check(len(data) > 0, "cannot measure accuracy on an empty split")
+    correct = predict(model, data.x, **kwargs) == data.y
+    return {int(label): correct[data.y == label].float().mean().item() for label in data.y.unique()}
+
+
+def balanced_accuracy(model: nn.Module, data: Split, **kwargs) -> float:
+    """The mean of :func:`class_accuracies`: every class present counts the same."""
+    accuracies = class_accuracies(model, data, **kwargs)
+    return sum(accuracies.values()) / len(accuracies)
 
 
 @dataclass

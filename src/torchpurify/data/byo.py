@@ -12,13 +12,17 @@
 
 How folder names become the model's output indices, in this order:
 
+0. the user's mapping (``--classes a,b,c`` in output order, or a JSON file: a list in output
+   order or an object ``{"name": index}``, :func:`parse_classes`): every folder must be in it;
 1. every folder name is one of the model's class names (a torchpurify model card lists them):
    that class's index;
 2. every folder name is a whole number (``0``, ``1``, …, ``9``): that number;
-3. otherwise the folder names sorted alphabetically are 0, 1, …, K−1, and K must equal the
+3. numbered and named folders mixed: refused — no rule can say where ``three`` goes;
+4. otherwise the folder names sorted alphabetically are 0, 1, …, K−1, and K must equal the
    number of classes the model outputs.
 
 A label outside the model's outputs, or a class count that does not match, is one clear line.
+A wrong order is caught later, by the model's own accuracy (:func:`torchpurify.api.load_own`).
 
 Memory follows what the files hold, never what their headers declare: sizes are checked from
 headers before anything is decoded (:data:`MAX_VALUES`, :data:`MAX_SAMPLE_RATE`,
@@ -28,10 +32,11 @@ headers before anything is decoded (:data:`MAX_VALUES`, :data:`MAX_SAMPLE_RATE`,
 from __future__ import annotations
 
 import hashlib
+import json
 import math
 import zipfile
 import zlib
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -40,6 +45,7 @@ import numpy as np
 import torch
 
 from torchpurify.card import MAX_CLASSES, MAX_INPUT_VALUES
+from torchpurify.checks import shown
 from torchpurify.data.base import Split
 from torchpurify.data.folder import (
     IMAGE_SUFFIXES,
@@ -129,15 +135,90 @@ def folder_kind(root: Path) -> str:
     )
 
 
+def parse_classes(given: str | Sequence[str] | Mapping[str, int] | None) -> dict[str, int] | None:
+    """The user's class mapping, name → output index: ``"yes,no,up"`` (output order), a path to
+    a JSON file holding a list in output order or an object ``{"yes": 0, ...}``, or the same as
+    a Python list or dict. Names must be distinct and indices distinct integers ≥ 0."""
+    if given is None:
+        return None
+    where = "--classes"
+    if isinstance(given, str):
+        if given.lower().endswith(".json"):
+            path, where = Path(given), f"--classes {given}"
+            check(path.is_file(), f"{where} does not exist; give NAME,NAME,... or a JSON file")
+            check(
+                path.stat().st_size <= 1 << 20,
+                f"{where} is over 1 MB; a class mapping is a short list",
+            )
+            try:
+                given = json.loads(path.read_text(encoding="utf-8"))
+            except (OSError, ValueError) as error:
+                raise UserError(
+                    f"{where} is not readable JSON ({error}); give a list of class names in "
+                    'output order, or an object {"name": index, ...}'
+                ) from None
+        else:
+            given = [name.strip() for name in given.split(",")]
+    if isinstance(given, Mapping):
+        mapping = dict(given)
+    elif isinstance(given, (list, tuple)):
+        check(
+            all(isinstance(name, str) for name in given),
+            f"{where}: class names must be strings, got {shown(list(given))}",
+        )
+        repeated = sorted({name for name in given if list(given).count(name) > 1})
+        check(not repeated, f"{where} names {shown(repeated)} more than once")
+        mapping = {name: index for index, name in enumerate(given)}
+    else:
+        raise UserError(
+            f"{where} must be a list of class names in output order or an object "
+            f'{{"name": index}}, got {type(given).__name__}'
+        )
+    check(0 < len(mapping) <= MAX_CLASSES, f"{where} must name 1 to {MAX_CLASSES:,} classes")
+    for name, index in mapping.items():
+        check(
+            isinstance(name, str) and name != "",
+            f"{where}: every class name must be a non-empty string, got {shown(name)}",
+        )
+        check(
+            isinstance(index, int) and not isinstance(index, bool) and 0 <= index < MAX_CLASSES,
+            f"{where}: class {name!r} must map to an output index 0 or more, got {shown(index)}",
+        )
+    twice = sorted({i for i in mapping.values() if list(mapping.values()).count(i) > 1})
+    check(not twice, f"{where} maps several names to output index {shown(twice)}")
+    return mapping
+
+
 def map_classes(
-    names: Sequence[str], model_classes: Sequence[str] | None, num_outputs: int | None, where: str
+    names: Sequence[str],
+    model_classes: Sequence[str] | None,
+    num_outputs: int | None,
+    where: str,
+    classes: dict[str, int] | None = None,
 ) -> dict[str, int]:
-    """Folder names → output indices by the three rules of this module's docstring."""
+    """Folder names → output indices by the rules of this module's docstring."""
     check(len(names) > 0, f"{where} has no class folders; lay it out as ROOT/<class>/<file>")
-    if model_classes is not None and set(names) <= set(model_classes):
+    numbered = [name for name in names if name.isdigit()]
+    if classes is not None:
+        unknown = sorted(set(names) - set(classes))
+        check(
+            not unknown,
+            f"{where} has class folders {shown(unknown)} that --classes does not name; "
+            "name every folder in --classes",
+        )
+        mapping = {name: classes[name] for name in names}
+    elif model_classes is not None and set(names) <= set(model_classes):
         mapping = {name: list(model_classes).index(name) for name in names}
-    elif all(name.isdigit() for name in names):
+    elif len(numbered) == len(names):
         mapping = {name: int(name) for name in names}
+    elif numbered:
+        named = sorted(set(names) - set(numbered))
+        raise UserError(
+            f"{where} mixes numbered class folders ({shown(sorted(numbered, key=int))}) and "
+            f"named ones ({shown(named)}), so no rule says which output each is; rename them, "
+            "or give the model's classes in output order with --classes NAME,NAME,... (or a "
+            "JSON file)"
+        )
     else:
         mapping = {name: i for i, name in enumerate(sorted(names))}
         check(
@@ -150,9 +231,14 @@ def map_classes(
     check(
         num_outputs is None or top < num_outputs,
         f"{where}: class {max(mapping, key=mapping.get)!r} is label {top} but the model outputs "
-        f"only {num_outputs} classes (0..{(num_outputs or 1) - 1})",
+        f"only {num_outputs} classes{_range(num_outputs)}",
     )
     return mapping
+
+
+def _range(count: int | None) -> str:
+    """`` (0..K-1)`` for a count of at least one class, else nothing (never "0..0" or "0..-1")."""
+    return f" (0..{count - 1})" if count is not None and count > 1 else ""
 
 
 def _digest(files: Sequence[Path], root: Path) -> str:
@@ -205,14 +291,24 @@ def read_own(
     num_outputs: int | None = None,
     sample_rate: int = 16000,
     mapping: dict[str, int] | None = None,
+    classes: dict[str, int] | None = None,
+    progress: bool = False,
 ) -> OwnData:
     """Read a user's data at ``path`` for a model taking ``input_shape`` with ``num_outputs``
     classes (either may be None when the model does not say yet). ``mapping`` reuses the class
-    mapping of the clean data for a test folder."""
+    mapping of the clean data for a test folder; ``classes`` is the user's own mapping
+    (:func:`parse_classes`), which folder names must follow and which names an .npz's labels.
+    ``progress``: a bar (plain lines in a log) while the files are decoded."""
     path = Path(path)
     check(path.exists(), f"{path} does not exist; give a folder ROOT/<class>/<file> or an .npz")
     if path.is_file():
-        return _read_npz(path, input_shape, num_outputs)
+        own = _read_npz(path, input_shape, num_outputs)
+        if classes is not None:
+            labels = set(own.mapping.values())
+            unnamed = sorted(labels - set(classes.values()))
+            check(not unnamed, f"{path} has labels {shown(unnamed)} that --classes does not name")
+            own.mapping = {name: index for name, index in classes.items() if index in labels}
+        return own
     kind = folder_kind(path)
     folders = class_folders(path)
     names = [f.name for f in folders]
@@ -220,7 +316,7 @@ def read_own(
         unknown = sorted(set(names) - set(mapping))
         check(not unknown, f"{path} has classes {unknown} that the clean data does not have")
     else:
-        mapping = map_classes(names, model_classes, num_outputs, str(path))
+        mapping = map_classes(names, model_classes, num_outputs, str(path), classes)
     suffixes = IMAGE_SUFFIXES if kind == "images" else AUDIO_SUFFIXES
     files = [
         (check_name(f), mapping[folder.name])
@@ -231,7 +327,7 @@ def read_own(
     check(len(files) > 0, f"{path} holds no {kind} files in its class folders")
     notes: set[str] = set()
     if kind == "images":
-        split = _read_images(files, input_shape, notes, path)
+        split = _read_images(files, input_shape, notes, path, progress)
     else:
         if input_shape is not None:
             check(
@@ -241,7 +337,10 @@ def read_own(
         _check_rate(sample_rate, "--sample-rate (the model's rate)", "give the model's own rate")
         length = input_shape[0] if input_shape is not None else sample_rate
         _check_size((len(files), length), str(path))
-        clips = [read_audio(f, sample_rate, length, notes) for f, _ in files]
+        clips = [
+            read_audio(f, sample_rate, length, notes)
+            for f, _ in _reading(files, f"reading {path.name}", progress)
+        ]
         # Speech Commands names (<speaker>_nohash_<n>.wav): the defender's split is by speaker.
         named = all("_nohash_" in f.stem for f, _ in files)
         split = Split(
@@ -261,8 +360,23 @@ def read_own(
     return OwnData(split, kind, mapping, source, sorted(notes))
 
 
+def _reading(files: list, description: str, progress: bool):
+    """``files``, one by one, with a progress bar (:func:`torchpurify.train.progress_bar`)."""
+    from torchpurify.train import progress_bar
+
+    with progress_bar(disable=not progress) as bar:
+        task = bar.add_task(description, total=len(files))
+        for item in files:
+            yield item
+            bar.advance(task)
+
+
 def _read_images(
-    files: list[tuple[Path, int]], input_shape: Sequence[int] | None, notes: set[str], root: Path
+    files: list[tuple[Path, int]],
+    input_shape: Sequence[int] | None,
+    notes: set[str],
+    root: Path,
+    progress: bool = False,
 ) -> Split:
     """Images at the model's input size, else at the most common size (:func:`common_size`)."""
     headers = image_headers(path for path, _ in files)
@@ -280,7 +394,10 @@ def _read_images(
         notes.add(f"resized images to {size[0]}×{size[1]}")
     if any((m == "L") != (mode == "L") for m, _ in headers):
         notes.add("converted images to grey" if mode == "L" else "converted images to RGB")
-    images = [_to_array(_open(path), mode, size) for path, _ in files]
+    images = [
+        _to_array(_open(path), mode, size)
+        for path, _ in _reading(files, f"reading {root.name}", progress)
+    ]
     return _stack(images, [label for _, label in files], mode, size)
 
 
@@ -364,7 +481,8 @@ def _read_npz(path: Path, input_shape: Sequence[int] | None, num_outputs: int | 
     outputs = num_outputs if num_outputs is not None else MAX_CLASSES
     check(
         int(y.max()) < outputs,
-        f"{path}: label {int(y.max())} is outside 0..{outputs - 1}, the model's output indices",
+        f"{path}: label {int(y.max())} is not one of the model's {outputs} output "
+        f"indices{_range(outputs)}",
     )
     x = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
     check(bool(torch.isfinite(x).all()), f"{path}: x contains NaN or infinity")
@@ -380,4 +498,4 @@ def _read_npz(path: Path, input_shape: Sequence[int] | None, num_outputs: int | 
     )
 
 
-__all__ = ["OwnData", "map_classes", "read_audio", "read_own"]
+__all__ = ["OwnData", "map_classes", "parse_classes", "read_audio", "read_own"]
