@@ -28,22 +28,20 @@ import re
 import reprlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
 
-from torchpurify.attacks import ATTACKS
-from torchpurify.attacks.poison import poisoning_problem
+from torchpurify import catalogue
 from torchpurify.checks import kind_problem, normalise
-from torchpurify.data import DATASETS, split_groups
-from torchpurify.data.splits import GROUP_RULE
-from torchpurify.defenses import DEFENSES, Defense, build_defense
 from torchpurify.errors import UserError
-from torchpurify.estimate import EstimateConfig
-from torchpurify.experiment import AttackSpec, DataSpec
-from torchpurify.models import MODELS
-from torchpurify.registry import MAX_SEED, Registry, suggestion
-from torchpurify.train import TrainConfig
+from torchpurify.registry import MAX_SEED, suggestion
+
+if TYPE_CHECKING:  # the modules that import torch are imported where they are used
+    from torchpurify.defenses import Defense
+    from torchpurify.estimate import EstimateConfig
+    from torchpurify.experiment import AttackSpec, DataSpec
+    from torchpurify.train import TrainConfig
 
 NO_ATTACK = "none"
 TOP_KEYS = (
@@ -57,12 +55,8 @@ DATASET_KEYS = (
 )  # fmt: skip
 ATTACK_KEYS = ("name", "params", "poison_rate", "target", "target_mode", "clean_label")
 DEFENSE_KEYS = ("name", "params", "label")
-# The recipe a spec may set; seeds come from ``seeds``, the device from ``device``.
-TRAINING_KEYS = tuple(
-    f.name
-    for f in dataclasses.fields(TrainConfig)
-    if f.name not in ("seed", "device", "progress", "distill")  # distill: defenses only
-)
+# The recipe a spec may set (TrainConfig's fields less those of catalogue.NOT_SETTINGS).
+TRAINING_KEYS = tuple(catalogue.settings("training"))
 # Parameters that do not change a result, left out of keys.
 UNHASHED = ("device", "progress")
 # Defense parameters added after stores were written, at the value that reproduces the earlier
@@ -184,6 +178,8 @@ class DatasetEntry:
     attacks: tuple[AttackSpec | None, ...] = ()
 
     def data_spec(self, seed: int) -> DataSpec:
+        from torchpurify.experiment import DataSpec
+
         return DataSpec(self.name, self.root, self.train_size, self.val_fraction, seed)
 
 
@@ -197,6 +193,8 @@ class DefenseEntry:
 
     def build(self, seed: int, device: str = "auto", progress: bool = False) -> Defense:
         """The defense for one cell: the cell's seed and device unless the params set them."""
+        from torchpurify.defenses import build_defense
+
         params = {"seed": seed, "device": device, **self.params}
         return build_defense(self.name, progress=progress, **params)
 
@@ -220,6 +218,8 @@ class ExperimentSpec:
     source: str = "spec"
 
     def estimate_config(self) -> EstimateConfig | None:
+        from torchpurify.estimate import EstimateConfig
+
         return None if self.estimate is None else EstimateConfig(**self.estimate)
 
     def to_dict(self) -> dict[str, Any]:
@@ -268,6 +268,8 @@ class ModelJob:
         return self.dataset.data_spec(self.seed)
 
     def train_config(self, device: str = "auto", progress: bool = False) -> TrainConfig:
+        from torchpurify.train import TrainConfig
+
         return TrainConfig(**self.recipe, seed=self.seed, device=device, progress=progress)
 
 
@@ -293,6 +295,8 @@ class CellJob:
 def model_jobs(spec: ExperimentSpec) -> list[ModelJob]:
     """Datasets × models × attacks × seeds, in that nesting order (a dataset's own models and
     attacks replace the top-level ones)."""
+    from torchpurify.train import TrainConfig
+
     jobs = []
     for dataset in spec.datasets:
         recipe = {**TrainConfig().to_dict(), **spec.training, **dataset.training}
@@ -312,6 +316,8 @@ def model_jobs(spec: ExperimentSpec) -> list[ModelJob]:
 
 def cell_jobs(spec: ExperimentSpec, models: list[ModelJob] | None = None) -> list[CellJob]:
     """Every trained model × every defense, grouped by model."""
+    from torchpurify.data.splits import GROUP_RULE
+
     cells = []
     settings = spec.estimate_config()  # defaults filled in: spelling one out changes no key
     estimate = None if settings is None else settings.to_dict()
@@ -336,6 +342,13 @@ def cell_jobs(spec: ExperimentSpec, models: list[ModelJob] | None = None) -> lis
     return cells
 
 
+def split_groups(dataset: str) -> str:
+    """What the dataset's defender split keeps together ('' for none; data.split_groups)."""
+    from torchpurify.data import split_groups as groups
+
+    return groups(dataset)
+
+
 # ----------------------------------------------------------------------------- loading
 
 
@@ -355,47 +368,66 @@ def load_spec(path: str | Path) -> ExperimentSpec:
 
 
 def parse_spec(data: Any, source: str = "spec") -> ExperimentSpec:
-    """Validate spec data already read from YAML (a mapping); ``source`` names it in errors."""
-    read = Reader(source)
-    top = read.mapping(data, "", TOP_KEYS)
-    for key in REQUIRED:
-        if key not in top:
-            raise SpecError(source, "", f"missing {key!r} (a spec needs {', '.join(REQUIRED)})")
-    training = read.training(top.get("training", {}), "training")
-    datasets = read.entries(top["datasets"], "datasets", read.dataset)
-    for key in ("models", "attacks"):
-        for i, dataset in enumerate(datasets):
-            if key not in top and not getattr(dataset, key):
-                raise SpecError(
-                    source, f"datasets[{i}]", f"no {key}: give {key!r} at the top or in the entry"
-                )
-    spec = ExperimentSpec(
-        datasets=datasets,
-        models=read.entries(top["models"], "models", read.model) if "models" in top else (),
-        attacks=read.entries(top["attacks"], "attacks", read.attack) if "attacks" in top else (),
-        defenses=read.entries(top["defenses"], "defenses", read.defense),
-        seeds=read.seeds(top.get("seeds", [0])),
-        training=training,
-        defender_fraction=read.fraction(top.get("defender_fraction", 0.05), "defender_fraction"),
-        diagnostics=read.kind(top.get("diagnostics", False), bool, "diagnostics"),
-        device=read.device(top.get("device", "auto")),
-        cpus_per_task=read.positive(top.get("cpus_per_task", 1), "cpus_per_task"),
-        estimate=read.estimate(top.get("estimate", {})),
-        source=source,
-    )
-    read.no_repeats(spec)
+    """Validate spec data already read from YAML (a mapping); ``source`` names it in errors.
+
+    Two passes of one reader: the first checks the shape, the names, every value's kind and the
+    ranges this module knows, from the catalogue alone, so most mistakes are refused before
+    torch is imported (a one-line answer in a blink); the second imports the live classes, checks
+    the ranges they own (a defense's, the training recipe's, the estimate's, the poisoning) and
+    builds the spec."""
+    Reader(source, light=True).spec(data)
+    spec = Reader(source).spec(data)
+    assert spec is not None
     return spec
 
 
-KIND_NAMES = {bool: "true or false", int: "an integer", float: "a number", str: "a string",
-              dict: "a mapping", list: "a list"}  # fmt: skip
-
-
 class Reader:
-    """Validates the parts of a spec, naming the place of each mistake."""
+    """Validates the parts of a spec, naming the place of each mistake. ``light``: check only
+    what needs no module that imports torch (:func:`parse_spec`'s first pass)."""
 
-    def __init__(self, source: str) -> None:
+    def __init__(self, source: str, light: bool = False) -> None:
         self.source = source
+        self.light = light
+        if not light:  # the live registries, extensions registered from Python included
+            for kind in catalogue.KINDS:
+                catalogue.registry(kind)
+
+    def spec(self, data: Any) -> ExperimentSpec | None:
+        """The whole spec; None in the light pass, which only refuses."""
+        top = self.mapping(data, "", TOP_KEYS)
+        for key in REQUIRED:
+            if key not in top:
+                raise self.fail("", f"missing {key!r} (a spec needs {', '.join(REQUIRED)})")
+        training = self.training(top.get("training", {}), "training")
+        datasets = self.entries(top["datasets"], "datasets", self.dataset)
+        for key in ("models", "attacks"):
+            for i, dataset in enumerate(datasets):
+                if key not in top and not getattr(dataset, key):
+                    raise self.fail(
+                        f"datasets[{i}]", f"no {key}: give {key!r} at the top or in the entry"
+                    )
+        models = self.entries(top["models"], "models", self.model) if "models" in top else ()
+        attacks = self.entries(top["attacks"], "attacks", self.attack) if "attacks" in top else ()
+        spec = ExperimentSpec(
+            datasets=datasets,
+            models=models,
+            attacks=attacks,
+            defenses=self.entries(top["defenses"], "defenses", self.defense),
+            seeds=self.seeds(top.get("seeds", [0])),
+            training=training,
+            defender_fraction=self.fraction(
+                top.get("defender_fraction", 0.05), "defender_fraction"
+            ),
+            diagnostics=self.kind(top.get("diagnostics", False), bool, "diagnostics"),
+            device=self.device(top.get("device", "auto")),
+            cpus_per_task=self.positive(top.get("cpus_per_task", 1), "cpus_per_task"),
+            estimate=self.estimate(top.get("estimate", {})),
+            source=self.source,
+        )
+        if self.light:  # its attacks are placeholders: repeats are the second pass's to find
+            return None
+        self.no_repeats(spec)
+        return spec
 
     def fail(self, place: str, message: str) -> SpecError:
         return SpecError(self.source, place, message)
@@ -418,12 +450,13 @@ class Reader:
                 )
         return value
 
-    def registered(self, name: Any, registry: Registry, place: str) -> str:
+    def registered(self, name: Any, kind: str, place: str) -> str:
+        """A name of a registry (``kind``: catalogue.KINDS)."""
         name = self.kind(name, str, place)
-        if name not in registry.names():
-            raise self.fail(
-                place, f"unknown {registry.kind} {name!r}" + suggestion(name, registry.names())
-            )
+        known = catalogue.names(kind)
+        if name not in known:
+            what = catalogue.singular(kind)
+            raise self.fail(place, f"unknown {what} {name!r}" + suggestion(name, known))
         return name
 
     def entries(self, value: Any, place: str, read_one) -> tuple:
@@ -452,7 +485,7 @@ class Reader:
             raise self.fail(f"{place}.val_fraction", f"must be in [0, 1), got {val_fraction}")
         root = entry.get("root")
         return DatasetEntry(
-            name=self.registered(entry["name"], DATASETS, f"{place}.name"),
+            name=self.registered(entry["name"], "datasets", f"{place}.name"),
             root=None if root is None else str(self.kind(root, str, f"{place}.root")),
             train_size=train_size,
             val_fraction=val_fraction,
@@ -471,7 +504,7 @@ class Reader:
             if not re.fullmatch(r"[\w.]+:\w+", name):
                 raise self.fail(place, f"{name!r} must look like 'package.module:function'")
             return name
-        return self.registered(name, MODELS, place)
+        return self.registered(name, "models", place)
 
     def attack(self, value: Any, place: str) -> AttackSpec | None:
         entry = self.named(value, place, ATTACK_KEYS)
@@ -481,26 +514,34 @@ class Reader:
             if extra:
                 raise self.fail(place, f"attack 'none' (a clean model) takes no {extra[0]!r}")
             return None
-        if name not in ATTACKS.names():
-            choices = [NO_ATTACK, *ATTACKS.names()]
+        known = catalogue.names("attacks")
+        if name not in known:
+            choices = [NO_ATTACK, *known]
             raise self.fail(f"{place}.name", f"unknown attack {name!r}" + suggestion(name, choices))
-        defaults = AttackSpec(name)
-        mode = self.kind(
-            entry.get("target_mode", defaults.target_mode), str, f"{place}.target_mode"
-        )
-        rate = self.kind(
-            entry.get("poison_rate", defaults.poison_rate), float, f"{place}.poison_rate"
-        )
-        target = self.kind(entry.get("target", defaults.target), int, f"{place}.target")
-        problem = poisoning_problem(rate, mode, target)
-        if problem is not None:
-            raise self.fail(f"{place}.{problem[0]}", problem[1])
+        given = {
+            key: self.kind(entry[key], kind, f"{place}.{key}")
+            for key, kind in (("target_mode", str), ("poison_rate", float), ("target", int))
+            if key in entry
+        }
         clean_label = entry.get("clean_label")
         if clean_label is not None:
             clean_label = self.kind(clean_label, bool, f"{place}.clean_label")
+        params = self.attack_params(name, entry.get("params", {}), f"{place}.params")
+        if self.light:  # the poisoning's ranges are checked in the second pass
+            return None
+        from torchpurify.attacks.poison import poisoning_problem
+        from torchpurify.experiment import AttackSpec
+
+        defaults = AttackSpec(name)
+        mode = given.get("target_mode", defaults.target_mode)
+        rate = given.get("poison_rate", defaults.poison_rate)
+        target = given.get("target", defaults.target)
+        problem = poisoning_problem(rate, mode, target)
+        if problem is not None:
+            raise self.fail(f"{place}.{problem[0]}", problem[1])
         return AttackSpec(
             name=name,
-            params=self.attack_params(name, entry.get("params", {}), f"{place}.params"),
+            params=params,
             poison_rate=rate,
             target=target,
             target_mode=mode,
@@ -511,60 +552,58 @@ class Reader:
         """All of the trigger's parameters (defaults filled in, so leaving one out or giving its
         default is the same model). Ranges that depend on the input shape are checked by
         :func:`torchpurify.runner.check_grid` once the data is loaded."""
-        params_class = ATTACKS.get(attack).__self__.params_class  # the registry holds Class.build
-        defaults = {
-            f.name: f.default_factory() if f.default is dataclasses.MISSING else f.default
-            for f in dataclasses.fields(params_class)
-            if f.name not in ("input_shape", "seed")
-        }  # fmt: skip
-        given = self.params(value, place, defaults, f"parameter {{!r}} for {attack}")
-        return {**defaults, **given}
+        kinds = catalogue.settings("attacks", attack)
+        given = self.params(value, place, kinds, f"parameter {{!r}} for {attack}")
+        return given if self.light else {**catalogue.defaults("attacks", attack), **given}
 
-    def params(self, value: Any, place: str, defaults: dict[str, Any], unknown: str) -> dict:
+    def params(self, value: Any, place: str, kinds: dict[str, str | None], unknown: str) -> dict:
         """Settings with known names (``unknown`` formats the complaint about another name),
-        each of its default's kind; ints given for floats become floats."""
+        each of its kind (catalogue.settings: its default's kind; None: not checked); ints given
+        for floats become floats."""
         if value is None:
             return {}
         if not isinstance(value, dict):
             raise self.fail(place, f"must be a mapping of settings, got {shown(value)}")
         checked = {}
         for key, given in value.items():
-            if key not in defaults:
-                hint = suggestion(key, list(defaults), "allowed")
+            if key not in kinds:
+                hint = suggestion(key, list(kinds), "allowed")
                 raise self.fail(place, "unknown " + unknown.format(key) + hint)
-            default = defaults[key]
-            kind = type(default) if type(default) in KIND_NAMES else None
-            if default is None or default is dataclasses.MISSING or kind is None:
+            kind = kinds[key]
+            if kind is None:
                 checked[key] = given
             else:
-                checked[key] = self.kind(given, kind, f"{place}.{key}")
+                checked[key] = self.kind(given, catalogue.KIND_TYPES[kind], f"{place}.{key}")
         return checked
 
     def defense(self, value: Any, place: str) -> DefenseEntry:
         entry = self.named(value, place, DEFENSE_KEYS)
-        name = self.registered(entry["name"], DEFENSES, f"{place}.name")
-        defaults = {
-            f.name: f.default for f in dataclasses.fields(DEFENSES.get(name))
-            if f.name != "progress"
-        }  # fmt: skip
+        name = self.registered(entry["name"], "defenses", f"{place}.name")
+        kinds = catalogue.settings("defenses", name)
         unknown = f"parameter {{!r}} for {name}"
-        params = self.params(entry.get("params", {}), f"{place}.params", defaults, unknown)
-        try:
-            build_defense(name, **params)
-        except UserError as error:
-            raise self.fail(f"{place}.params", str(error)) from None
+        params = self.params(entry.get("params", {}), f"{place}.params", kinds, unknown)
+        if not self.light:  # the defense checks its own ranges when it is built
+            from torchpurify.defenses import build_defense
+
+            try:
+                build_defense(name, **params)
+            except UserError as error:
+                raise self.fail(f"{place}.params", str(error)) from None
         label = self.kind(entry.get("label", name), str, f"{place}.label").strip()
         if not label:
             raise self.fail(f"{place}.label", "must not be empty")
         return DefenseEntry(name, params, label)
 
     def training(self, value: Any, place: str) -> dict[str, Any]:
-        defaults = {key: getattr(TrainConfig(), key) for key in TRAINING_KEYS}
-        recipe = self.params(value, place, defaults, "training setting {!r}")
-        try:
-            TrainConfig(**recipe, progress=False)
-        except UserError as error:
-            raise self.fail(place, str(error)) from None
+        kinds = catalogue.settings("training")
+        recipe = self.params(value, place, kinds, "training setting {!r}")
+        if not self.light:
+            from torchpurify.train import TrainConfig
+
+            try:
+                TrainConfig(**recipe, progress=False)
+            except UserError as error:
+                raise self.fail(place, str(error)) from None
         return recipe
 
     def seeds(self, value: Any) -> tuple[int, ...]:
@@ -596,14 +635,15 @@ class Reader:
         """``false`` (no estimate) or a mapping of the estimate's settings (methods.md §12.2)."""
         if value is False:
             return None
-        defaults = {
-            f.name: f.default for f in dataclasses.fields(EstimateConfig) if f.name != "seed"
-        }
-        given = self.params(value, "estimate", defaults, "estimate setting {!r}")
-        try:
-            EstimateConfig(**given)
-        except UserError as error:
-            raise self.fail("estimate", str(error)) from None
+        kinds = catalogue.settings("estimate")
+        given = self.params(value, "estimate", kinds, "estimate setting {!r}")
+        if not self.light:
+            from torchpurify.estimate import EstimateConfig
+
+            try:
+                EstimateConfig(**given)
+            except UserError as error:
+                raise self.fail("estimate", str(error)) from None
         return given
 
     def device(self, value: Any) -> str:
