@@ -4,6 +4,7 @@ change than the others."""
 
 import copy
 import math
+import time
 
 import pytest
 import torch
@@ -210,3 +211,46 @@ def test_bad_arguments_are_one_line_errors(wave_net):
         invert_generator(wave_net, data, layer="nope", **SHAPE_ONLY)
     with pytest.raises(UserError, match="label must be one of"):
         invert_generator(wave_net, data, **SHAPE_ONLY).trigger(2)
+
+
+FAMILIES = (("generator", invert_generator), ("additive", invert_perturbations))
+
+
+def measure(seeds: list[int], ladder: dict) -> None:
+    """The tiny-task rows of methods.md §7.2: both ladder families on the warped, blended and
+    clean small-cnns, one line per model, family and seed."""
+    from tests.test_neurons_perturbation import blend_task
+
+    trigger = build_attack("wanet", TINY_SHAPE, s=1.0)
+    warp = poison_split(gratings(2000, seed=0), trigger, rate=0.1, target=0, seed=0).split
+    blend = build_attack("blended", TINY_SHAPE, alpha=0.2)
+    blended = poison_split(blend_task(2000, seed=0), blend, rate=0.15, target=0, seed=0).split
+    models = {
+        "wanet": (train_small_cnn(warp), gratings(300, seed=2)),
+        "clean gratings": (train_small_cnn(gratings(2000, seed=0)), gratings(300, seed=2)),
+        "blended": (train_small_cnn(blended), blend_task(300, seed=2)),
+        "clean blend task": (train_small_cnn(blend_task(2000, seed=0)), blend_task(300, seed=2)),
+    }
+    for name, (model, holdout) in models.items():
+        for seed in seeds:
+            for family, invert in (
+                ("generator", invert_generator),
+                ("additive", invert_perturbations),
+            ):
+                start = time.perf_counter()
+                search = invert(model, holdout, seed=seed, **ladder)
+                print(
+                    f"{name:17} seed {seed} {family:9} radii {rounded(search.radii)} "
+                    f"index {rounded(search.anomaly_index)} ratio {rounded(search.size_ratio)} "
+                    f"target {search.target} {time.perf_counter() - start:.1f} s",
+                    flush=True,
+                )
+
+
+if __name__ == "__main__":  # python -m tests.test_neurons_generator [--defaults] [seeds...]
+    import sys
+
+    torch.set_num_threads(1)
+    arguments = sys.argv[1:]
+    ladder = {} if "--defaults" in arguments else CHEAP
+    measure([int(a) for a in arguments if a != "--defaults"] or [0], ladder)
