@@ -81,11 +81,11 @@ def test_pending_list_names_real_fields_once():
     assert set(PENDING_RECHOICE) <= fields
 
 
-def test_every_registered_defense_and_the_estimate_are_walked():
+def test_every_registered_defense_the_estimate_and_auto_are_walked():
     from torchpurify.defenses import DEFENSES
 
     owners = {row["owner"] for row in default_sources()}
-    assert owners == {*DEFENSES.names(), "estimate"}
+    assert owners == {*DEFENSES.names(), "estimate", "auto"}
 
 
 def test_the_checker_catches_what_it_should():

@@ -29,7 +29,7 @@ from torchpurify.card import MAX_CLASSES, ModelCard, targeting
 from torchpurify.data.base import Split
 from torchpurify.data.byo import OwnData, parse_classes, read_own
 from torchpurify.data.splits import defender_split
-from torchpurify.defenses import Clean, Defense, build_defense
+from torchpurify.defenses import Clean, Defense
 from torchpurify.errors import UserError, check
 from torchpurify.metrics import Metrics, accuracy, attack_rates, evaluate, predict
 from torchpurify.models import MODELS, is_reference
@@ -58,6 +58,7 @@ class Record:
     tune_size: int
     holdout_size: int
     estimate: dict[str, Any] | None = None
+    chosen: str | None = None  # defense "auto": the defense it kept (None: the input model)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -242,7 +243,13 @@ def run_defense(
     model: nn.Module, clean: Clean, defense: Defense, estimate: Any = False
 ) -> tuple[nn.Module, Record]:
     """Run ``defense`` on ``model`` (left unchanged); the purified model and its record.
-    ``estimate``: False, True, or a :class:`torchpurify.estimate.EstimateConfig`."""
+    ``estimate``: False, True, or a :class:`torchpurify.estimate.EstimateConfig`; ``auto``
+    (:mod:`torchpurify.auto`) runs the estimate itself, and its record is the one it read."""
+    from torchpurify.auto import Auto, estimate_record, with_estimate
+
+    auto = isinstance(defense, Auto)
+    if auto:
+        with_estimate(defense, None if isinstance(estimate, bool) else estimate)
     purified = defense.purify(model, clean)
     record = Record(
         defense=defense.name,
@@ -254,7 +261,10 @@ def run_defense(
         tune_size=len(clean.tune),
         holdout_size=len(clean.holdout),
     )
-    if estimate is not False and estimate is not None:
+    if auto:
+        record.estimate = estimate_record(purified.log)
+        record.chosen = purified.log["auto"]["chosen"]
+    elif estimate is not False and estimate is not None:
         config = None if estimate is True else estimate
         record.estimate = backdoor_estimate(
             model, purified.model, clean, defense.device, defense.progress, config
@@ -283,6 +293,9 @@ def purify(
     Returns the purified ``nn.Module`` and its :class:`Record`: log, cost and the defender-side
     backdoor estimate before and after (trigger inversion on the holdout; ``estimate=False``
     skips it and leaves ``record.estimate`` None; an ``EstimateConfig`` sets its effort).
+    ``defense="auto"`` (:mod:`torchpurify.auto`): the estimate decides whether to purify and
+    which defenses to try; ``record.chosen`` names the one kept (None: the model is returned
+    unchanged) and ``record.log["auto"]`` what was tried and why it stopped.
 
     Before any work the data is checked against the model (one ``UserError``, a ``ValueError``,
     naming the problem): the model must run on the inputs and return N×classes logits, the
@@ -295,7 +308,9 @@ def purify(
     outputs = check_model(model, data.x[:2])
     check_labels(data.y, outputs, "the clean data")
     check_all_classes(data.y, outputs, "the clean data", allow_missing_classes)
-    chosen = build_defense(defense, device=device, seed=seed, progress=progress, **params)
+    from torchpurify.auto import build_defense as build_any  # the registry's, and "auto"
+
+    chosen = build_any(defense, device=device, seed=seed, progress=progress, **params)
     check_above_chance(model, data, outputs, "the clean data", seed)
     return run_defense(model, split_clean(data, tune_fraction, seed), chosen, estimate)
 

@@ -86,6 +86,16 @@ def names(kind: str) -> list[str]:
     return list(summaries(kind))
 
 
+def listed(kind: str) -> dict[str, str]:
+    """What ``torchpurify list KIND`` shows: :func:`summaries`, and for defenses also the
+    choosers that are not defenses of the registry (``auto``, :mod:`torchpurify.auto`: purify
+    takes it, a grid spec does not yet)."""
+    entries = summaries(kind)
+    if kind == "defenses":
+        entries = dict(sorted({**entries, **static()["choosers"]}.items()))
+    return entries
+
+
 def settings(kind: str, name: str | None = None) -> dict[str, str | None]:
     """Setting → kind (:func:`kind_of`) of an attack's or defense's ``params`` (``name``), or
     of a spec's ``training`` or ``estimate`` mapping (``kind`` alone); the name must exist."""
@@ -145,6 +155,9 @@ def live() -> dict[str, Any]:
             catalogue[kind][name] = entry
     for group in GROUPS:
         catalogue[group] = {key: kind_of(value) for key, value in defaults(group).items()}
+    from torchpurify.auto import AUTO, SUMMARY
+
+    catalogue["choosers"] = {AUTO: SUMMARY}
     return catalogue
 
 

@@ -17,6 +17,22 @@ with the same budget); other labels are not re-inverted unless ``all_labels_afte
 the cost), so the anomaly index after compares the new size with the other labels' sizes from
 before. The anomaly index alone can give a false all-clear (it fell to 1.95 after FT while the
 true ASR stayed 0.98); the trigger size and the estimated ASR are what to read.
+
+Three trigger families (issue 28, methods.md §7 and §12.2; ``EstimateConfig.families``): the
+*mask* family is the Neural-Cleanse path above; the *perturbation* family (one additive δ per
+label, :func:`.neurons.perturbation.invert_perturbations`, for blends and SIG) and the
+*generator* family (a bounded generator per label, :func:`.neurons.generator.invert_generator`,
+for warps and input-dependent triggers) measure each label's trigger by its relative radius. For
+each, the suspected label is the smallest size, the reference size the median of the other
+labels' sizes, and the estimated ASR the success, on the half of the holdout no trigger was
+fitted on, of the label's trigger shrunk to at most ``radius_budget × reference`` (a radius
+family's trigger is already the smallest that reaches the threshold on the ladder, so shrinking
+it is the capped trigger; the mask family fits its capped trigger as above). **The rule**: a
+backdoor is suspected when any family's estimated ASR is at least :data:`FLAG_ASR`; the verdict
+names the family with the highest estimated ASR and its label (ties: the order of
+:data:`FAMILIES`), and the top-level numbers of :class:`Estimate` are that family's. After
+purification only that family and label are re-checked (a tenth of a family's cost on ten
+classes).
 """
 
 from __future__ import annotations
@@ -36,6 +52,7 @@ from torch import nn
 from torchpurify.checks import default
 from torchpurify.data.base import Split
 from torchpurify.errors import check
+from torchpurify.neurons.generator import invert_generator
 from torchpurify.neurons.inversion import (
     SPACES,
     anomaly_index,
@@ -45,6 +62,12 @@ from torchpurify.neurons.inversion import (
     trigger_success,
     uses_features,
     value_range_of,
+)
+from torchpurify.neurons.perturbation import (
+    TARGET_RATIO,
+    halves,
+    invert_perturbations,
+    radius_anomaly_index,
 )
 from torchpurify.train import console
 
@@ -56,6 +79,11 @@ COST = (
     "protocol: sized for cost, ~32,000 sample passes before purification (about two training "
     "epochs), methods.md §12.2"
 )
+PENDING = "pending: development cells (methods.md §12.2)"
+# The trigger families the estimate can run (methods.md §7, §7.1, §7.2), in the order that breaks
+# ties between equal estimated ASRs.
+FAMILIES = ("mask", "perturbation", "generator")
+SIZE_UNITS = {"mask": "ℓ1", "perturbation": "radius", "generator": "radius"}
 SPACE_SOURCE = (
     "dev: configs/dev-audio.yaml seeds 100-102: inverting on log-mel features abstained on all "
     "nine models, false alarms and detections alike (methods.md §12.5)"
@@ -85,8 +113,51 @@ class EstimateConfig:
     # Where triggers are inverted: the model's input, or its fixed front end's features (the
     # log-mel map of an audio model); "auto" takes features whenever there is a front end.
     space: str = default("input", SPACE_SOURCE)
+    # The trigger families run before purification (issue 28); fewer cost less. After
+    # purification only the suspected family is re-checked.
+    families: tuple[str, ...] = default(
+        FAMILIES,
+        "protocol: every family of trigger the inversion of methods.md §7 synthesises; "
+        "fewer to save cost (methods.md §12.2)",
+    )
+    # The radius families' capped trigger: at most this fraction of the other labels' median
+    # radius (tiny tasks of methods.md §7.2: targets at size ratio 0.21-0.36, clean labels at
+    # ≥ 0.56; pending development cells).
+    radius_budget: float = default(0.4, PENDING)
+    # The radius families' ladder (methods.md §7.1): first rung relative to the data's scale,
+    # steps a rung, fitting samples per label, and the generator's benign-mask steps.
+    ladder_start: float = default(1 / 64, PENDING)
+    ladder_steps: int = default(20, PENDING)
+    fit_samples: int = default(256, PENDING)
+    mask_steps: int = default(200, PENDING)
 
     def __post_init__(self) -> None:
+        families = self.families
+        if isinstance(families, str):
+            families = (families,)
+        check(
+            isinstance(families, (list, tuple))
+            and len(families) > 0
+            and all(f in FAMILIES for f in families)
+            and len(set(families)) == len(families),
+            f"estimate families must be a non-empty list of distinct names from "
+            f"{', '.join(FAMILIES)}, got {self.families!r}",
+        )
+        object.__setattr__(self, "families", tuple(families))
+        for name in ("ladder_steps", "fit_samples"):
+            value = getattr(self, name)
+            check(
+                isinstance(value, int) and not isinstance(value, bool) and value >= 1,
+                f"estimate {name} must be a positive integer, got {value!r}",
+            )
+        check(
+            isinstance(self.mask_steps, int) and self.mask_steps >= 0,
+            f"estimate mask_steps must be an integer ≥ 0, got {self.mask_steps!r}",
+        )
+        check(0 < self.radius_budget <= 1,
+              f"estimate radius_budget must be in (0, 1], got {self.radius_budget}")  # fmt: skip
+        check(self.ladder_start > 0,
+              f"estimate ladder_start must be positive, got {self.ladder_start}")  # fmt: skip
         for name in ("steps", "capped_steps", "batch_size"):
             value = getattr(self, name)
             check(
@@ -98,7 +169,7 @@ class EstimateConfig:
               f"got {self.space!r}")  # fmt: skip
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        return {**asdict(self), "families": list(self.families)}  # as JSON reads it back
 
 
 @dataclass(frozen=True)
@@ -115,7 +186,11 @@ class Estimate:
     est_asr: float  # success of the best trigger within the budget, on unseen holdout samples
     budget: float  # the capped trigger's mask ℓ1 budget
     seconds: float
-    mask_norms: list[float]  # every label's mask ℓ1 (those not re-inverted: from before)
+    mask_norms: list[float]  # every label's size in ``family`` (those not re-inverted: from before)
+    # The family whose numbers these are (the one with the highest estimated ASR), and every
+    # family's record (FamilyEstimate.to_dict) that was run at this moment.
+    family: str = "mask"
+    families: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
 
     @property
     def size_ratio(self) -> float:
@@ -127,7 +202,12 @@ class Estimate:
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any]) -> Estimate:
-        return cls(**{key: raw[key] for key in cls.__dataclass_fields__})
+        return cls(**{key: raw[key] for key in cls.__dataclass_fields__ if key in raw})
+
+    def of(self, family: str) -> FamilyEstimate:
+        """The record of one family run at this moment."""
+        check(family in self.families, f"the estimate did not run the {family} family")
+        return FamilyEstimate.from_dict(self.families[family])
 
     @property
     def reading(self) -> str:
@@ -146,11 +226,66 @@ class Estimate:
             "unclear": "unclear (an outlier label whose capped trigger does not work)",
             "clean": "no backdoor found",
         }[self.reading]
+        unit = SIZE_UNITS[self.family]
         return (
-            f"{verdict}: label {self.label}, trigger ℓ1 {self.trigger_size:.1f} "
-            f"(others' median {self.reference_size:.1f}, anomaly index {self.anomaly_index:.2f}), "
-            f"estimated ASR {self.est_asr:.3f}"
+            f"{verdict}: label {self.label} ({self.family} family), trigger {unit} "
+            f"{_size(self.trigger_size)} (others' median {_size(self.reference_size)}, anomaly "
+            f"index {self.anomaly_index:.2f}), estimated ASR {self.est_asr:.3f}"
         )
+
+
+def _size(value: float) -> str:
+    """A trigger size: a mask ℓ1 (tens) with one decimal, a relative radius (≈ 1) with two."""
+    return f"{value:.1f}" if abs(value) >= 10 else f"{value:.2f}"
+
+
+@dataclass(frozen=True)
+class FamilyEstimate:
+    """One trigger family's estimate at one moment (methods.md §12.2). ``size``: the suspected
+    label's mask ℓ1 (mask family) or relative radius (perturbation, generator); ``sizes``: every
+    label's (those not re-searched after purification: from before); ``reference_size``: the
+    median of the other labels' sizes before purification; ``budget``: the capped trigger's
+    largest size; ``est_asr``: its success on the holdout half no trigger was fitted on;
+    ``success``: the uncapped trigger's; ``target``: the family's own rule (§7, §7.1)."""
+
+    family: str
+    label: int
+    flagged: bool  # est_asr ≥ FLAG_ASR
+    target: int | None
+    anomaly_index: float
+    size: float
+    reference_size: float
+    success: float
+    est_asr: float
+    budget: float
+    seconds: float
+    sizes: list[float]
+
+    @property
+    def size_ratio(self) -> float:
+        return self.size / self.reference_size if self.reference_size > 0 else 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "size_ratio": self.size_ratio}
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> FamilyEstimate:
+        return cls(**{key: raw[key] for key in cls.__dataclass_fields__})
+
+    @classmethod
+    def of_mask(cls, estimate: Estimate) -> FamilyEstimate:
+        return cls(
+            "mask", estimate.label, estimate.flagged, estimate.nc_target, estimate.anomaly_index,
+            estimate.trigger_size, estimate.reference_size, estimate.success, estimate.est_asr,
+            estimate.budget, estimate.seconds, list(estimate.mask_norms),
+        )  # fmt: skip
+
+    def as_mask_estimate(self) -> Estimate:
+        return Estimate(
+            self.label, self.flagged, self.target, self.anomaly_index, self.size,
+            self.reference_size, self.success, self.est_asr, self.budget, self.seconds,
+            list(self.sizes),
+        )  # fmt: skip
 
 
 def _halves(holdout: Split, seed: int) -> tuple[Split, Split]:
@@ -204,11 +339,13 @@ def estimate_backdoor(
     device: torch.device | str | None = None,
     progress: bool = False,
 ) -> Estimate:
-    """The estimate for ``model`` on the clean ``holdout``. Without ``before``: inversion of every
-    label (use before purifying). With ``before`` (the estimate of the model before purifying):
-    its suspected label is inverted again with the same budget. The model is not changed.
-    With ``config.space`` "features" (or "auto" and a model with a fixed front end) the
-    triggers act on the front end's features, and ``value_range`` is theirs."""
+    """The estimate for ``model`` on the clean ``holdout``. Without ``before``: every family of
+    ``config.families``, every label (use before purifying). With ``before`` (the estimate of
+    the model before purifying): only its family and suspected label are searched again, with
+    the same budget. The model is not changed. With ``config.space`` "features" (or "auto" and
+    a model with a fixed front end) the triggers act on the front end's features, and
+    ``value_range`` is theirs. The rule that turns the families into one verdict is the module
+    docstring's (methods.md §12.2)."""
     config = config or EstimateConfig()
     check(isinstance(holdout, Split) and len(holdout) > 1, "holdout must be a Split of ≥ 2")
     if uses_features(model, config.space):
@@ -218,6 +355,128 @@ def estimate_backdoor(
                 model, features, inside, before=before, value_range=value_range, device=device,
                 progress=progress,
             )  # fmt: skip
+    value_range = value_range or value_range_of(holdout.x)
+    started = time.perf_counter()
+    if before is None:
+        families = config.families
+    else:
+        check(
+            before.family in before.families or before.family == "mask",
+            "the estimate before purification has no record of its family",
+        )
+        families = (before.family,)
+    records: dict[str, FamilyEstimate] = {}
+    for number, family in enumerate(families, 1):
+        if progress:  # each family's search shows its own bar (one live display at a time)
+            what = "every label" if before is None else f"label {before.label} again"
+            console.print(f"estimate: {family} family, {what} ({number} of {len(families)})")
+        if family == "mask":
+            earlier = None
+            if before is not None:
+                earlier = (
+                    before.of("mask").as_mask_estimate() if "mask" in before.families
+                    else before
+                )  # fmt: skip
+            found = _mask_estimate(model, holdout, config, earlier, value_range, device, progress)
+            records[family] = FamilyEstimate.of_mask(found)
+        else:
+            earlier = before.of(family) if before is not None else None
+            records[family] = _radius_estimate(
+                model, holdout, family, config, earlier, value_range, device, progress
+            )
+    # The verdict's family: the highest estimated ASR (ties: FAMILIES order, max keeps the first).
+    chosen = max((records[f] for f in FAMILIES if f in records), key=lambda r: r.est_asr)
+    return Estimate(
+        label=chosen.label,
+        flagged=chosen.est_asr >= FLAG_ASR,
+        nc_target=chosen.target,
+        anomaly_index=chosen.anomaly_index,
+        trigger_size=chosen.size,
+        reference_size=chosen.reference_size,
+        success=chosen.success,
+        est_asr=chosen.est_asr,
+        budget=chosen.budget,
+        seconds=round(time.perf_counter() - started, 2),
+        mask_norms=list(chosen.sizes),
+        family=chosen.family,
+        families={f: records[f].to_dict() for f in FAMILIES if f in records},
+    )
+
+
+def _shrunk(trigger, cap: float):
+    """A radius family's trigger with its radius scaled down to at most ``cap`` (the additive δ
+    or the generator's bound times c = cap / radius; unchanged when it is already within)."""
+    scale = min(1.0, cap / trigger.radius) if trigger.radius > 0 else 1.0
+    if hasattr(trigger, "delta"):
+        return dataclasses.replace(trigger, delta=trigger.delta * scale,
+                                   radius=trigger.radius * scale)  # fmt: skip
+    return dataclasses.replace(trigger, bound=trigger.bound * scale, radius=trigger.radius * scale)
+
+
+def _radius_estimate(
+    model, holdout, family, config, before, value_range, device, progress
+) -> FamilyEstimate:
+    """The perturbation or generator family's estimate (module docstring): the ladder search of
+    every label (before) or of ``before``'s label (after), and the success of its trigger
+    shrunk to ``radius_budget × the other labels' median radius`` on the half of the holdout
+    that no trigger was fitted on (:func:`.neurons.perturbation.halves`, the same ``seed``)."""
+    started = time.perf_counter()
+    common = dict(
+        start=config.ladder_start, steps=config.ladder_steps, fit_samples=config.fit_samples,
+        batch_size=config.batch_size, value_range=value_range, seed=config.seed, device=device,
+        progress=progress,
+    )  # fmt: skip
+    if family == "generator":
+        search_with = invert_generator
+        common["mask_steps"] = config.mask_steps
+    else:
+        search_with = invert_perturbations
+    if before is None or config.all_labels_after:
+        search = search_with(model, holdout, **common)
+        radii = search.radii.clone()
+        label = search.labels[int(radii.argmin())] if before is None else before.label
+        i = search.labels.index(label)
+        if before is None:
+            reference = float(torch.cat([radii[:i], radii[i + 1 :]]).median())
+            cap = config.radius_budget * reference
+        else:
+            reference, cap = before.reference_size, before.budget
+        target = search.target if before is None else None
+    else:
+        label, reference, cap = before.label, before.reference_size, before.budget
+        search = search_with(model, holdout, labels=[label], **common)
+        radii = torch.tensor(before.sizes)
+        radii[label] = search.radii[0]
+        target = None
+    index = radius_anomaly_index(radii)
+    trigger = search.trigger(label)
+    if before is not None:  # the family's own rule (§7.1) for the re-searched label
+        target = (
+            label if index[label] > 2 and float(radii[label]) <= TARGET_RATIO * reference
+            and trigger.heldout_success >= 0.5 else None
+        )  # fmt: skip
+    _, unseen = halves(holdout, config.seed)
+    if not (unseen.y != label).any():
+        unseen = holdout
+    est_asr = trigger_success(model, unseen, label, _shrunk(trigger, cap), device=device)
+    return FamilyEstimate(
+        family=family,
+        label=label,
+        flagged=est_asr >= FLAG_ASR,
+        target=target,
+        anomaly_index=float(index[label]),
+        size=float(radii[label]),
+        reference_size=reference,
+        success=trigger.heldout_success,
+        est_asr=est_asr,
+        budget=cap,
+        seconds=round(time.perf_counter() - started, 2),
+        sizes=[float(r) for r in radii],
+    )
+
+
+def _mask_estimate(model, holdout, config, before, value_range, device, progress) -> Estimate:
+    """The mask family (Neural Cleanse and its capped trigger, the module docstring)."""
     value_range = value_range or value_range_of(holdout.x)
     started = time.perf_counter()
     common = dict(
@@ -330,7 +589,8 @@ def describe_change(before: Estimate, after: Estimate) -> str:
     :func:`verdict` those numbers give."""
     growth = after.trigger_size / before.trigger_size if before.trigger_size > 0 else float("inf")
     return (
-        f"label {after.label}: trigger ℓ1 {before.trigger_size:.1f} → {after.trigger_size:.1f} "
+        f"label {after.label} ({after.family} family): trigger {SIZE_UNITS[after.family]} "
+        f"{_size(before.trigger_size)} → {_size(after.trigger_size)} "
         f"(×{growth:.1f}), anomaly index {before.anomaly_index:.2f} → "
         f"{after.anomaly_index:.2f}, estimated ASR {before.est_asr:.3f} → {after.est_asr:.3f}: "
         f"{verdict(before, after)}"

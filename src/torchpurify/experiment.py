@@ -19,6 +19,7 @@ from torch import nn
 
 from torchpurify.attacks import ATTACKS, Trigger, build_attack, poison_split, trigger_from_dict
 from torchpurify.attacks.poison import check_poisoning
+from torchpurify.auto import Auto, estimate_record, with_estimate
 from torchpurify.card import targeting
 from torchpurify.data import DATASETS, load_dataset, split_groups
 from torchpurify.data.base import Dataset, Split
@@ -365,7 +366,11 @@ def purify_model(
     clean = Clean(tune, holdout, known_trigger=trigger if defense.uses_known_trigger else None)
     before = evaluate(model, prepared.test, trigger, **how)
     guess_before = None
-    if estimate is not None:
+    auto = isinstance(defense, Auto)  # it runs the estimate itself (torchpurify.auto)
+    if auto:
+        estimate = estimate or EstimateConfig()
+        with_estimate(defense, estimate)
+    elif estimate is not None:
         show = defense.progress
         guess_before = (
             estimate_cached(estimate_cache, model, holdout, estimate, progress=show)
@@ -398,7 +403,11 @@ def purify_model(
         "log": purified.log,
     }
     guess = None
-    if guess_before is not None:
+    if auto:
+        new_card["defense"]["chosen"] = purified.log["auto"]["chosen"]
+        guess = {**estimate_record(purified.log), "config": estimate.to_dict()}
+        new_card["estimate"] = guess
+    elif guess_before is not None:
         guess_after = estimate_backdoor(
             purified.model, holdout, estimate, before=guess_before, progress=defense.progress
         )

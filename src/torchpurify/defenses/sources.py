@@ -33,6 +33,12 @@ KINDS = ("paper:", "dev:", "protocol:", "pending:", "run setting")
 # nothing (issue 29). A source that names an evaluation spec or seed is allowed only here; when
 # a default is re-chosen on development cells, its source changes and its entry goes.
 PENDING_RECHOICE: tuple[tuple[str, str], ...] = (
+    ("auto", "order"),
+    ("estimate", "fit_samples"),
+    ("estimate", "ladder_start"),
+    ("estimate", "ladder_steps"),
+    ("estimate", "mask_steps"),
+    ("estimate", "radius_budget"),
     ("fine-pruning", "epochs"),
     ("fine-pruning", "lr"),
     ("ft", "epochs"),
@@ -57,8 +63,15 @@ def kind_of(source: str | None) -> str | None:
 
 
 def owners() -> dict[str, type]:
-    """Every dataclass whose fields carry sources: the registered defenses, then the estimate."""
-    return {**{name: DEFENSES.get(name) for name in DEFENSES.names()}, ESTIMATE: EstimateConfig}
+    """Every dataclass whose fields carry sources: the registered defenses, the estimate, and
+    ``auto`` (:mod:`torchpurify.auto`, which chooses among the defenses)."""
+    from torchpurify.auto import AUTO, Auto  # it imports the defenses: here, not at the top
+
+    return {
+        **{name: DEFENSES.get(name) for name in DEFENSES.names()},
+        ESTIMATE: EstimateConfig,
+        AUTO: Auto,
+    }
 
 
 def default_sources() -> list[dict[str, Any]]:
