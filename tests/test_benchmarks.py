@@ -26,3 +26,18 @@ def test_defense_cost_rejects_a_bad_setting_in_one_line(args, message):
     lines = result.stderr.strip().splitlines()
     assert message in lines[-1] and "Traceback" not in result.stderr
     assert "(d) each defense" not in result.stdout  # it stopped before training
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--families", "mask,patch"], "estimate families must be"),
+        (["--defenses", "ft,nope"], "--defenses must name defenses"),
+    ],
+)
+def test_estimate_cost_rejects_a_bad_argument_in_one_line(args, message):
+    script = SCRIPT.with_name("estimate_cost.py")
+    result = subprocess.run([sys.executable, str(script), *args], capture_output=True, text=True,
+                            timeout=120)  # fmt: skip
+    assert result.returncode == 2 and message in result.stderr.strip().splitlines()[-1]
+    assert "Traceback" not in result.stderr and result.stdout == ""  # nothing was trained

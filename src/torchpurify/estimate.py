@@ -25,7 +25,7 @@ label, :func:`.neurons.perturbation.invert_perturbations`, for blends and SIG) a
 for warps and input-dependent triggers) measure each label's trigger by its relative radius. For
 each, the suspected label is the smallest size, the reference size the median of the other
 labels' sizes, and the estimated ASR the success, on the half of the holdout no trigger was
-fitted on, of the label's trigger shrunk to at most ``radius_budget × reference`` (a radius
+fitted on, of the label's trigger shrunk to at most ``radius_budget × min(reference, 1)`` (a radius
 family's trigger is already the smallest that reaches the threshold on the ladder, so shrinking
 it is the capped trigger; the mask family fits its capped trigger as above). **The rule**: a
 backdoor is suspected when any family's estimated ASR is at least :data:`FLAG_ASR`; the verdict
@@ -84,6 +84,12 @@ PENDING = "pending: development cells (methods.md §12.2)"
 # ties between equal estimated ASRs.
 FAMILIES = ("mask", "perturbation", "generator")
 SIZE_UNITS = {"mask": "ℓ1", "perturbation": "radius", "generator": "radius"}
+# The radius families' cap is radius_budget × the other labels' median radius, but at most
+# radius_budget × 1: a change as large as a typical sample's own variation (relative radius 1,
+# methods.md §7.1) is no small trigger, and labels a search never reached sit at the ladder's
+# top rung (45× the scale with a short ladder), which made a cap of 18 — a false flag on the
+# 28×28 BadNets model of benchmarks/estimate_cost.py. Pending development cells.
+NATURAL_RADIUS = 1.0
 SPACE_SOURCE = (
     "dev: configs/dev-audio.yaml seeds 100-102: inverting on log-mel features abstained on all "
     "nine models, false alarms and detections alike (methods.md §12.5)"
@@ -124,8 +130,11 @@ class EstimateConfig:
     # radius (tiny tasks of methods.md §7.2: targets at size ratio 0.21-0.36, clean labels at
     # ≥ 0.56; pending development cells).
     radius_budget: float = default(0.4, PENDING)
-    # The radius families' ladder (methods.md §7.1): first rung relative to the data's scale,
-    # steps a rung, fitting samples per label, and the generator's benign-mask steps.
+    # The radius families' ladder (methods.md §7.1-§7.2, the searches' own defaults): first
+    # rung relative to the data's scale, steps a rung, fitting samples per label, and the
+    # generator's benign-mask steps. The test ladder (1/8, 10 steps, 128 samples) costs about
+    # half, but on the 28×28 BadNets model of benchmarks/estimate_cost.py the generator then
+    # reached most labels only at the top rung (methods.md §12.2).
     ladder_start: float = default(1 / 64, PENDING)
     ladder_steps: int = default(20, PENDING)
     fit_samples: int = default(256, PENDING)
@@ -438,7 +447,7 @@ def _radius_estimate(
         i = search.labels.index(label)
         if before is None:
             reference = float(torch.cat([radii[:i], radii[i + 1 :]]).median())
-            cap = config.radius_budget * reference
+            cap = config.radius_budget * min(reference, NATURAL_RADIUS)
         else:
             reference, cap = before.reference_size, before.budget
         target = search.target if before is None else None
