@@ -35,6 +35,7 @@ from torchpurify.attacks import build_attack, poison_split  # noqa: E402
 from torchpurify.defenses import DEFENSES, Clean, build_defense  # noqa: E402
 from torchpurify.errors import UserError  # noqa: E402
 from torchpurify.estimate import EstimateConfig, estimate_backdoor  # noqa: E402
+from torchpurify.metrics import evaluate  # noqa: E402
 from torchpurify.models import build_model  # noqa: E402
 from torchpurify.train import TrainConfig, count_passes, fit  # noqa: E402
 
@@ -58,6 +59,8 @@ def measure(families: tuple[str, ...], names: list[str], quick: bool) -> dict:
     model = build_model("small-cnn", SHAPE, CLASSES)
     fit(model, train, TrainConfig(epochs=epochs, batch_size=128, progress=False, device="cpu"))
     model.eval()
+    rates = evaluate(model, prototype_split(1000, seed=3), trigger, target=0, num_classes=CLASSES)
+    print(f"  model: ACC {rates.acc:.3f}, ASR {rates.asr:.3f}", file=sys.stderr, flush=True)
     clean = Clean(prototype_split(tune_size, seed=1), prototype_split(holdout_size, seed=2))
     defenses, purified_by = {}, {}
     for name in names:
@@ -85,6 +88,7 @@ def measure(families: tuple[str, ...], names: list[str], quick: bool) -> dict:
             for f, r in before.families.items()
         },
         "verdict_before": before.describe(),
+        "model": {"acc": rates.acc, "asr": rates.asr},
         "tune": tune_size,
         "holdout": holdout_size,
     }
@@ -97,7 +101,9 @@ def ratio(a: float, b: float) -> float:
 def report(results: dict) -> None:
     median = results["median_defense"]
     shown = ", ".join(f"{n} {d['seconds']:.1f} s" for n, d in results["defenses"].items())
-    print(f"defender data {results['tune']} tune / {results['holdout']} holdout; {shown}")
+    rates = results["model"]
+    print(f"BadNets small-cnn, ACC {rates['acc']:.3f}, ASR {rates['asr']:.3f}; defender data "
+          f"{results['tune']} tune / {results['holdout']} holdout; {shown}")  # fmt: skip
     print(f"{'':<22}{'seconds':>9}{'s ÷ median':>12}{'fwd ÷ median':>14}{'bwd ÷ median':>14}")
     for key, label in (
         ("estimate_before", "estimate before"),
