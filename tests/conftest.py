@@ -10,13 +10,14 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
 
 from torchpurify.attacks import Trigger, build_attack, poison_split
 from torchpurify.data.base import Split
-from torchpurify.data.splits import defender_split
+from torchpurify.data.splits import defender_split, split_guard
 from torchpurify.metrics import evaluate
 from torchpurify.models import build_model
 from torchpurify.train import TrainConfig, fit
@@ -73,6 +74,20 @@ class TinyBackdoor:
     poisoned: torch.Tensor  # indices into ``train``
 
 
+def defender_holdout(unpoisoned, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """480 tune samples and a holdout of 240 whose selection half (``split_guard``, seed 0) is
+    the 120-sample holdout the tiny recipes were written against and whose guard half is 120
+    further unpoisoned samples, so the guard checks data no selection rule read."""
+    tune, first = defender_split(unpoisoned, n, fraction=0.3, tune_fraction=0.8, seed=0)
+    same, larger = defender_split(unpoisoned, n, fraction=0.36, tune_fraction=2 / 3, seed=0)
+    assert np.array_equal(same, tune)
+    extra = np.setdiff1d(larger, first)
+    selection, guard = split_guard(len(first) + len(extra), seed=0)
+    holdout = np.empty(len(selection) + len(guard), dtype=np.int64)
+    holdout[selection], holdout[guard] = first, extra
+    return tune, holdout
+
+
 @pytest.fixture(scope="session")
 def tiny_backdoor() -> TinyBackdoor:
     """small-cnn trained on 2,000 gratings, 10 % poisoned with a 3×3 BadNets patch to label 0."""
@@ -80,7 +95,7 @@ def tiny_backdoor() -> TinyBackdoor:
     trigger = build_attack("badnets", TINY_SHAPE, size=3)
     result = poison_split(clean, trigger, rate=0.1, target=0, seed=0)
     unpoisoned = sorted(set(range(len(clean))) - set(result.poisoned.tolist()))
-    tune, holdout = defender_split(unpoisoned, len(clean), fraction=0.3, seed=0)
+    tune, holdout = defender_holdout(unpoisoned, len(clean))
     torch.manual_seed(0)
     model = build_model("small-cnn", TINY_SHAPE, TINY_CLASSES)
     config = TrainConfig(epochs=4, batch_size=64, lr=0.05, progress=False, device="cpu")

@@ -240,7 +240,7 @@ def test_python_one_liner_takes_tensors_datasets_and_loaders(image_case):
             model, given, "ft", epochs=1, batch_size=32, estimate=False
         )
         assert isinstance(purified, nn.Module) and purified is not model
-        assert record.defense == "ft" and record.tune_size == 64 and record.holdout_size == 16
+        assert record.defense == "ft" and record.tune_size == 48 and record.holdout_size == 32
         assert record.forward_passes > 0 and record.estimate is None
         results.append(purified(test.x[:8]))
     assert torch.allclose(results[0], results[1]) and torch.allclose(results[0], results[2])

@@ -5,7 +5,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from torchpurify.data.splits import defender_split, train_val_split
+from torchpurify.data.splits import (
+    GUARD_SHARE,
+    TUNE_FRACTION,
+    defender_split,
+    split_guard,
+    train_val_split,
+)
 from torchpurify.errors import UserError
 
 
@@ -29,13 +35,15 @@ def test_defender_split_avoids_poisoned():
     n_train = 2000
     poisoned = np.random.default_rng(0).choice(n_train, 200, replace=False)
     clean = np.setdiff1d(np.arange(n_train), poisoned)
-    tune, holdout = defender_split(clean, n_train, fraction=0.05, seed=1)
+    tune, holdout = defender_split(clean, n_train, fraction=0.05, tune_fraction=0.8, seed=1)
     assert len(tune) == 80 and len(holdout) == 20
     assert not np.intersect1d(tune, holdout).size
     assert not np.isin(np.concatenate([tune, holdout]), poisoned).any()
-    again = defender_split(clean[::-1].copy(), n_train, fraction=0.05, seed=1)  # order-free
+    again = defender_split(
+        clean[::-1].copy(), n_train, fraction=0.05, tune_fraction=0.8, seed=1
+    )  # order-free
     assert np.array_equal(again[0], tune) and np.array_equal(again[1], holdout)
-    other = defender_split(clean, n_train, fraction=0.05, seed=2)
+    other = defender_split(clean, n_train, fraction=0.05, tune_fraction=0.8, seed=2)
     assert not np.array_equal(other[0], tune)
 
 
@@ -102,21 +110,27 @@ def test_a_grouped_defender_split_keeps_every_group_on_one_side():
     """Speech (methods.md §0): whole speakers go to the holdout, so it measures the model on
     speakers the defense was not tuned on, as the test split does."""
     groups = np.repeat(np.arange(90), 13)[:1100]  # 85 speakers of 13 clips, one of 5
-    tune, holdout = defender_split(range(1100), 9000, fraction=0.1, seed=7, pool_size=1100,
-                                   groups=groups)  # fmt: skip
+    tune, holdout = defender_split(range(1100), 9000, fraction=0.1, tune_fraction=0.8, seed=7,
+                                   pool_size=1100, groups=groups)  # fmt: skip
     assert len(tune) == 720 and 180 <= len(holdout) < 180 + 13
     assert not set(groups[tune]) & set(groups[holdout])
     holdout_groups = set(groups[holdout])
     assert len(holdout) == sum((groups == g).sum() for g in holdout_groups)  # whole groups
-    again = defender_split(range(1100), 9000, fraction=0.1, seed=7, pool_size=1100, groups=groups)
+    again = defender_split(
+        range(1100), 9000, fraction=0.1, tune_fraction=0.8, seed=7, pool_size=1100, groups=groups
+    )
     assert np.array_equal(again[0], tune) and np.array_equal(again[1], holdout)
-    plain = defender_split(range(1100), 9000, fraction=0.1, seed=7, pool_size=1100)
+    plain = defender_split(
+        range(1100), 9000, fraction=0.1, tune_fraction=0.8, seed=7, pool_size=1100
+    )
     assert set(groups[plain[0]]) & set(groups[plain[1]])  # a random split shares speakers
 
 
 def test_a_grouped_split_of_all_the_data_and_its_errors():
     groups = np.repeat(np.arange(10), 10)
-    tune, holdout = defender_split(range(100), 100, fraction=1.0, seed=0, groups=groups)
+    tune, holdout = defender_split(
+        range(100), 100, fraction=1.0, tune_fraction=0.8, seed=0, groups=groups
+    )
     assert len(tune) + len(holdout) == 100 and len(holdout) == 20
     assert not set(groups[tune]) & set(groups[holdout])
     with pytest.raises(UserError, match="groups"):
@@ -138,11 +152,34 @@ def test_voices_of_two_factors_share_neither_between_tune_and_holdout():
     groups = np.array([voice for voice in voices for _ in range(12)])  # 12 clips per voice
     n = len(groups)
     for seed in range(3):
-        tune, holdout = defender_split(range(n), n, fraction=0.6, seed=seed, groups=groups)
+        tune, holdout = defender_split(
+            range(n), n, fraction=0.6, tune_fraction=0.8, seed=seed, groups=groups
+        )
         for k in range(2):
             assert not set(groups[tune, k]) & set(groups[holdout, k])
         assert len(holdout) >= round(0.2 * round(0.6 * n)) and len(tune) >= 0.8 * 42 * 12
     one_factor = defender_split(
-        range(n), n, fraction=0.6, seed=0, groups=groups[:, 0] * 100 + groups[:, 1]
+        range(n),
+        n,
+        fraction=0.6,
+        tune_fraction=0.8,
+        seed=0,
+        groups=groups[:, 0] * 100 + groups[:, 1],
     )
     assert set(map(tuple, groups[one_factor[0]])) & set(map(tuple, groups[one_factor[1]])) == set()
+
+
+def test_the_guard_gets_its_own_share_of_the_holdout():
+    """methods.md §0: the guard checks samples no selection rule read; by default the tune set is
+    60 % of the defender's data and the holdout is halved between selection and guard."""
+    tune, holdout = defender_split(range(2000), 2000, fraction=0.9, seed=3)
+    assert len(tune) == round(TUNE_FRACTION * 1800) and len(holdout) == 1800 - len(tune)
+    selection, guard = split_guard(len(holdout), seed=3)
+    assert len(guard) == round(GUARD_SHARE * len(holdout))
+    assert not set(selection) & set(guard) and len(selection) + len(guard) == len(holdout)
+    again = split_guard(len(holdout), seed=3)
+    assert np.array_equal(again[0], selection) and np.array_equal(again[1], guard)
+    assert not np.array_equal(split_guard(len(holdout), seed=4)[1], guard)
+    assert [len(part) for part in split_guard(2)] == [1, 1]
+    with pytest.raises(UserError, match="at least 2"):
+        split_guard(1)

@@ -22,6 +22,7 @@ import torch
 
 from torchpurify.checks import kind_problem
 from torchpurify.data.base import Split
+from torchpurify.data.splits import split_guard
 from torchpurify.defenses import DEFENSES, Clean, Purified, build_defense
 from torchpurify.errors import Divergence, UserError
 from torchpurify.metrics import accuracy
@@ -76,7 +77,7 @@ def test_params_round_trip_through_json_and_build_defense(name):
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("name", NAMES)
-def test_purify_keeps_the_contract(name, device, tiny_backdoor):
+def test_purify_keeps_the_contract(name, device, tiny_backdoor, monkeypatch):
     model = copy.deepcopy(tiny_backdoor.model).eval()
     before = state_of(model)
     for module in model.modules():  # copied into the defense's copy with the model
@@ -87,6 +88,11 @@ def test_purify_keeps_the_contract(name, device, tiny_backdoor):
     torch.manual_seed(1234)
     expected = torch.rand(3)  # what the caller's generator gives next, untouched by a defense
     torch.manual_seed(1234)
+    given = []  # the data every attempt's run received
+    run = type(defense).run
+    monkeypatch.setattr(
+        type(defense), "run", lambda self, m, data: given.append(data) or run(self, m, data)
+    )
 
     result = defense.purify(model, clean)
 
@@ -101,11 +107,22 @@ def test_purify_keeps_the_contract(name, device, tiny_backdoor):
     for module in result.model.modules():
         assert all(hook is _apply_mask for hook in module._forward_hooks.values())
     # Passes are counted (by samples), time is measured, the log is JSON with the guard's record.
-    assert result.cost.forward >= 2 * len(clean.holdout) and result.cost.seconds > 0
     json.dumps(result.log)
+    # The guard checks its own share of the holdout, which no run (no selection rule) received.
+    selection, kept_apart = split_guard(len(clean.holdout), defense.seed)
+    checked = clean.holdout.subset(kept_apart)
+    assert result.cost.forward >= 2 * len(checked) and result.cost.seconds > 0
     guard = result.log["guard"]
-    assert guard["holdout_acc_input"] == pytest.approx(accuracy(model, clean.holdout))
-    assert accuracy(result.model, clean.holdout) >= guard["floor"]
+    assert guard["samples"] == len(checked) and guard["selection_samples"] == len(selection)
+    assert guard["holdout_acc_input"] == pytest.approx(accuracy(model, checked))
+    assert accuracy(result.model, checked) >= guard["floor"]
+    assert given and all(data.guard is None for data in given)
+    unseen = {row.numpy().tobytes() for row in checked.x}
+    for data in given:
+        assert all(
+            data.holdout.x[i].numpy().tobytes() not in unseen for i in range(len(data.holdout))
+        )
+        assert torch.equal(data.holdout.x, clean.holdout.subset(selection).x)
     assert not result.model.training
 
 

@@ -7,7 +7,8 @@ import torch
 from torch import nn
 
 from torchpurify.data.base import Split
-from torchpurify.defenses import Clean, build_defense
+from torchpurify.data.splits import split_guard
+from torchpurify.defenses import DEFENSES, Clean, build_defense
 from torchpurify.defenses.base import holdout_budget
 from torchpurify.defenses.linf_pruning import TriggerSuccess
 from torchpurify.defenses.pruning import (
@@ -23,6 +24,8 @@ from torchpurify.models import build_model
 from torchpurify.models.io import load_model, save_model
 from torchpurify.neurons import masked_layers
 from torchpurify.train import TrainConfig, fit
+
+from .test_defense_contract import quick
 
 # Recipes sized for the tiny task (a few hundred clean samples): enough steps to matter.
 TINY = {
@@ -88,15 +91,23 @@ def test_linf_pruning_with_an_inverted_trigger_finds_the_target_and_lowers_asr(t
     assert len(result.log["rounds"]) >= 1
 
 
-class CleanWithTest(Clean):
-    """Defender data that also carries a test split, as a careless caller might pass."""
+class SealedClean(Clean):
+    """Defender data that raise on any attribute but the defender's splits (and the test split
+    a careless caller might attach): a defense can read ``tune`` and ``holdout``, nothing else."""
+
+    ALLOWED = frozenset({"tune", "holdout", "guard", "known_trigger", "for_selection"})
+
+    def __getattribute__(self, name):
+        if name.startswith("__") or name in SealedClean.ALLOWED:
+            return super().__getattribute__(name)
+        raise AssertionError(f"a defense read clean.{name}")
 
     @property
     def test(self):
         raise AssertionError("a defense read the test split")
 
 
-@pytest.mark.parametrize("name", sorted(TINY))
+@pytest.mark.parametrize("name", DEFENSES.names())  # every registered defense, by construction
 def test_no_defense_reads_test_data(name, tiny_backdoor, monkeypatch):
     def forbidden(*args, **kwargs):
         raise AssertionError("a defense loaded a dataset")
@@ -104,9 +115,8 @@ def test_no_defense_reads_test_data(name, tiny_backdoor, monkeypatch):
     # experiment first: importing it while data.load_dataset is patched would bind the fake.
     monkeypatch.setattr("torchpurify.experiment.load_dataset", forbidden)
     monkeypatch.setattr("torchpurify.data.load_dataset", forbidden)
-    clean = CleanWithTest(tiny_backdoor.tune, tiny_backdoor.holdout)
-    params = {**TINY[name], "epochs": 1} if "epochs" in TINY[name] else {"inversion_steps": 20}
-    build_defense(name, device="cpu", **params).purify(tiny_backdoor.model, clean)
+    clean = SealedClean(tiny_backdoor.tune, tiny_backdoor.holdout)
+    build_defense(name, **quick(name)).purify(tiny_backdoor.model, clean)
 
 
 def test_fine_pruned_channels_stay_zero_after_fine_tuning_and_reload(tiny_backdoor, tmp_path):
@@ -240,11 +250,12 @@ def test_fine_pruning_keeps_the_better_of_pruned_and_fine_tuned(tiny_backdoor):
     tiny = tiny_backdoor
     clean = Clean(tiny.tune, tiny.holdout)
     log = build_defense("fine-pruning", device="cpu", epochs=2).purify(tiny.model, clean).log
+    selection, _ = split_guard(len(tiny.holdout), seed=0)  # what the selection rules read
     kept = log["holdout_acc_fine_tuned"] >= log["holdout_acc_pruned"]
     assert log["fine_tune_kept"] is kept
     # Its budget is the holdout-noise rule (3 standard errors), not a fixed 8 points.
     assert log["threshold"] == pytest.approx(
-        log["holdout_acc_before"] - holdout_budget(log["holdout_acc_before"], len(tiny.holdout))
+        log["holdout_acc_before"] - holdout_budget(log["holdout_acc_before"], len(selection))
     )
 
 

@@ -201,17 +201,20 @@ def test_a_store_of_the_older_layout_gains_the_estimate_columns(tmp_path):
 
     from torchpurify.store import CELL_COLUMNS, SCHEMA, Store
 
-    # The cells table as first released: without the last three columns.
-    lines = [line for line in SCHEMA.splitlines() if "estimate TEXT" not in line
-             and "est_asr_before REAL" not in line]  # fmt: skip
-    old = "\n".join(lines).replace("finished_at TEXT NOT NULL,", "finished_at TEXT NOT NULL")
+    # The cells table as first released: without the last four columns (the estimate's three,
+    # then the weights' hash).
+    cells = SCHEMA.index("CREATE TABLE IF NOT EXISTS cells")
+    head, tail = SCHEMA[:cells], SCHEMA[cells:]
+    lines = [line for line in tail.splitlines() if "estimate TEXT" not in line
+             and "est_asr_before REAL" not in line and "weights_sha256" not in line]  # fmt: skip
+    old = head + "\n".join(lines).replace("finished_at TEXT NOT NULL,", "finished_at TEXT NOT NULL")
     connection = sqlite3.connect(tmp_path / "old.db")
     connection.executescript(old)
     connection.close()
     with Store(tmp_path / "old.db", readonly=True) as store:
         assert store.cells() == []  # read as it is, nothing written
     found = [r[1] for r in sqlite3.connect(tmp_path / "old.db").execute("PRAGMA table_info(cells)")]
-    assert found == list(CELL_COLUMNS[:-3])
+    assert found == list(CELL_COLUMNS[:-4])
     with Store(tmp_path / "old.db"):
         pass
     found = [r[1] for r in sqlite3.connect(tmp_path / "old.db").execute("PRAGMA table_info(cells)")]
@@ -349,6 +352,18 @@ def test_estimate_settings_are_checked():
             EstimateConfig(families=bad)
     with pytest.raises(UserError, match="estimate radius_budget"):
         EstimateConfig(radius_budget=0)
+
+
+def test_a_spec_names_the_families(tmp_path):
+    from tests.test_spec import SPEC
+    from torchpurify.spec import load_spec
+
+    path = tmp_path / "s.yaml"
+    path.write_text(SPEC + "estimate: {families: [mask, generator]}\n")
+    assert load_spec(path).estimate_config().families == ("mask", "generator")
+    path.write_text(SPEC + "estimate: {families: [patch]}\n")
+    with pytest.raises(UserError, match="estimate families must be"):
+        load_spec(path)
 
 
 if __name__ == "__main__":  # python -m tests.test_estimate: every family on the tiny models

@@ -14,15 +14,19 @@ from tests.cli_helpers import one_line_error
 from tests.test_byo import TinyNet, image_net, images, run, write_folder
 from torchpurify.errors import UserError
 from torchpurify.models.io import check_export, export_weights, is_export
+from torchpurify.train import TrainConfig, fit
 
 ARCH = "tests.test_byo:image_net"
 
 
 @pytest.fixture()
 def own(tmp_path):
-    """An untrained user model saved as a plain .pt and a folder of clean images."""
+    """A user model (trained a little: purify refuses one at chance) saved as a plain .pt and a
+    folder of clean images."""
     torch.manual_seed(0)
-    torch.save(TinyNet().state_dict(), tmp_path / "mine.pt")
+    model = TinyNet()
+    fit(model, images(200, seed=2), TrainConfig(epochs=2, batch_size=32, progress=False))
+    torch.save(model.eval().state_dict(), tmp_path / "mine.pt")
     write_folder(images(40, seed=0), tmp_path / "clean", "images")
     return tmp_path
 

@@ -28,7 +28,7 @@ from torchpurify.attacks.poison import target_labels
 from torchpurify.card import MAX_CLASSES, ModelCard, targeting
 from torchpurify.data.base import Split
 from torchpurify.data.byo import OwnData, parse_classes, read_own
-from torchpurify.data.splits import defender_split
+from torchpurify.data.splits import TUNE_FRACTION, defender_split
 from torchpurify.defenses import Clean, Defense
 from torchpurify.errors import UserError, check
 from torchpurify.metrics import Metrics, accuracy, attack_rates, evaluate, predict
@@ -206,7 +206,7 @@ def check_above_chance(
     return acc
 
 
-def split_clean(data: Split, tune_fraction: float = 0.8, seed: int = 0) -> Clean:
+def split_clean(data: Split, tune_fraction: float = TUNE_FRACTION, seed: int = 0) -> Clean:
     """The defender's ``tune`` and ``holdout`` (methods.md §0), drawn from ``data`` by ``seed``;
     when ``data.groups`` is set (a speech folder's speakers), no group is in both."""
     check(len(data) >= 2, f"the clean data has {len(data)} sample(s); give at least 2")
@@ -277,7 +277,7 @@ def purify(
     clean: Any,
     defense: str = "gnft",
     *,
-    tune_fraction: float = 0.8,
+    tune_fraction: float = TUNE_FRACTION,
     seed: int = 0,
     device: str = "auto",
     progress: bool = False,
@@ -287,8 +287,9 @@ def purify(
 ) -> tuple[nn.Module, Record]:
     """Purify ``model`` with ``defense`` (see ``torchpurify list defenses``) and its
     hyper-parameters ``params``, using ``clean`` data only: ``(x, y)`` tensors, a ``Dataset`` or a
-    ``DataLoader``. ``tune_fraction`` of it trains, the rest (the holdout) drives every stopping
-    and selection rule; ``seed`` draws that split and seeds the defense. ``model`` is not changed.
+    ``DataLoader``. ``tune_fraction`` of it trains, the rest is the holdout: half of it drives
+    every stopping and selection rule, the other half only the guard (methods.md §0); ``seed``
+    draws that split and seeds the defense. ``model`` is not changed.
 
     Returns the purified ``nn.Module`` and its :class:`Record`: log, cost and the defender-side
     backdoor estimate before and after (trigger inversion on the holdout; ``estimate=False``
@@ -602,7 +603,7 @@ def purify_own(
     normalize: tuple[Sequence[float], Sequence[float]] | None = None,
     num_classes: int | None = None,
     sample_rate: int | None = None,
-    tune_fraction: float = 0.8,
+    tune_fraction: float = TUNE_FRACTION,
     export: str | Path | None = None,
     estimate: bool | None = None,
     force: bool = True,

@@ -85,8 +85,27 @@ out = Console()
 err = Console(stderr=True)
 
 
+def print_version(value: bool) -> None:
+    """``--version``: the installed distribution's version (no torch imported)."""
+    if value:
+        from importlib.metadata import PackageNotFoundError, version
+
+        try:
+            number = version("torchpurify")
+        except PackageNotFoundError:  # run from a source tree that was never installed
+            from torchpurify import __version__ as number
+        out.print(f"torchpurify {number}", highlight=False)
+        raise typer.Exit()
+
+
 @app.callback()
 def settings_for_every_command(
+    version: Annotated[
+        bool,
+        typer.Option(
+            "--version", is_eager=True, callback=print_version, help="Print the version and exit."
+        ),
+    ] = False,
     threads: Annotated[
         int | None,
         typer.Option(
@@ -228,8 +247,8 @@ CleanPath = Annotated[
 TuneFraction = Annotated[
     float,
     typer.Option(
-        help="With --clean: the share of it the defense trains on; the rest is "
-        "the holdout every stopping rule reads."
+        help="With --clean: the share of it the defense trains on; the rest is the "
+        "holdout, half read by the defense's stopping rules, half by its guard only."
     ),  # fmt: skip
 ]
 Normalize = Annotated[
@@ -246,6 +265,22 @@ NumClasses = Annotated[
 SampleRate = Annotated[
     int | None,
     typer.Option(help="With audio: the model's sample rate (default: its own, else 16000)."),
+]
+Classes = Annotated[
+    str | None,
+    typer.Option(
+        "--classes",
+        help="With --clean: the model's classes in output order, NAME,NAME,..., or a .json "
+        'file (a list in output order, or {"name": index}); class folders are mapped by it.',
+    ),
+]
+AllowMissingClasses = Annotated[
+    bool,
+    typer.Option(
+        "--allow-missing-classes",
+        help="With --clean: go on when the clean data lacks some of the model's classes (a "
+        "defense may then ruin those classes unseen).",
+    ),
 ]
 
 
@@ -492,10 +527,12 @@ def purify(
         int | None, typer.Option(help="With --attack or --triggered: the attack's target label.")
     ] = None,
     target_mode: Annotated[TargetMode, typer.Option()] = TargetMode.all_to_one,
-    tune_fraction: TuneFraction = 0.8,
+    tune_fraction: TuneFraction = 0.6,
     normalize: Normalize = None,
     num_classes: NumClasses = None,
     sample_rate: SampleRate = None,
+    classes: Classes = None,
+    allow_missing_classes: AllowMissingClasses = False,
     export: Annotated[
         Path | None,
         typer.Option(
@@ -516,7 +553,7 @@ def purify(
     """Purify a model with a defense; print ACC, ASR and RA before and after, and DER.
 
     Your own model: --model FILE --arch NAME|module:function --clean PATH [--test PATH]."""
-    from torchpurify.defenses import build_defense
+    from torchpurify.auto import build_defense, describe
     from torchpurify.estimate import EstimateConfig
     from torchpurify.experiment import purify_model
     from torchpurify.models.io import check_export, load_model
@@ -528,6 +565,7 @@ def purify(
         "--test": test, "--triggered": triggered, "--attack": attack,
         "--attack-set": attack_settings, "--target": target, "--normalize": normalize,
         "--num-classes": num_classes, "--sample-rate": sample_rate, "--export": export,
+        "--classes": classes, "--allow-missing-classes": allow_missing_classes,
     }  # fmt: skip
     if clean is None:
         if not model.is_dir():
@@ -552,7 +590,8 @@ def purify(
             triggered=triggered, attack=attack, attack_settings=attack_settings, target=target,
             target_mode=target_mode.value, tune_fraction=tune_fraction, normalize=normalize,
             num_classes=num_classes, sample_rate=sample_rate, export=export, estimate=estimate,
-            as_json=as_json, force=force,
+            as_json=as_json, force=force, classes=classes,
+            allow_missing_classes=allow_missing_classes,
         )  # fmt: skip
         return
     net, card = load_model(model, arch, trust_code=trust_code)
@@ -573,7 +612,8 @@ def purify(
     record = result.card["defense"]
     if as_json:
         keys = ("name", "before", "after", "der", "seconds", "forward_passes", "backward_passes")
-        print(json.dumps({**{k: record[k] for k in keys}, "estimate": result.estimate}))
+        print(json.dumps({**{k: record[k] for k in keys}, "estimate": result.estimate,
+                          "chosen": record.get("chosen")}))  # fmt: skip
         return
     table = metrics_table(
         {"before": result.before.to_dict(), f"after {chosen.name}": result.after.to_dict()},
@@ -597,6 +637,8 @@ def purify(
             **plain,
         )
     print_guard(record["log"].get("guard"))
+    if describe(record["log"]):
+        out.print(describe(record["log"]), markup=False, highlight=False, soft_wrap=True)
     out.print(f"saved {out_dir}")
 
 
@@ -626,7 +668,7 @@ def _purify_own(model: Path, clean: Path, chosen, out_dir: Path, *, as_json: boo
     result = purify_own(model, clean, chosen, out_dir, **options)
     record = result.record
     if as_json:
-        keys = ("defense", "seconds", "forward_passes", "backward_passes", "estimate")
+        keys = ("defense", "seconds", "forward_passes", "backward_passes", "estimate", "chosen")
         summary = {k: v for k, v in record.to_dict().items() if k in keys}
         summary["before"] = result.before.to_dict() if result.before else None
         summary["after"] = result.after.to_dict() if result.after else None
@@ -653,6 +695,10 @@ def _purify_own(model: Path, clean: Path, chosen, out_dir: Path, *, as_json: boo
         **plain,
     )
     print_guard(record.log.get("guard"))
+    if record.chosen is not None or "auto" in record.log:
+        from torchpurify.auto import describe
+
+        out.print(describe(record.log), **plain)
     out.print(f"saved {out_dir}", **plain)
     if options.get("export") is not None:
         out.print(f"exported {options['export']} (masks folded; load_state_dict into your class)",
@@ -661,9 +707,10 @@ def _purify_own(model: Path, clean: Path, chosen, out_dir: Path, *, as_json: boo
 
 def _model_and_holdout(
     model: Path, data_root: str | None, defender_fraction: float, *, arch: str | None = None,
-    trust_code: bool = False, clean: Path | None = None, tune_fraction: float = 0.8,
+    trust_code: bool = False, clean: Path | None = None, tune_fraction: float = 0.6,
     seed: int | None = None, normalize: str | None = None, num_classes: int | None = None,
-    sample_rate: int | None = None,
+    sample_rate: int | None = None, classes: str | None = None,
+    allow_missing_classes: bool = False,
 ):  # fmt: skip
     """A model and the defender's clean holdout: drawn from your --clean data, or rebuilt from
     the card of a model directory written by `torchpurify train`."""
@@ -677,12 +724,15 @@ def _model_and_holdout(
 
         own = load_own(
             model, clean, arch, trust_code=trust_code, normalize=parse_normalize(normalize),
-            num_classes=num_classes, sample_rate=sample_rate,
+            num_classes=num_classes, sample_rate=sample_rate, classes=classes,
+            allow_missing_classes=allow_missing_classes, seed=seed or 0,
         )  # fmt: skip
         for note in own.notes:
             err.print(f"note: {note}", markup=False, highlight=False)
         holdout = split_clean(own.data.split, tune_fraction, seed or 0).holdout
         return own.model, own.card, holdout
+    if classes is not None or allow_missing_classes:
+        raise UserError("--classes and --allow-missing-classes go with --clean PATH")
     if not model.is_dir():
         raise UserError(
             f"{model} is a weights file: give your clean data with --clean PATH and the "
@@ -707,10 +757,12 @@ def detect(
     arch: Arch = None,
     trust_code: TrustCode = False,
     clean: CleanPath = None,
-    tune_fraction: TuneFraction = 0.8,
+    tune_fraction: TuneFraction = 0.6,
     normalize: Normalize = None,
     num_classes: NumClasses = None,
     sample_rate: SampleRate = None,
+    classes: Classes = None,
+    allow_missing_classes: AllowMissingClasses = False,
 ) -> None:
     """Neural-Cleanse trigger inversion on clean data: suspected target and anomaly per label."""
     from torchpurify.diagnostics import detect as run_detect
@@ -718,7 +770,8 @@ def detect(
     net, _, holdout = _model_and_holdout(
         model, data_root, defender_fraction, arch=arch, trust_code=trust_code, clean=clean,
         tune_fraction=tune_fraction, seed=seed if clean is not None else None,
-        normalize=normalize, num_classes=num_classes, sample_rate=sample_rate,
+        normalize=normalize, num_classes=num_classes, sample_rate=sample_rate, classes=classes,
+        allow_missing_classes=allow_missing_classes,
     )  # fmt: skip
     result = run_detect(net, holdout, steps=steps, seed=seed, progress=progress)
     if as_json:
@@ -764,11 +817,13 @@ def inspect(
     arch: Arch = None,
     trust_code: TrustCode = False,
     clean: CleanPath = None,
-    tune_fraction: TuneFraction = 0.8,
+    tune_fraction: TuneFraction = 0.6,
     seed: Annotated[int, seed_option("With --clean: seed of the holdout split.")] = 0,
     normalize: Normalize = None,
     num_classes: NumClasses = None,
     sample_rate: SampleRate = None,
+    classes: Classes = None,
+    allow_missing_classes: AllowMissingClasses = False,
     attack: Annotated[
         str | None, typer.Option(help="With --clean: the attack whose trigger to inspect.")
     ] = None,
@@ -790,7 +845,8 @@ def inspect(
     net, card, holdout = _model_and_holdout(
         model, data_root, defender_fraction, arch=arch, trust_code=trust_code, clean=clean,
         tune_fraction=tune_fraction, seed=seed if clean is not None else None,
-        normalize=normalize, num_classes=num_classes, sample_rate=sample_rate,
+        normalize=normalize, num_classes=num_classes, sample_rate=sample_rate, classes=classes,
+        allow_missing_classes=allow_missing_classes,
     )  # fmt: skip
     if attack is not None or settings or target is not None:
         from torchpurify.api import trigger_for
@@ -981,14 +1037,37 @@ def _demo_files(folder: Path, name: str, wave, rate: int, decibels, top: float, 
 
 @command()
 def report(
-    db: Annotated[Path, typer.Argument(help="The results store (SQLite) the runner wrote.")],
+    db: Annotated[
+        Path | None, typer.Argument(help="The results store (SQLite) the runner wrote.")
+    ] = None,
     out_dir: Annotated[
-        Path, typer.Option("--out", help="Directory for report.md, report.html and the figures.")
-    ],
+        Path | None,
+        typer.Option("--out", help="Directory for report.md, report.html and the figures."),
+    ] = None,
     force: Force = False,
+    readme: Annotated[
+        Path | None,
+        typer.Option(
+            help="Instead: rebuild the results tables of this Markdown file (each marked "
+            "<!-- results: STORE model=M labels=A,B -->) from their stores."
+        ),
+    ] = None,
+    check_only: Annotated[
+        bool, typer.Option("--check", help="With --readme: change nothing, fail if it differs.")
+    ] = False,
 ) -> None:
     """Tables and plots of a results store: report.md (figures beside it) and report.html
-    (one self-contained page: images embedded, no external resources)."""
+    (one self-contained page: images embedded, no external resources). With --readme, the
+    README's results tables from the stores they name."""
+    if readme is not None:
+        from torchpurify.report import sync_readme
+
+        stores = sync_readme(readme, check_only=check_only)
+        verb = "matches" if check_only else "rebuilt from"
+        print(f"{readme}: {len(stores)} table(s) {verb} {', '.join(sorted(set(stores)))}")
+        return
+    if db is None or out_dir is None:
+        raise UserError("report needs a results store and --out DIR (or --readme FILE)")
     from torchpurify.report import write_report
 
     for path in write_report(db, out_dir, force=force):
@@ -1019,10 +1098,11 @@ def run_spec(
 ) -> None:
     """Run an experiment spec: train each model once, run every defense on it, store each
     result in --results. Run the same command again to resume; finished cells are skipped."""
-    from torchpurify.runner import print_summary, run_experiment
     from torchpurify.spec import load_spec
 
-    spec = load_spec(spec_path)
+    spec = load_spec(spec_path)  # a mistake is refused before torch is imported
+    from torchpurify.runner import print_summary, run_experiment
+
     try:
         rows = run_experiment(
             spec, results, cache, executor.value, progress, cpus_per_task, console=out
@@ -1062,18 +1142,13 @@ def list_(
     what: Annotated[Listing, typer.Argument(help="datasets, models, attacks or defenses")],
 ) -> None:
     """List the registered datasets, models, attacks or defenses."""
-    from torchpurify.attacks import ATTACKS
-    from torchpurify.data import DATASETS
-    from torchpurify.defenses import DEFENSES
-    from torchpurify.models import MODELS
+    from torchpurify import catalogue  # the registries' copy: no torch to import
 
-    registries = {"datasets": DATASETS, "models": MODELS, "attacks": ATTACKS, "defenses": DEFENSES}
-    registry = registries[what.value]
     table = Table(title=what.value)
     table.add_column("name")
     table.add_column("description")
-    for name in registry.names():
-        table.add_row(name, registry.summary(name))
+    for name, summary in catalogue.listed(what.value).items():
+        table.add_row(name, summary)
     out.print(table)
 
 

@@ -26,7 +26,7 @@ from torchpurify.diagnostics import (
     plot_gradient_groups,
     plot_pruning_curve,
 )
-from torchpurify.errors import check
+from torchpurify.errors import UserError, check
 from torchpurify.outputs import check_output, staged_output
 from torchpurify.store import Store
 
@@ -400,7 +400,7 @@ def _signed(values: list, digits: int = 1) -> str:
     return "−" + text[1:] if text.startswith("-") else "+" + text
 
 
-def overview_table(settings: list[Setting]) -> Table:
+def overview_table(settings: list[Setting], asr_std: bool = False) -> Table:
     """One model's settings side by side: per defense and attack the test ΔACC (points,
     paired per seed, mean ± std) / ASR after (mean); the mean over the backdoored settings of
     ΔACC, ASR and DER (the DER alone for a single attack); the clean model's ΔACC. The first
@@ -436,7 +436,8 @@ def overview_table(settings: list[Setting]) -> Table:
                 row.append("–")
                 continue
             dacc, asr = [r["dacc"] for r in runs], [r["asr"] for r in runs]
-            row.append(f"{_signed(dacc)} / {mean_of(runs, 'asr')}")
+            shown = mean_std(asr) if asr_std else mean_of(runs, "asr")
+            row.append(f"{_signed(dacc)} / {shown}")
             means.append(
                 [statistics.fmean(_present(v)) if _present(v) else None for v in
                  (dacc, asr, [r["der"] for r in runs])]
@@ -790,3 +791,71 @@ def _write_pages(db: Path, out: Path, models: list[dict], cells: list[dict]) -> 
     ]
     _write(out / "report.md", render_markdown(blocks))
     _write(out / "report.html", render_html(blocks, out))
+
+
+# ----------------------------------------------------------------------------- README tables
+
+# A README table generated from a store sits between these markers; the opening one names the
+# store, the model, and the defense labels (rows) in order, e.g.
+#   <!-- results: docs/results/eval-image/results.db model=small-cnn labels=ft,gnft -->
+#   ...the table...
+#   <!-- /results -->
+_README_TABLE = re.compile(
+    r"(<!-- results: (?P<db>\S+) model=(?P<model>\S+) labels=(?P<labels>\S+) -->\n)"
+    r"(?P<table>.*?)(?=<!-- /results -->)",
+    re.S,
+)
+
+
+def headline_table(db: str | Path, model: str, labels: list[str]) -> str:
+    """The overview table (:func:`overview_table`, ASR with its std) of one model of a store,
+    for the defense ``labels`` in that order: Markdown."""
+    models, cells = read_store(Path(db))
+    settings = [s for s in group_settings(models, cells) if s.model == model]
+    check(bool(settings), f"{db} holds no model {model!r}")
+    for setting in settings:
+        setting.cells = [c for c in setting.cells if c["label"] in labels]
+    table = overview_table(settings, asr_std=True)
+    first, rest = table.rows[:1], table.rows[1:]
+    table.rows = first + sorted(rest, key=lambda row: labels.index(row[0]))
+    return render_markdown([table])
+
+
+def readme_tables(readme: str | Path, root: str | Path | None = None) -> tuple[str, list[str]]:
+    """``readme``'s text with every marked results table rebuilt from its store (paths relative
+    to ``root``, by default the README's folder), and the stores read."""
+    readme = Path(readme)
+    base = readme.parent if root is None else Path(root)
+    text = readme.read_text(encoding="utf-8")
+    read: list[str] = []
+
+    def rebuilt(match: re.Match) -> str:
+        read.append(match["db"])
+        table = headline_table(base / match["db"], match["model"], match["labels"].split(","))
+        return match.group(1) + table
+
+    return _README_TABLE.sub(rebuilt, text), read
+
+
+def sync_readme(readme: str | Path, check_only: bool = False) -> list[str]:
+    """Rebuild the README's results tables from their stores; with ``check_only`` change
+    nothing and raise a :class:`UserError` naming the first table that differs."""
+    readme = Path(readme)
+    text = readme.read_text(encoding="utf-8")
+    new, read = readme_tables(readme)
+    check(bool(read), f"{readme} has no results table marked <!-- results: ... -->")
+    if check_only:
+        if new != text:
+            old_lines, new_lines = text.splitlines(), new.splitlines()
+            line = next(
+                (i for i, (a, b) in enumerate(zip(old_lines, new_lines, strict=False)) if a != b),
+                min(len(old_lines), len(new_lines)),
+            )
+            raise UserError(
+                f"{readme}:{line + 1} differs from its results store; run "
+                f"`torchpurify report --readme {readme}` to rebuild the tables"
+            )
+        return read
+    if new != text:
+        readme.write_text(new, encoding="utf-8")
+    return read

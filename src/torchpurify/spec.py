@@ -316,7 +316,7 @@ def model_jobs(spec: ExperimentSpec) -> list[ModelJob]:
 
 def cell_jobs(spec: ExperimentSpec, models: list[ModelJob] | None = None) -> list[CellJob]:
     """Every trained model × every defense, grouped by model."""
-    from torchpurify.data.splits import GROUP_RULE
+    from torchpurify.data.splits import GROUP_RULE, GUARD_RULE
 
     cells = []
     settings = spec.estimate_config()  # defaults filled in: spelling one out changes no key
@@ -335,9 +335,10 @@ def cell_jobs(spec: ExperimentSpec, models: list[ModelJob] | None = None) -> lis
                 "defender_fraction": spec.defender_fraction,
                 "estimate": estimate,
             }
+            content["defender_split"] = GUARD_RULE
             by = split_groups(job.dataset.name)
             if by:  # the rule changed for grouped data; cells of earlier rules stay apart
-                content["defender_split"] = f"by {by}: {GROUP_RULE}"
+                content["defender_split"] = f"by {by}: {GROUP_RULE}; {GUARD_RULE}"
             cells.append(CellJob(digest(content), job, defense, params, spec.defender_fraction))
     return cells
 

@@ -37,7 +37,7 @@ _last_line: list[float] = []
 class LogProgress:
     """What a progress bar shows, as plain timestamped lines for a log: ``12:03:45 ft 2/5:
     40/120, 23 s`` — stage, done/total, elapsed — at most one line every :data:`LOG_EVERY`
-    seconds over all bars. The subset of ``rich.progress.Progress`` torchpurify uses."""
+    seconds over all bars, the first after a stage has run that long. The subset of ``rich.progress.Progress`` torchpurify uses."""
 
     def __init__(self, console: Console) -> None:
         self.console = console
@@ -62,7 +62,8 @@ class LogProgress:
         state.update(fields)
         state["completed"] = (state["completed"] if completed is None else completed) + advance
         now = time.monotonic()
-        if now - _last_line[0] < LOG_EVERY:
+        # Nothing for work that ends within LOG_EVERY seconds (a one-line refusal stays one line).
+        if now - state["start"] < LOG_EVERY or now - _last_line[0] < LOG_EVERY:
             return
         _last_line[0] = now
         total = "" if state["total"] is None else f"/{state['total']:g}"

@@ -34,12 +34,36 @@ def train_val_split(
 # What a grouped defender split guarantees; part of a grid cell's key (a changed rule reruns).
 GROUP_RULE = "whole units in the holdout, no factor shared with tune"
 
+# The defender's clean data (methods.md §0): TUNE_FRACTION trains; the rest is the holdout, whose
+# GUARD_SHARE is the guard's own (split_guard): no selection rule reads it. Part of a grid
+# cell's key, so a store never reuses a cell of an earlier split.
+TUNE_FRACTION = 0.6
+GUARD_SHARE = 0.5
+GUARD_RULE = (
+    f"tune {TUNE_FRACTION}; the guard checks {GUARD_SHARE} of the holdout, unread by selection"
+)
+
+
+def split_guard(n: int, seed: int = 0, share: float = GUARD_SHARE) -> tuple[np.ndarray, np.ndarray]:
+    """Sorted, disjoint ``(selection, guard)`` indices of a holdout of ``n`` samples: the guard
+    takes ``round(share × n)`` (at least one), drawn by ``seed``; every stopping or selection
+    rule of a defense reads only the rest, so the guard's check is not optimistic."""
+    check(0 < share < 1, f"the guard's share of the holdout must be in (0, 1), got {share}")
+    check(
+        n >= 2,
+        f"the holdout has {n} sample(s): it needs at least 2, one for the defense's selection "
+        "rules and one for its guard",
+    )
+    n_guard = min(max(1, round(share * n)), n - 1)
+    order = np.random.default_rng(seed).permutation(n)
+    return np.sort(order[n_guard:]).astype(np.int64), np.sort(order[:n_guard]).astype(np.int64)
+
 
 def defender_split(
     candidates: Sequence[int] | np.ndarray,
     n_train: int,
     fraction: float = 0.05,
-    tune_fraction: float = 0.8,
+    tune_fraction: float = TUNE_FRACTION,
     seed: int = 0,
     pool_size: int | None = None,
     groups: Sequence[int] | np.ndarray | None = None,

@@ -7,10 +7,12 @@ mutates the model it was given.
 
 :meth:`Defense.purify` does, once for every defense, what no defense should repeat: it copies
 the model onto the defense's device, counts every pass (:class:`~torchpurify.train.count_passes`),
-and guards the result (methods.md §0): if the result's holdout accuracy falls more than the
-defense's budget below the input's, or training diverges, it backs off (:meth:`Defense.back_off`:
-a smaller step, the pruned model without its fine-tuning) and finally rolls back to the input,
-and records what happened in ``log["guard"]``.
+and guards the result (methods.md §0): if the result's accuracy on the guard's own samples falls
+more than the defense's budget below the input's, or training diverges, it backs off
+(:meth:`Defense.back_off`: a smaller step, the pruned model without its fine-tuning) and finally
+rolls back to the input, and records what happened in ``log["guard"]``. The guard's samples are
+a share of the holdout that the defense never sees (:func:`~torchpurify.data.splits.split_guard`),
+so no selection rule has read the data that checks it.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from torch import nn
 
 from torchpurify.checks import check_fields, require
 from torchpurify.data.base import Split
+from torchpurify.data.splits import split_guard
 from torchpurify.errors import Divergence, check
 from torchpurify.metrics import accuracy
 from torchpurify.registry import Registry
@@ -53,11 +56,25 @@ class Clean:
 
     ``known_trigger`` is set only when a method is run with oracle knowledge of the trigger
     (``linf-pruning`` with ``trigger="known"``); reports say so.
+
+    ``guard``: the samples only the guard reads. None (the usual case): :meth:`Defense.purify`
+    takes them from the holdout (:func:`~torchpurify.data.splits.split_guard`) and the defense's
+    ``run`` sees the rest as its holdout.
     """
 
     tune: Split
     holdout: Split
     known_trigger: Callable[[torch.Tensor], torch.Tensor] | None = None
+    guard: Split | None = None
+
+    def for_selection(self, seed: int) -> Clean:
+        """The data a defense's ``run`` gets, with the guard's samples set apart in ``guard``."""
+        if self.guard is not None:
+            return self
+        selection, guard = split_guard(len(self.holdout), seed)
+        return dataclasses.replace(
+            self, holdout=self.holdout.subset(selection), guard=self.holdout.subset(guard)
+        )
 
     def __post_init__(self) -> None:
         check(len(self.tune) > 0, "the defender's tune split is empty; raise --defender-fraction")
@@ -148,12 +165,17 @@ class Defense:
         counter = count_passes(given)
         # The defense seeds torch's generators; the caller's random state is given back after.
         cuda = [device.index or 0] if device.type == "cuda" else []
+        clean = clean.for_selection(self.seed)
+        checked = clean.guard
+        assert checked is not None
         with counter as cost, torch.random.fork_rng(devices=cuda):
-            before = accuracy(given, clean.holdout, batch_size=self.batch_size)
-            floor = before - self.budget(before, len(clean.holdout))
+            before = accuracy(given, checked, batch_size=self.batch_size)
+            floor = before - self.budget(before, len(checked))
             guard: dict[str, Any] = {
-                "holdout_acc_input": before,
+                "holdout_acc_input": before,  # on the guard's own samples
                 "floor": floor,
+                "samples": len(checked),
+                "selection_samples": len(clean.holdout),
                 "attempts": [],
             }
             defense: Defense | None = self
@@ -163,7 +185,9 @@ class Defense:
                 attempt = {"changed": self._changed(defense), "holdout_acc": None}
                 guard["attempts"].append(attempt)
                 try:
-                    result = defense.run(copy.deepcopy(given), clean)
+                    result = defense.run(
+                        copy.deepcopy(given), dataclasses.replace(clean, guard=None)
+                    )
                 except Divergence as error:
                     attempt["diverged"] = str(error)
                 else:
@@ -172,7 +196,7 @@ class Defense:
                         attempt["diverged"] = "the result has non-finite weights"
                     else:
                         attempt["holdout_acc"] = accuracy(
-                            result.model, clean.holdout, batch_size=self.batch_size
+                            result.model, checked, batch_size=self.batch_size
                         )
                         if attempt["holdout_acc"] >= floor:
                             break
