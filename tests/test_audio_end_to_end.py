@@ -140,7 +140,7 @@ def test_the_estimate_and_linf_pruning_run_on_log_mel_features(backdoored_kws):
     development question, methods.md §11.5: on these tones, class 3's narrow 2.4 kHz line is a
     smaller time-frequency mask than the noise burst.)"""
     model, tune, holdout, test, trigger, before = backdoored_kws
-    config = EstimateConfig(steps=20, capped_steps=10, budget=0.5)
+    config = EstimateConfig(steps=20, capped_steps=10, budget=0.5, families=("mask",))
     by_space = estimate_backdoor(model, holdout, dataclasses.replace(config, space="features"))
     with feature_space(model, holdout) as (features,):
         by_hand = estimate_backdoor(model, features, config)
