@@ -37,7 +37,8 @@ _last_line: list[float] = []
 class LogProgress:
     """What a progress bar shows, as plain timestamped lines for a log: ``12:03:45 ft 2/5:
     40/120, 23 s`` — stage, done/total, elapsed — at most one line every :data:`LOG_EVERY`
-    seconds over all bars, the first after a stage has run that long. The subset of ``rich.progress.Progress`` torchpurify uses."""
+    seconds over all bars, the first after a stage has run that long. The subset of
+    ``rich.progress.Progress`` torchpurify uses."""
 
     def __init__(self, console: Console) -> None:
         self.console = console
