@@ -44,7 +44,7 @@ def test_a_patch_backdoor_is_removed_by_the_first_defense_of_the_mask_family(tin
     assert "no longer suspects a backdoor" in log["stopped"]
     before, after = measure(tiny.model, tiny), measure(result.model, tiny)
     assert after.asr < 0.2 < 0.9 < before.asr and after.acc > before.acc - 0.05
-    assert log["estimate_holdout"] == len(tiny.holdout) // 2  # the selection half only
+    assert log["estimate_holdout"] == len(tiny.holdout) // 2  # the guard's half is not read
     record = estimate_record(result.log)
     assert record["removed"] and record["chosen"] == "linf-pruning"
     assert result.log["guard"]["action"] == "kept"  # the chosen defense's own log is kept

@@ -104,7 +104,7 @@ class Auto(Defense):
         started = time.perf_counter()
         config = self.estimate_config or EstimateConfig()
         device = resolve_device(self.device)
-        holdout = _selection_holdout(clean, self.seed)
+        holdout = clean.for_selection(self.seed).holdout  # the guard's half stays unread
         say = console.print if self.progress else (lambda *_: None)
         before = estimate_backdoor(model, holdout, config, device=device, progress=self.progress)
         model.to("cpu")
@@ -188,14 +188,6 @@ class Auto(Defense):
         record["estimate_after"] = after.to_dict()
         say(f"auto: chose {trial['defense']}: {record['stopped']}")
         return Purified(result.model, {**result.log, "auto": record}, cost)
-
-
-def _selection_holdout(clean: Clean, seed: int):
-    """The holdout that the selection rules read: without the guard's half (methods.md §0),
-    where the defender data set one apart (``Clean.for_selection``), else the whole holdout."""
-    if hasattr(clean, "for_selection"):
-        return clean.for_selection(seed).holdout
-    return clean.holdout
 
 
 def build_defense(name: str, **params: Any) -> Defense:
