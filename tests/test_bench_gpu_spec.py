@@ -69,7 +69,7 @@ def shrunk(root: Path, tmp_path: Path) -> Path:
     dataset["training"].update(epochs=1, batch_size=32)
     data.update(seeds=[0], device="cpu", diagnostics=False, defender_fraction=0.4)
     # The backdoor estimate every cell records inverts triggers: two steps suffice here.
-    data["estimate"] = {"steps": 2, "capped_steps": 2}
+    data["estimate"] = {"steps": 2, "capped_steps": 2, "families": ["mask"]}
     defenses = []
     for name in data["defenses"]:
         cls = DEFENSES.get(name)

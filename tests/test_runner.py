@@ -42,6 +42,7 @@ training: {epochs: 1, batch_size: 64}
 defender_fraction: 0.2
 diagnostics: true
 device: cpu
+estimate: {families: [mask]}
 """
 
 
