@@ -17,7 +17,7 @@ import urllib.request
 import zipfile
 from pathlib import Path, PurePosixPath
 
-from rich.progress import BarColumn, DownloadColumn, Progress, TransferSpeedColumn
+from rich.progress import BarColumn, DownloadColumn, TransferSpeedColumn
 
 from torchpurify.errors import UserError
 
@@ -43,13 +43,10 @@ def download(url: str, dest: Path, md5: str, progress: bool = True) -> None:
     try:
         with os.fdopen(fd, "wb") as out, urllib.request.urlopen(url, timeout=TIMEOUT_S) as resp:
             total = int(resp.headers.get("Content-Length") or 0) or None
-            with Progress(
-                "{task.description}",
-                BarColumn(),
-                DownloadColumn(),
-                TransferSpeedColumn(),
-                disable=not progress,
-            ) as bar:
+            from torchpurify.train import progress_bar  # plain lines when stderr is a log
+
+            columns = ("{task.description}", BarColumn(), DownloadColumn(), TransferSpeedColumn())
+            with progress_bar(*columns, transient=False, disable=not progress) as bar:
                 task = bar.add_task(dest.name, total=total)
                 while chunk := resp.read(CHUNK):
                     out.write(chunk)

@@ -27,7 +27,7 @@ from math import gcd
 from pathlib import Path
 
 import numpy as np
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
+from rich.progress import BarColumn, MofNCompleteColumn, TimeRemainingColumn
 from scipy.signal import butter, fftconvolve, firwin, resample_poly, sosfilt
 
 from torchpurify.data.speech import KEYWORDS, LISTS, SAMPLE_RATE
@@ -491,7 +491,10 @@ def generate_speech_synth(
         lists: dict[str, list[str]] = {split: [] for split in SPLITS}
         columns = ("{task.description}", BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
         processes = _fresh_processes(min(workers, len(jobs)))
-        with Progress(*columns, disable=not progress) as bar, processes as pool:
+        from torchpurify.train import progress_bar  # plain lines when stderr is a log
+
+        bar = progress_bar(*columns, transient=False, disable=not progress)
+        with bar, processes as pool:
             task = bar.add_task("speech-synth", total=total)
             for written in pool.imap(_render_block, jobs):
                 for path, split in written:

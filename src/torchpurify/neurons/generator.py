@@ -66,7 +66,6 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from rich.progress import Progress
 from torch import nn
 
 from torchpurify.data.base import Split
@@ -90,7 +89,7 @@ from torchpurify.neurons.perturbation import (
     size_ratios,
     suspected_target,
 )
-from torchpurify.train import console
+from torchpurify.train import progress_bar
 
 
 class TriggerGenerator(nn.Module):
@@ -449,7 +448,7 @@ def invert_generator(
                         model, tap, mode.inputs(data.x), data.y.to(mode.device),
                         steps=mask_steps, batch_size=batch_size, lr=mask_lr, seed=seed,
                     )  # fmt: skip
-                with Progress(console=console, transient=True, disable=not progress) as bar:
+                with progress_bar(disable=not progress) as bar:
                     task = bar.add_task("invert generators", total=len(labels))
                     for label in labels:
                         others = (data.y != label).nonzero().flatten()
