@@ -267,3 +267,14 @@ def test_imports_on_its_own_in_a_fresh_interpreter(module):
         [sys.executable, "-c", f"import {module}"], capture_output=True, text=True
     )
     assert done.returncode == 0, done.stderr[-500:]
+
+
+def test_the_guard_says_when_its_samples_cannot_vouch_for_every_class(tiny_backdoor):
+    """A one-class holdout cannot vouch for a model that collapsed onto that class: the guard
+    says how many of the model's classes its samples hold."""
+    one = tiny_backdoor.holdout.subset((tiny_backdoor.holdout.y == 1).nonzero().flatten())
+    defense = build_defense("clp", device="cpu")
+    guard = defense.purify(tiny_backdoor.model, Clean(tiny_backdoor.tune, one)).log["guard"]
+    assert guard["note"].startswith("the guard's samples hold 1 of the model's 6 classes")
+    full = defense.purify(tiny_backdoor.model, Clean(tiny_backdoor.tune, tiny_backdoor.holdout))
+    assert "note" not in full.log["guard"]

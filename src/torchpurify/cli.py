@@ -643,7 +643,10 @@ def purify(
 
 
 def print_guard(guard: dict | None) -> None:
-    """Say when the holdout guard (methods.md §0) backed off or rolled back; silent when kept."""
+    """Say when the holdout guard (methods.md §0) backed off or rolled back, or could not check
+    every class; silent otherwise."""
+    if guard and guard.get("note"):
+        out.print(f"guard: {guard['note']}", markup=False, highlight=False, soft_wrap=True)
     if not guard or guard.get("action", "kept") == "kept":
         return
     tried = [a["holdout_acc"] for a in guard["attempts"]]

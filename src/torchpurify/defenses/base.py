@@ -178,6 +178,12 @@ class Defense:
                 "selection_samples": len(clean.holdout),
                 "attempts": [],
             }
+            present, outputs = len(checked.y.unique()), _outputs(given, checked)
+            if present < outputs:  # accuracy on these samples says nothing of the other classes
+                guard["note"] = (
+                    f"the guard's samples hold {present} of the model's {outputs} classes: it "
+                    "cannot vouch for the others"
+                )
             defense: Defense | None = self
             last_log = None  # the log of the last attempt that missed the budget
             while defense is not None:
@@ -224,6 +230,18 @@ class Defense:
 
     def run(self, model: nn.Module, clean: Clean) -> Purified:
         raise NotImplementedError
+
+
+def _outputs(model: nn.Module, data: Split) -> int:
+    """How many classes ``model`` scores (one sample through it, in evaluation mode)."""
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            device = next(model.parameters()).device
+            return int(model(data.x[:1].to(device)).shape[-1])
+    finally:
+        model.train(was_training)
 
 
 def all_finite(model: nn.Module) -> bool:
