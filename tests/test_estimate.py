@@ -248,10 +248,10 @@ def test_report_shows_the_tradeoff_and_the_estimate_against_the_true_asr(tmp_pat
     markdown, _ = write_report(store, tmp_path / "report")
     text = markdown.read_text()
     assert "Spearman rank correlation of estimated and true ASR after purification: 0.800" in text
-    assert "false all-clear (true ASR ≥ 0.5, estimated \\< 0.5): 1 of 4" in text
-    assert "clean models flagged before purification (false alarms): 1 of 2" in text
+    assert "false all-clears (true ASR ≥ 0.5 after, verdict clean): 1 of 4 (25 %)" in text
+    assert "false alarms on clean models before purification: 1 of 2 (50 %)" in text
     figures = tmp_path / "report" / "figures"
-    assert (figures / "estimate-vs-true-asr.png").is_file()
+    assert (figures / "estimate-vs-true-asr-images.png").is_file()
     tradeoffs = sorted(p.name for p in figures.glob("*-tradeoff.png"))
     assert len(tradeoffs) == 1 and "badnets" in tradeoffs[0]  # none for the clean model
     assert text.index("tradeoff.png") < text.index("| defense |")  # the trade-off comes first

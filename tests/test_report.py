@@ -392,3 +392,118 @@ def test_search_points_leave_out_the_unpruned_point_of_mask_pruning():
     rounds = {"rounds": [{"curve": [[2, 0.8], [1, 0.9]]}, {"curve": [[None, 0.95]]}]}
     assert search_points(rounds) == [[1, 0.9], [2, 0.8]]
     assert search_points(None) == []
+
+
+# ------------------------------------------------------------ the estimate, validated (issue 28)
+
+KWS = named(SETTING, ("speech-synth", "kws-cnn", "badnets", {"size": 3}, 0.1, "all-to-one"))
+AUTO_LOG = {
+    "auto": {
+        "chosen": "linf-pruning",
+        "tried": [{"defense": "linf-pruning", "guard": "kept", "est_asr_after": 0.0}],
+        "stopped": "linf-pruning: the guard kept it and the estimate no longer suspects a backdoor",
+    }
+}
+
+
+def moment(est_asr, family="mask"):
+    """One moment's estimate as the store keeps it: the verdict's family and its record."""
+    record = {"family": family, "label": 0, "est_asr": est_asr, "flagged": est_asr >= 0.5}
+    return {**record, "families": {family: record}}
+
+
+def estimated(row, before, after, family="mask"):
+    return {**row, "estimate": {"before": moment(before), "after": moment(after, family)}}
+
+
+@pytest.fixture(scope="module")
+def validated(tmp_path_factory):
+    """Five backdoored image cells (two false all-clears: true ASR ≥ 0.5, verdict clean), one of
+    them `auto`; two clean image models (one flagged before; after ft one of two, after auto
+    none); one audio cell stored before the families (est_asr/flagged only: the mask family)."""
+    bad = [model_row(f"bad-{s}", BADNETS, s, (0.95, 0.99, 0.01)) for s in (0, 1)]
+    clean = [model_row(f"clean-{s}", CLEAN, s, (0.96, None, None)) for s in (0, 1)]
+    kws = model_row("kws-0", KWS, 0, (0.9, 1.0, 0.0))
+    before = (0.95, 0.99, 0.01)
+
+    def backdoored(key, model, label, asr, est, family, log=None):
+        row = cell_row(key, model, label, before, (0.9, asr, 0.1), 0.5, 1.0, log)
+        return estimated(row, 1.0, est, family)
+
+    def on_clean(key, model, label, flagged_before, est_after):
+        row = cell_row(key, model, label, (0.96, None, None), (0.95, None, None), None, 1.0)
+        return estimated(row, 0.9 if flagged_before else 0.1, est_after)
+
+    old = cell_row("kws-ft", kws, "ft", (0.9, 1.0, 0.0), (0.88, 0.8, 0.1), 0.2, 1.0)
+    old["estimate"] = {"before": {"est_asr": 1.0, "flagged": True},
+                       "after": {"est_asr": 0.2, "flagged": False}}  # fmt: skip
+    cells_ = [
+        backdoored("ft-0", bad[0], "ft", 0.90, 0.8, "mask"),
+        backdoored("ft-1", bad[1], "ft", 0.95, 0.1, "perturbation"),  # a false all-clear
+        backdoored("gn-0", bad[0], "gnft", 0.60, 0.3, "generator"),  # a false all-clear
+        backdoored("gn-1", bad[1], "gnft", 0.10, 0.2, "mask"),
+        backdoored("auto-0", bad[0], "auto", 0.05, 0.0, "mask", AUTO_LOG),
+        on_clean("ft-c0", clean[0], "ft", True, 0.7),
+        on_clean("ft-c1", clean[1], "ft", False, 0.1),
+        on_clean("auto-c0", clean[0], "auto", True, 0.2),
+        old,
+    ]
+    store = make_store(tmp_path_factory.mktemp("v") / "r.db", [*bad, *clean, kws], cells_)
+    out = tmp_path_factory.mktemp("validated")
+    return out, write_report(store, out)[0].read_text(), cells_
+
+
+def test_the_estimate_is_validated_per_modality(validated):
+    out, markdown, _ = validated
+    images = markdown.split("### Backdoor estimate: images\n", 1)[1].split("\n### ", 1)[0]
+    # By hand: true ASR 0.90, 0.95, 0.60, 0.10, 0.05 against estimated 0.8, 0.1, 0.3, 0.2, 0.0:
+    # rank differences −1, 3, −1, −1, 0, Σd² = 12, ρ = 1 − 6·12 / (5·24) = 0.4.
+    assert (
+        "- Spearman rank correlation of estimated and true ASR after purification: 0.400 over "
+        "5 backdoored cells" in images
+    )
+    assert "- false all-clears (true ASR ≥ 0.5 after, verdict clean): 2 of 5 (40 %)" in images
+    assert "- false alarms on clean models before purification: 1 of 2 (50 %)" in images
+    heading = "Backdoor estimate: images"
+    assert table_row(markdown, heading, "no defense (before)") == (
+        "no defense (before) | – | – | 1 of 2 (50 %)"
+    )
+    assert table_row(markdown, heading, "ft") == "ft | 1 of 2 (50 %) | – | 1 of 2 (50 %)"
+    assert table_row(markdown, heading, "gnft") == "gnft | 1 of 2 (50 %) | – | –"
+    assert table_row(markdown, heading, "auto") == "auto | 0 of 1 (0 %) | – | 0 of 1 (0 %)"
+    audio = markdown.split("### Backdoor estimate: audio\n", 1)[1].split("\n## ", 1)[0]
+    assert "- false all-clears (true ASR ≥ 0.5 after, verdict clean): 1 of 1 (100 %)" in audio
+    assert "- false alarms on clean models before purification: –" in audio
+    for name in ("images", "audio"):
+        figure = out / "figures" / f"estimate-vs-true-asr-{name}.png"
+        assert figure.read_bytes().startswith(b"\x89PNG")
+        assert f"](figures/estimate-vs-true-asr-{name}.png)" in markdown
+
+
+def test_the_estimate_plot_has_a_panel_per_family(validated):
+    from torchpurify.report import estimate_points, false_alarms, family_points, modality
+
+    _, _, cells_ = validated
+    points = estimate_points(cells_)
+    assert sorted(p["modality"] for p in points) == ["audio"] + ["images"] * 5
+    images = family_points([p for p in points if p["modality"] == "images"])
+    assert list(images) == ["mask", "perturbation", "generator"]
+    assert sorted(p["est"] for p in images["mask"]) == [0.0, 0.2, 0.8]
+    audio = family_points([p for p in points if p["modality"] == "audio"])
+    assert {family: [p["est"] for p in ps] for family, ps in audio.items()} == {"mask": [0.2]}
+    assert false_alarms(cells_) == (1, 2) and false_alarms(cells_, "audio") == (0, 0)
+    assert modality({"dataset": "image-folder", "model": "m5"}) == "audio"
+
+
+def test_auto_is_a_row_of_every_table_with_its_choice(validated):
+    _, markdown, _ = validated
+    row = table_row(markdown, BADNETS_TITLE, "auto")
+    assert row == "auto | 1 | 0.900 | 0.050 | 0.100 | 0.500 | 1.0"
+    assert table_row(markdown, "gratings / small-cnn", "auto").startswith("auto | −5.0 / 0.050")
+    assert table_row(markdown, CLEAN_TITLE, "auto").startswith("auto | 1 | 0.950")
+    section = markdown.split(f"### {BADNETS_TITLE}\n", 1)[1].split("\n### ", 1)[0]
+    assert (
+        "- auto, seed 0: chose linf-pruning; tried linf-pruning (kept, estimated ASR after "
+        "0.000); linf-pruning: the guard kept it and the estimate no longer suspects a backdoor"
+        in section
+    )

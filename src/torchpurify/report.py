@@ -340,6 +340,28 @@ def plot_tradeoff(setting: Setting, rows: list[tuple[str, list[dict]]], path: Pa
     return _save(figure, path)
 
 
+def auto_details(setting: Setting) -> list[str]:
+    """One line per ``auto`` run (its log's ``auto`` record, torchpurify.auto): the defense it
+    chose, what it tried (guard action, estimated ASR after) and why it stopped."""
+    lines = []
+    for cell in _latest_runs(setting.cells):
+        record = (cell["log"] or {}).get("auto")
+        if record is None:
+            continue
+        tried = ", ".join(
+            f"{t['defense']} ({t.get('guard') or 'no guard'}, estimated ASR after "
+            f"{fmt(t.get('est_asr_after'))})"
+            for t in record.get("tried", [])
+        )
+        chosen = record.get("chosen") or "none (the input model)"
+        stopped = f"; {record['stopped']}" if record.get("stopped") else ""
+        lines.append(
+            f"{cell['label']}, seed {cell['seed']}: chose {chosen}; tried {tried or 'nothing'}"
+            + stopped
+        )
+    return lines
+
+
 def defense_section(settings: list[Setting], out: Path) -> list:
     blocks = [Heading("Defenses", 2)]
     for setting in settings:
@@ -351,6 +373,9 @@ def defense_section(settings: list[Setting], out: Path) -> list:
             caption = f"{setting.title}: test ACC against ASR, mean ± std over seeds (★ no defense)"
             blocks.append(Image(relative, caption))
         blocks.append(defense_table(setting, rows))
+        chosen = auto_details(setting)
+        if chosen:
+            blocks.append(Items(chosen))
         if len(rows) == 1:
             blocks.append(Note("No defense was run on these models."))
             continue
@@ -606,77 +631,210 @@ def gradient_section(settings: list[Setting], out: Path) -> list:
 
 # ----------------------------------------------------------------------------- backdoor estimate
 
+# Models that read audio (the rest read images); a speech-* dataset is audio whatever its model.
+AUDIO_MODELS = ("ds-cnn", "kws-cnn", "lstm", "m5", "res8")
+FAMILY_ORDER = ("mask", "perturbation", "generator")  # the estimate's families (§12.2)
+HIGH_ASR = 0.5  # a true ASR after purification at least this is a backdoor still there
+
+
+def modality(row: dict) -> str:
+    """``audio`` for a speech dataset or an audio model, else ``images``."""
+    audio = str(row["dataset"]).startswith("speech") or row["model"] in AUDIO_MODELS
+    return "audio" if audio else "images"
+
+
+def _flagged(record: dict) -> bool:
+    """The verdict of one moment's estimate: its ``flagged``, else est. ASR ≥ 0.5 (old cells)."""
+    flagged = record.get("flagged")
+    return bool(record["est_asr"] >= HIGH_ASR if flagged is None else flagged)
+
+
+def _family_estimates(record: dict) -> dict[str, float]:
+    """Family → estimated ASR at one moment: every family record it holds (after
+    purification, the suspected one), or — a cell from before the families — ``mask``."""
+    families = record.get("families") or {}
+    if families:
+        return {name: families[name]["est_asr"] for name in _ordered(families)}
+    return {record.get("family") or "mask": record["est_asr"]}
+
+
+def _ordered(names) -> list[str]:
+    """Families in the estimate's order (mask, perturbation, generator), others after."""
+    rank = {name: i for i, name in enumerate(FAMILY_ORDER)}
+    return sorted(names, key=lambda n: (rank.get(n, len(rank)), n))
+
+
+def _estimated_cells(cells: list[dict]) -> list[dict]:
+    """The latest run per setting, defense label and seed of the cells with an estimate."""
+    return [
+        cell
+        for setting in group_settings([], cells)
+        for cell in _latest_runs(setting.cells)
+        if cell.get("estimate")
+    ]
+
 
 def estimate_points(cells: list[dict]) -> list[dict]:
     """One point per backdoored cell with an estimate (latest run per setting, label and seed):
-    true and estimated ASR after purification."""
+    true and estimated ASR after purification, the verdict after (``flagged``), the family it
+    names (old cells: ``mask``), every family's estimated ASR after (``families``), the
+    modality and the defense label."""
     points = []
-    for setting in group_settings([], cells):
-        if setting.clean:
+    for cell in _estimated_cells(cells):
+        if cell["attack"] == "none" or cell["asr_after"] is None:
             continue
-        for cell in _latest_runs(setting.cells):
-            estimate = cell.get("estimate")
-            if estimate and cell["asr_after"] is not None:
-                est = estimate["after"]["est_asr"]
-                points.append({"attack": cell["attack"], "asr": cell["asr_after"], "est": est})
+        after = cell["estimate"]["after"]
+        points.append(
+            {
+                "attack": cell["attack"],
+                "asr": cell["asr_after"],
+                "est": after["est_asr"],
+                "flagged": _flagged(after),
+                "family": after.get("family") or "mask",
+                "families": _family_estimates(after),
+                "modality": modality(cell),
+                "defense": cell["label"],
+            }
+        )
     return points
 
 
-def false_alarms(cells: list[dict]) -> tuple[int, int]:
-    """(flagged, total) clean models: the estimate before purification says "backdoor" on a
-    model trained without one."""
+def false_alarms(cells: list[dict], of: str | None = None) -> tuple[int, int]:
+    """(flagged, total) clean models (of modality ``of``; None: all): the estimate before
+    purification says "backdoor" on a model trained without one."""
     before = {}
     for cell in cells:
-        if cell["attack"] == "none" and cell.get("estimate"):
-            before[cell["model_key"]] = cell["estimate"]["before"]["flagged"]
+        if cell["attack"] == "none" and cell.get("estimate") and of in (None, modality(cell)):
+            before[cell["model_key"]] = _flagged(cell["estimate"]["before"])
     return sum(before.values()), len(before)
 
 
-def plot_estimate(points: list[dict], rho: float | None, path: Path) -> Path:
-    figure, (axis,) = _figure(width=5.5)
-    for attack in sorted({p["attack"] for p in points}):
-        mine = [p for p in points if p["attack"] == attack]
-        axis.scatter([p["asr"] for p in mine], [p["est"] for p in mine], s=18, label=attack)
-    axis.plot([0, 1], [0, 1], color="grey", linewidth=0.8, linestyle="--")
-    axis.set_xlim(-0.03, 1.03)
-    axis.set_ylim(-0.03, 1.03)
-    axis.set_xlabel("true ASR after purification (test split, true trigger)")
-    axis.set_ylabel("estimated ASR (clean holdout only)")
-    title = "defender-side estimate vs true ASR"
-    axis.set_title(title if rho is None else f"{title} (Spearman ρ = {rho:.2f})")
-    axis.grid(alpha=0.3)
-    axis.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.0, 1.0))
+def false_alarms_after(cells: list[dict], of: str | None = None) -> dict[str, tuple[int, int]]:
+    """Defense label → (flagged, total) cells on clean models (of modality ``of``) whose
+    estimate after purification says "backdoor"."""
+    counts: dict[str, list[int]] = defaultdict(lambda: [0, 0])
+    for cell in _estimated_cells(cells):
+        if cell["attack"] == "none" and of in (None, modality(cell)):
+            counts[cell["label"]][0] += _flagged(cell["estimate"]["after"])
+            counts[cell["label"]][1] += 1
+    return {label: (k, n) for label, (k, n) in sorted(counts.items())}
+
+
+def false_all_clears(points: list[dict]) -> tuple[int, int]:
+    """(missed, total) backdoored cells: true ASR after ≥ 0.5, yet the verdict after is clean."""
+    return sum(p["asr"] >= HIGH_ASR and not p["flagged"] for p in points), len(points)
+
+
+def rate(k: int, n: int) -> str:
+    """``k of n (p %)``; ``–`` for none."""
+    return "–" if n == 0 else f"{k} of {n} ({100 * k / n:.0f} %)"
+
+
+def spearman(points: list[dict], key: str = "est") -> float | None:
+    """Spearman's ρ of the true and estimated ASR; None for fewer than 3 points or no spread."""
+    spread = all(len({p[k] for p in points}) > 1 for k in ("asr", key))
+    if len(points) < 3 or not spread:
+        return None
+    from scipy.stats import spearmanr
+
+    return float(spearmanr([p["asr"] for p in points], [p[key] for p in points]).statistic)
+
+
+def _rho(value: float | None) -> str:
+    return "–" if value is None else f"{value:.3f}"
+
+
+def family_points(points: list[dict]) -> dict[str, list[dict]]:
+    """Family → the points with that family's estimated ASR after as ``est``."""
+    by_family: dict[str, list[dict]] = defaultdict(list)
+    for point in points:
+        for family, est in point["families"].items():
+            by_family[family].append({**point, "est": est})
+    return {family: by_family[family] for family in _ordered(by_family)}
+
+
+def plot_estimate(by_family: dict[str, list[dict]], title: str, path: Path) -> Path:
+    """Estimated against true ASR after purification, a panel per family, points by attack."""
+    figure, axes = _figure(panels=len(by_family), width=4.5)
+    attacks = sorted({p["attack"] for points in by_family.values() for p in points})
+    for axis, (family, points) in zip(axes, by_family.items(), strict=True):
+        for i, attack in enumerate(attacks):
+            mine = [p for p in points if p["attack"] == attack]
+            if mine:
+                axis.scatter([p["asr"] for p in mine], [p["est"] for p in mine], s=18,
+                             color=f"C{i % 10}", label=attack)  # fmt: skip
+        axis.plot([0, 1], [0, 1], color="grey", linewidth=0.8, linestyle="--")
+        axis.axhline(HIGH_ASR, color="grey", linewidth=0.5, linestyle=":")
+        axis.axvline(HIGH_ASR, color="grey", linewidth=0.5, linestyle=":")
+        axis.set_xlim(-0.03, 1.03)
+        axis.set_ylim(-0.03, 1.03)
+        axis.set_xlabel("true ASR after purification")
+        axis.set_ylabel("estimated ASR (clean holdout only)")
+        rho = spearman(points)
+        name = f"{family} family, n = {len(points)}"
+        axis.set_title(name if rho is None else f"{name}, ρ = {rho:.2f}", fontsize="medium")
+        axis.grid(alpha=0.3)
+    axes[-1].legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    figure.suptitle(title)
     return _save(figure, path)
 
 
+def _estimate_table(points: list[dict], cells: list[dict], of: str) -> Table:
+    """Per defense label: backdoored cells, their false all-clears and Spearman ρ; clean-model
+    cells and their false alarms after. The first row: the clean models before purification."""
+    table = Table(["defense", "false all-clears", "Spearman ρ", "false alarms on clean models"], [])
+    table.rows.append([f"{NO_DEFENSE} (before)", "–", "–", rate(*false_alarms(cells, of))])
+    after = false_alarms_after(cells, of)
+    for label in sorted({p["defense"] for p in points} | set(after)):
+        mine = [p for p in points if p["defense"] == label]
+        alarms = rate(*after[label]) if label in after else "–"
+        table.rows.append([label, rate(*false_all_clears(mine)), _rho(spearman(mine)), alarms])
+    return table
+
+
 def estimate_section(cells: list[dict], out: Path) -> list:
-    """The defender-side backdoor estimate (methods.md §12.2) against the true ASR."""
+    """The defender-side backdoor estimate (methods.md §12.2) against the true ASR, per
+    modality: Spearman ρ, false all-clears, false alarms before and after each defense, and a
+    plot per trigger family."""
     blocks = [Heading("Backdoor estimate (defender side)", 2)]
     points = estimate_points(cells)
-    flagged, clean = false_alarms(cells)
-    if not points and not clean:
+    estimated = [c for c in cells if c.get("estimate")]
+    if not estimated:
         return [*blocks, Note("No defense run recorded the backdoor estimate.")]
-    rho = None
-    spread = all(len({p[key] for p in points}) > 1 for key in ("asr", "est"))
-    if len(points) >= 3 and spread:
-        from scipy.stats import spearmanr
-
-        rho = float(spearmanr([p["asr"] for p in points], [p["est"] for p in points]).statistic)
-    missed = sum(p["asr"] >= 0.5 > p["est"] for p in points)
     blocks.append(
-        Items(
-            [
-                f"Spearman rank correlation of estimated and true ASR after purification: "
-                f"{'–' if rho is None else f'{rho:.3f}'} over {len(points)} backdoored cells",
-                f"false all-clear (true ASR ≥ 0.5, estimated < 0.5): {missed} of {len(points)}",
-                f"clean models flagged before purification (false alarms): {flagged} of {clean}",
-            ]
+        Text(
+            "Per modality, on the latest run of each defense and seed: Spearman's ρ of the "
+            "estimated and true ASR after purification (backdoored cells); false all-clears: "
+            f"backdoored cells whose true ASR after purification is ≥ {HIGH_ASR} but whose "
+            "verdict after says clean (not suspected); false alarms: clean models whose "
+            "estimate says a backdoor is suspected, before purification (per model) and after "
+            "each defense (per cell). The plots show each trigger family's estimated ASR after "
+            "purification (the family the verdict named; cells stored before the families "
+            "count as mask)."
         )
     )
-    if points:
-        relative = f"{FIGURES}/estimate-vs-true-asr.png"
-        plot_estimate(points, rho, out / relative)
-        blocks.append(Image(relative, "Estimated against true ASR after each purification"))
+    for of in sorted({modality(c) for c in estimated}):
+        mine = [p for p in points if p["modality"] == of]
+        flagged, clean = false_alarms(cells, of)
+        blocks += [
+            Heading(f"Backdoor estimate: {of}", 3),
+            Items(
+                [
+                    f"Spearman rank correlation of estimated and true ASR after purification: "
+                    f"{_rho(spearman(mine))} over {len(mine)} backdoored cells",
+                    f"false all-clears (true ASR ≥ {HIGH_ASR} after, verdict clean): "
+                    f"{rate(*false_all_clears(mine))}",
+                    f"false alarms on clean models before purification: {rate(flagged, clean)}",
+                ]
+            ),
+            _estimate_table(mine, cells, of),
+        ]
+        if mine:
+            relative = f"{FIGURES}/estimate-vs-true-asr-{of}.png"
+            by_family = family_points(mine)
+            plot_estimate(by_family, f"defender-side estimate vs true ASR, {of}", out / relative)
+            caption = f"{of}: estimated against true ASR after each purification, per family"
+            blocks.append(Image(relative, caption))
     return blocks
 
 
