@@ -40,6 +40,10 @@ BAD_SPECS = {
         SPEC.replace("[ft]", "[{name: gnft, params: {alpha: high}}]"),
         "defenses[0].params.alpha: must be a number, got 'high'",
     ),
+    "auto-param": (  # the auto chooser (issue 28) is a defense of a spec, its settings checked
+        SPEC.replace("[ft]", "[{name: auto, params: {ordr: ft}}]"),
+        "defenses[0].params: unknown parameter 'ordr' for auto (did you mean order?)",
+    ),
     "trigger-param": (
         SPEC.replace("[badnets]", "[{name: badnets, params: {sise: 3}}]"),
         "attacks[0].params: unknown parameter 'sise' for badnets",

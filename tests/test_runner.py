@@ -497,3 +497,35 @@ def test_a_retrained_model_that_differs_from_the_stored_one_is_reported(tmp_path
     assert "warning" in out.getvalue() and "0.9000 → 0.9100" in out.getvalue()
     report.model(runner.ModelStage(job, tmp_path, "train", None), {**old, "acc": 0.5})
     assert out.getvalue().count("warning") == 1
+
+
+def test_auto_cells_are_stored_and_reported_with_their_choice(finished, tmp_path, monkeypatch):
+    """`auto` as a grid defense (issue 28 item 4): its cells run on the cached models, store the
+    estimate it made and the defense it chose, and the report shows it as a row."""
+    from torchpurify.report import write_report
+
+    _, folder, _ = finished
+    results = tmp_path / "results.db"
+    results.write_bytes((folder / "results.db").read_bytes())
+    monkeypatch.setattr(runner, "train_model", lambda *a, **k: pytest.fail("retrained"))
+    text = SPEC.split("defenses:")[0] + textwrap.dedent("""\
+        defenses:
+          - name: auto
+            params: {order: ft, settings: {ft: {epochs: 1}}}
+        seeds: [0, 1]
+        training: {epochs: 1, batch_size: 64}
+        defender_fraction: 0.2
+        diagnostics: true
+        device: cpu
+        estimate: {families: [mask], steps: 20, capped_steps: 10}
+        """)  # fmt: skip
+    new = runner.run_experiment(load_spec(write_spec(tmp_path, text)), results, folder / "cache")
+    assert len(new) == 4 and {r["defense"] for r in new} == {"auto"}
+    for row in new:
+        record = row["log"]["auto"]
+        assert row["estimate"]["chosen"] == record["chosen"]
+        assert record["chosen"] in (None, "ft") and record["stopped"]
+        assert row["est_asr_after"] == row["estimate"]["after"]["est_asr"]
+    markdown = write_report(results, tmp_path / "report")[0].read_text()
+    assert "\n| auto | 2 |" in markdown  # a row of the backdoored and the clean model's tables
+    assert "- auto, seed 0: chose " in markdown

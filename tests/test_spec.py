@@ -266,3 +266,23 @@ def test_distillation_is_a_defense_setting_not_a_training_setting(tmp_path):
     recipe has no model to hold to, so a spec's ``training`` may not set it."""
     message, _ = error_of(tmp_path, SPEC + "training: {distill: 1.0}\n")
     assert "distill" in message
+
+
+def test_auto_is_a_defense_of_a_grid(tmp_path):
+    """`auto` (issue 28 item 4) is a chooser, not a registry defense: a spec takes it like one,
+    with its own settings, and its cells carry them in their keys."""
+    text = replace(
+        "  - name: gnft\n", "  - name: auto\n    params: {order: 'gnft,ft'}\n  - name: gnft\n"
+    )
+    spec = load_spec(write(tmp_path, text))
+    assert [d.label for d in spec.defenses] == ["ft", "pruning", "auto", "gnft"]
+    auto = [c for c in cell_jobs(spec) if c.label == "auto"]
+    assert len(auto) == len(model_jobs(spec)) and auto[0].params["order"] == "gnft,ft"
+    assert auto[0].defense.build(0).name == "auto"
+    other = load_spec(write(tmp_path, text.replace("gnft,ft", "ft"), "other.yaml"))
+    others = {c.key for c in cell_jobs(other) if c.label == "auto"}
+    assert len(others) == len(auto) and others.isdisjoint(c.key for c in auto)
+    same = {c.key for c in cell_jobs(other) if c.label != "auto"}
+    assert same == {c.key for c in cell_jobs(spec) if c.label != "auto"}
+    message, path = error_of(tmp_path, text.replace("gnft,ft", "gnft,fft"))
+    assert message == f"{path}: defenses[2].params: auto: order names an unknown defense 'fft'"

@@ -44,6 +44,9 @@ NOT_SETTINGS = {
 }
 # A setting's kind, by its default's type; a setting of another kind (or a None default) is
 # not checked by kind.
+# Choosers: names a spec's ``defenses`` and ``purify --defense`` take beside the registry's
+# defenses, each a class of its own module (``auto``: torchpurify.auto, methods.md §12.2).
+CHOOSERS = {"auto": ("torchpurify.auto", "Auto")}
 KIND_TYPES = {"bool": bool, "int": int, "float": float, "str": str, "dict": dict, "list": list}
 HAS_SETTINGS = ("attacks", "defenses")
 
@@ -89,16 +92,26 @@ def names(kind: str) -> list[str]:
 def listed(kind: str) -> dict[str, str]:
     """What ``torchpurify list KIND`` shows: :func:`summaries`, and for defenses also the
     choosers that are not defenses of the registry (``auto``, :mod:`torchpurify.auto`: purify
-    takes it, a grid spec does not yet)."""
+    and a grid spec take it)."""
     entries = summaries(kind)
     if kind == "defenses":
-        entries = dict(sorted({**entries, **static()["choosers"]}.items()))
+        entries = dict(sorted({**entries, **choosers()}.items()))
     return entries
+
+
+def choosers() -> dict[str, str]:
+    """Name → one-line summary of every chooser (:data:`CHOOSERS`): a spec's ``defenses`` and
+    ``purify --defense`` take them beside the registry's defenses."""
+    return {name: entry["summary"] for name, entry in static()["choosers"].items()}
 
 
 def settings(kind: str, name: str | None = None) -> dict[str, str | None]:
     """Setting → kind (:func:`kind_of`) of an attack's or defense's ``params`` (``name``), or
     of a spec's ``training`` or ``estimate`` mapping (``kind`` alone); the name must exist."""
+    if kind == "defenses" and name in CHOOSERS:
+        if _loaded(CHOOSERS[name][0]):
+            return {key: kind_of(value) for key, value in defaults(kind, name).items()}
+        return dict(static()["choosers"][name]["params"])
     module = REGISTRIES[kind][0] if name is not None else GROUPS[kind]
     if _loaded(module):
         return {key: kind_of(value) for key, value in defaults(kind, name).items()}
@@ -129,7 +142,11 @@ def defaults(kind: str, name: str | None = None) -> dict[str, Any]:
 
         return {f.name: f.default for f in dataclasses.fields(EstimateConfig)
                 if f.name not in skip}  # fmt: skip
-    factory = registry(kind).get(name)
+    if kind == "defenses" and name in CHOOSERS:
+        module, attribute = CHOOSERS[name]
+        factory = getattr(importlib.import_module(module), attribute)
+    else:
+        factory = registry(kind).get(name)
     if kind == "attacks":
         params_class = factory.__self__.params_class  # the registry holds Class.build
         return {
@@ -155,9 +172,11 @@ def live() -> dict[str, Any]:
             catalogue[kind][name] = entry
     for group in GROUPS:
         catalogue[group] = {key: kind_of(value) for key, value in defaults(group).items()}
-    from torchpurify.auto import AUTO, SUMMARY
-
-    catalogue["choosers"] = {AUTO: SUMMARY}
+    catalogue["choosers"] = {}
+    for name, (module, attribute) in CHOOSERS.items():
+        chooser = getattr(importlib.import_module(module), attribute)
+        params = {k: kind_of(v) for k, v in defaults("defenses", name).items()}
+        catalogue["choosers"][name] = {"summary": chooser.summary, "params": params}
     return catalogue
 
 

@@ -61,7 +61,7 @@ TRAINING_KEYS = tuple(catalogue.settings("training"))
 UNHASHED = ("device", "progress")
 # Defense parameters added after stores were written, at the value that reproduces the earlier
 # behaviour: left out of a cell's key at that value, so the stored cells stay valid.
-NEUTRAL = {"augment": False, "distill": 0.0}
+NEUTRAL = {"augment": False, "distill": 0.0, "cut_scale": 1.0}
 MAX_BYTES = 1_000_000  # a spec is a page of YAML
 MAX_VALUES = 100_000  # values after alias expansion; real specs have hundreds
 MAX_MESSAGE = 400
@@ -193,7 +193,7 @@ class DefenseEntry:
 
     def build(self, seed: int, device: str = "auto", progress: bool = False) -> Defense:
         """The defense for one cell: the cell's seed and device unless the params set them."""
-        from torchpurify.defenses import build_defense
+        from torchpurify.auto import build_defense  # a registry defense, or the auto chooser
 
         params = {"seed": seed, "device": device, **self.params}
         return build_defense(self.name, progress=progress, **params)
@@ -579,12 +579,14 @@ class Reader:
 
     def defense(self, value: Any, place: str) -> DefenseEntry:
         entry = self.named(value, place, DEFENSE_KEYS)
-        name = self.registered(entry["name"], "defenses", f"{place}.name")
+        name = entry["name"]
+        if not (isinstance(name, str) and name in catalogue.CHOOSERS):  # auto: a chooser
+            name = self.registered(name, "defenses", f"{place}.name")
         kinds = catalogue.settings("defenses", name)
         unknown = f"parameter {{!r}} for {name}"
         params = self.params(entry.get("params", {}), f"{place}.params", kinds, unknown)
         if not self.light:  # the defense checks its own ranges when it is built
-            from torchpurify.defenses import build_defense
+            from torchpurify.auto import build_defense
 
             try:
                 build_defense(name, **params)
