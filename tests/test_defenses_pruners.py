@@ -12,6 +12,7 @@ from torch import nn
 from torchpurify.data.base import Split
 from torchpurify.defenses import Clean, build_defense
 from torchpurify.defenses.anp import mask_neurons
+from torchpurify.defenses.rnp import WeightGates, switches_off
 from torchpurify.errors import UserError
 from torchpurify.metrics import evaluate
 from torchpurify.models import build_model
@@ -98,6 +99,69 @@ def test_masks_survive_save_and_load(name, runs, tiny_backdoor, tmp_path):
     x = tiny_backdoor.test.x[:32]
     with torch.no_grad():
         assert torch.allclose(reloaded(x), model(x), atol=1e-5)
+
+
+def test_rnp_prunes_without_switching_a_layer_off(runs, tiny_backdoor):
+    """Issue 27 item 3: the recovery masked whole channels of small-cnn's last feature layer,
+    which nothing bypasses, and switched it off; now that layer is left out, the masks scale γ
+    only, and the unlearning stops at its target within the epoch."""
+    log = runs[1]["rnp"][1].log
+    assert log["left_out"] == "block4.1"
+    assert "block4.1" not in log["mask_values"]
+    assert log["num_pruned"] > 0
+    assert log["zeroed_layers"] == []
+    for layer, values in log["mask_values"].items():
+        assert max(values) > 0, layer
+    last = log["unlearning"][-1]
+    threshold = TINY["rnp"]["clean_threshold"]
+    assert "stopped_at_batch" in last or last["train_acc"] <= threshold
+    assert all("stopped_at_batch" not in record for record in log["unlearning"][:-1])
+
+
+class Residual(nn.Module):
+    """conv → BN → ReLU with an identity path around the BN: the reference ResNet's last block."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(1, 4, 3, padding=1)
+        self.bn = nn.BatchNorm2d(4)
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, x):
+        features = self.conv(x)
+        out = torch.relu(self.bn(features) + features)
+        return self.head(out.mean((2, 3)))
+
+
+def test_rnp_leaves_out_a_last_layer_only_when_nothing_bypasses_it():
+    x = torch.rand(8, 1, 8, 8)
+    plain = conv_net(2, batchnorm=True)
+    last = mask_neurons(plain, x[:2])[-1]
+    assert last == ("7", 16) and switches_off(plain, last, x)
+    torch.manual_seed(0)
+    residual = Residual().eval()
+    assert mask_neurons(residual, x[:2]) == [("bn", 4)]
+    assert not switches_off(residual, ("bn", 4), x)
+
+
+def test_rnp_masks_scale_gamma_and_keep_beta():
+    torch.manual_seed(0)
+    bn = nn.BatchNorm2d(3).eval()
+    with torch.no_grad():
+        bn.weight.copy_(torch.tensor([2.0, 3.0, 4.0]))
+        bn.bias.copy_(torch.tensor([0.5, -1.0, 1.5]))
+    model = nn.Sequential(bn)
+    x = torch.randn(4, 3, 5, 5)
+    with torch.no_grad():
+        plain = bn(x)
+    gates = WeightGates(model, [("0", 3)])
+    with torch.no_grad():
+        gates.masks[0].copy_(torch.tensor([0.0, 0.5, 1.0]))
+        out = model(x)
+    gates.remove()
+    assert torch.allclose(out[:, 0], torch.full_like(out[:, 0], 0.5))
+    assert torch.allclose(out[:, 1] - (-1.0), 0.5 * (plain[:, 1] - (-1.0)), atol=1e-6)
+    assert torch.allclose(out[:, 2], plain[:, 2])
 
 
 def conv_net(dims: int, batchnorm: bool) -> nn.Module:

@@ -1,25 +1,39 @@
 """RNP: reconstructive neuron pruning (Li, Lyu, Ma, Koren, Lyu, Li, Jiang, ICML 2023;
-methods.md §6).
+methods.md §6.8).
 
 1. **Unlearn**: on a copy of the model, gradient *ascent* on the clean ``tune`` data,
    ``θ ← θ + η·∇θ L(θ)`` (SGD, lr 0.01, momentum 0.9, weight decay 5e-4, gradients clipped to
-   norm 20, the rate divided by 10 after epochs 10 and 20), until the accuracy over an epoch
-   falls to ``clean_threshold`` (0.2) or after ``unlearning_epochs`` (20). Clean features are
-   destroyed first; the backdoor, which clean data never exercised, survives.
-2. **Recover**: freeze the unlearned weights and learn one mask m_k ∈ [0, 1] per neuron
-   (the reference masks BatchNorm weights, here the same neurons as ANP, ``anp.mask_neurons``)
-   by *minimising* ``α·L`` on ``tune`` (α = 0.2, SGD lr 0.2, momentum 0.9, 20 epochs, clipped
-   to [0, 1]). Restoring clean accuracy needs the clean neurons; the backdoor neurons, which
-   unlearning left intact and which hurt clean accuracy, end with small masks.
+   norm 20, the rate divided by 10 after epochs 10 and 20), until the accuracy falls to
+   ``clean_threshold`` (0.2) or after ``unlearning_epochs`` (20). The reference checks the
+   epoch's running accuracy once an epoch; here it is checked on every batch (before that
+   batch's step), so unlearning stops at its target instead of up to an epoch past it: a
+   model unlearned far past it has so large a loss that the best the recovery can do is to
+   switch a layer off (constant outputs, loss ln K).
+   Clean features are destroyed first; the backdoor, which clean data never exercised, survives.
+2. **Recover**: freeze the unlearned weights and learn one mask m_k ∈ [0, 1] per neuron of
+   ANP's neurons (``anp.mask_neurons``: the BatchNorm layers, or the hidden Conv/Linear units of
+   a model without one) by *minimising* ``α·L`` on ``tune`` (α = 0.2, SGD lr 0.2, momentum 0.9,
+   20 epochs, clipped to [0, 1]). As in the reference the mask scales the BatchNorm weight γ
+   only, β stays (:class:`WeightGates`; a Conv/Linear unit: its weights, not its bias). The
+   last of those layers is left out when switching it off leaves the model's outputs the same
+   for every input (:func:`switches_off`): the reference's ResNet-18 has a residual path around
+   its last BatchNorm, small-cnn, kws-cnn, res8 and PreAct-ResNet18 (whose final BatchNorm the
+   reference's PreAct lacks) have none. Restoring clean accuracy needs the clean neurons; the
+   backdoor neurons, which unlearning left intact and which hurt clean accuracy, end with
+   small masks.
 3. **Prune** the *original* model's neurons with mask values at or below a threshold: chosen on
-   the holdout as in ANP (the reference sweeps it against the test set).
+   the holdout as in ANP (the reference sweeps it against the test set). Pruning masks the
+   whole channel (the persistent neuron mask; the reference zeroes γ and keeps β): the
+   threshold is chosen on the model actually pruned.
 """
 
 from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
+from typing import Any
 
+import torch
 import torch.nn.functional as F
 from torch import nn
 
@@ -33,6 +47,39 @@ from torchpurify.train import TrainConfig, Trainer, fit
 PAPER = "paper: RNP's code (bboylyg/RNP main.py), methods.md §6.8"
 
 MILESTONES = (10, 20)
+
+
+class WeightGates(NeuronGates):
+    """RNP's masks: ``m·(y − b) + b`` on a module's output ``y`` with bias (BatchNorm β) ``b``,
+    i.e. the mask scales the weights (γ) and leaves the bias, as the reference's
+    ``MaskBatchNorm2d`` (``weight * neuron_mask``, ``bias * 1``). A module without a bias
+    (``affine=False`` BatchNorm, a bias-free conv) has its whole output scaled."""
+
+    def _gate(self, i: int, module: nn.Module, args: Any, out: torch.Tensor) -> torch.Tensor:
+        shape = (1, -1) + (1,) * (out.dim() - 2)
+        mask = self.masks[i].view(shape)
+        bias = getattr(module, "bias", None)
+        if not isinstance(bias, torch.Tensor):
+            return out * mask
+        bias = bias.view(shape)
+        return mask * (out - bias) + bias
+
+
+def switches_off(model: nn.Module, neurons: tuple[str, int], x: torch.Tensor) -> bool:
+    """True when every mask of the layer at 0 makes ``model``'s outputs on ``x`` (a few
+    inputs, evaluation mode) the same for every input: no path bypasses the layer."""
+    gates = WeightGates(model, [neurons])
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            gates.masks[0].zero_()
+            out = model(x.to(next(model.parameters()).device))
+    finally:
+        gates.remove()
+        model.train(was_training)
+    spread = float((out - out[:1]).abs().max())
+    return spread <= 1e-5 * (1 + float(out.abs().max()))
 
 
 @register_defense
@@ -62,7 +109,11 @@ class ReconstructiveNeuronPruning(MaskPruning):
     def run(self, model: nn.Module, clean: Clean) -> Purified:
         working = copy.deepcopy(model)
         unlearning = self.unlearn(working, clean.tune)
-        gates = NeuronGates(working, mask_neurons(working, clean.holdout.x[:2]))
+        neurons = mask_neurons(working, clean.holdout.x[:2])
+        left_out = None
+        if len(neurons) > 1 and switches_off(working, neurons[-1], clean.holdout.x[:8]):
+            left_out = neurons.pop()[0]
+        gates = WeightGates(working, neurons)
 
         def recovery_step(gated, x, y, optimizer, cost):
             optimizer.zero_grad(set_to_none=True)
@@ -83,21 +134,31 @@ class ReconstructiveNeuronPruning(MaskPruning):
         log = self.prune(model, gates.values(), clean.holdout)
         log["unlearning"] = unlearning
         log["recovering"] = recovered.history
+        log["left_out"] = left_out
+        log["zeroed_layers"] = [n for n, v in gates.values().items() if bool((v == 0).all())]
         return Purified(model, log)
 
     def unlearn(self, model: nn.Module, tune: Split) -> list[dict]:
-        """Gradient ascent on ``tune``, epoch by epoch, until its accuracy reaches the threshold."""
-        seen = {"correct": 0, "total": 0}
+        """Gradient ascent on ``tune`` until the accuracy on a batch, measured before its step,
+        is at most the threshold (then no further step), or ``unlearning_epochs`` have run."""
+        seen: dict[str, Any] = {"correct": 0, "total": 0, "losses": [], "stopped": None}
 
         def ascent_step(net, x, y, optimizer, cost):
+            if seen["stopped"] is not None:  # the target is reached: the epoch's rest is skipped
+                return torch.zeros((), device=x.device)
             optimizer.zero_grad(set_to_none=True)
             logits = net(x)
             loss = F.cross_entropy(logits, y)
+            correct = int((logits.argmax(1) == y).sum())
+            seen["correct"] += correct
+            seen["total"] += len(y)
+            seen["losses"].append(float(loss.detach()))
+            if correct / len(y) <= self.clean_threshold:
+                seen["stopped"] = len(seen["losses"])
+                return loss.detach()
             (-loss).backward()
             nn.utils.clip_grad_norm_(net.parameters(), max_norm=20)
             optimizer.step()
-            seen["correct"] += int((logits.argmax(1) == y).sum())
-            seen["total"] += len(y)
             return loss.detach()
 
         config = TrainConfig(
@@ -117,10 +178,16 @@ class ReconstructiveNeuronPruning(MaskPruning):
                 lr = self.unlearning_lr * 0.1 ** sum(epoch > m for m in MILESTONES)
                 for group in trainer.optimizer.param_groups:
                     group["lr"] = lr
-                seen.update(correct=0, total=0)
+                seen.update(correct=0, total=0, losses=[])
                 record = trainer.epoch()
-                record.update(lr=lr, train_acc=seen["correct"] / max(1, seen["total"]))
+                record.update(
+                    lr=lr,
+                    loss=sum(seen["losses"]) / max(1, len(seen["losses"])),
+                    train_acc=seen["correct"] / max(1, seen["total"]),
+                )
+                if seen["stopped"] is not None:
+                    record["stopped_at_batch"] = seen["stopped"]
                 history.append(record)
-                if record["train_acc"] <= self.clean_threshold:
+                if seen["stopped"] is not None or record["train_acc"] <= self.clean_threshold:
                     break
         return history
