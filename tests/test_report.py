@@ -474,10 +474,13 @@ def test_the_estimate_is_validated_per_modality(validated):
     audio = markdown.split("### Backdoor estimate: audio\n", 1)[1].split("\n## ", 1)[0]
     assert "- false all-clears (true ASR ≥ 0.5 after, verdict clean): 1 of 1 (100 %)" in audio
     assert "- false alarms on clean models before purification: –" in audio
+    widths = {}
     for name in ("images", "audio"):
-        figure = out / "figures" / f"estimate-vs-true-asr-{name}.png"
-        assert figure.read_bytes().startswith(b"\x89PNG")
+        figure = (out / "figures" / f"estimate-vs-true-asr-{name}.png").read_bytes()
+        assert figure.startswith(b"\x89PNG")
+        widths[name] = int.from_bytes(figure[16:20], "big")  # the PNG header's width
         assert f"](figures/estimate-vs-true-asr-{name}.png)" in markdown
+    assert widths["images"] > 2.5 * widths["audio"]  # three family panels against one
 
 
 def test_the_estimate_plot_has_a_panel_per_family(validated):

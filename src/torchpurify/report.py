@@ -774,7 +774,12 @@ def plot_estimate(by_family: dict[str, list[dict]], title: str, path: Path) -> P
         name = f"{family} family, n = {len(points)}"
         axis.set_title(name if rho is None else f"{name}, ρ = {rho:.2f}", fontsize="medium")
         axis.grid(alpha=0.3)
-    axes[-1].legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    legend = {}  # every attack, whichever panel holds it
+    for axis in axes:
+        for handle, label in zip(*axis.get_legend_handles_labels(), strict=True):
+            legend.setdefault(label, handle)
+    axes[-1].legend(legend.values(), legend.keys(), fontsize="small", loc="upper left",
+                    bbox_to_anchor=(1.0, 1.0))  # fmt: skip
     figure.suptitle(title)
     return _save(figure, path)
 
