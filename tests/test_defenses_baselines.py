@@ -16,7 +16,12 @@ from torchpurify.defenses import DEFENSES, Clean, build_defense
 from torchpurify.defenses.fst import linear_head
 from torchpurify.defenses.ft_sam import sam_perturbation, smoothed_cross_entropy
 from torchpurify.defenses.ibau import find_perturbation, hypergradient_step
-from torchpurify.defenses.nad import attention_map
+from torchpurify.defenses.nad import (
+    attention_layers,
+    attention_loss,
+    attention_map,
+    distillation_step,
+)
 from torchpurify.defenses.tsbd import (
     FRACTIONS,
     rank_neurons,
@@ -100,6 +105,68 @@ def test_nad_attention_loss_is_positive_and_falls(purified):
     losses = purified[0]["nad"].log["attention_loss"]
     assert len(losses) == TINY["nad"]["epochs"]
     assert losses[0] > 0 and losses[-1] < losses[0]
+
+
+def test_nad_distils_three_stages_with_the_authors_betas(purified):
+    """Issue 27 item 3: β₁, β₂, β₃ = 500, 1000, 1000 on three stages, as bboylyg/NAD's config
+    (here β/2, β, β with β = 1000 by default; the tiny recipe's β = 500 halves them)."""
+    log = purified[0]["nad"].log
+    assert log["layers"] == ["block1.1", "block2.1", "block4.2"]
+    beta = TINY["nad"]["beta"]
+    assert log["betas"] == [beta / 2, beta, beta]
+    default = build_defense("nad")
+    assert default.beta == 1000 and default.layers is None
+
+
+STAGES = {
+    "small-cnn": ((1, 12, 12), ["block1.1", "block2.1", "block4.2"]),
+    "kws-cnn": ((8000,), ["block2.3", "block3.3", "block4.2"]),
+    "res8": ((8000,), ["blocks.0.bn2", "blocks.1.bn2", "blocks.2.bn2"]),
+    "preact-resnet18": ((3, 16, 16), ["layer3.0.bn1", "layer4.0.bn1", "relu"]),
+    "lenet5": ((1, 12, 12), ["features.2", "features.5"]),  # no BatchNorm, two stages
+    "lstm": ((8000,), ["features.1"]),  # no map: the neuron layer
+}
+
+
+@pytest.mark.parametrize("architecture", sorted(STAGES))
+def test_nad_layers_are_the_last_three_feature_stages(architecture):
+    shape, expected = STAGES[architecture]
+    model = build_model(architecture, shape, 3).eval()
+    assert attention_layers(model, torch.rand(2, *shape)) == expected
+
+
+def test_nad_step_weighs_each_layer_by_its_beta():
+    torch.manual_seed(0)
+    student = build_model("small-cnn", (1, 12, 12), 3)
+    teacher = copy.deepcopy(student)
+    with torch.no_grad():
+        for p in teacher.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    student.eval(), teacher.eval()
+    x, y = torch.rand(8, 1, 12, 12), torch.arange(8) % 3
+    layers, betas = ["block1.1", "block2.1", "block4.2"], [500.0, 1000.0, 1000.0]
+    maps = {}
+    for name, net in (("s", student), ("t", teacher)):
+        outputs = {}
+        handles = [
+            net.get_submodule(n).register_forward_hook(
+                lambda m, a, o, n=n, out=outputs: out.__setitem__(n, o.detach())
+            )
+            for n in layers
+        ]
+        with torch.no_grad():
+            net(x)
+        for h in handles:
+            h.remove()
+        maps[name] = outputs
+    expected = sum(
+        b * float(attention_loss(maps["s"][n], maps["t"][n], 2.0))
+        for n, b in zip(layers, betas, strict=True)
+    )
+    sink: list[float] = []
+    optimizer = torch.optim.SGD(student.parameters(), lr=0.0)
+    distillation_step(teacher, layers, betas, 2.0, sink)(student, x, y, optimizer, Cost())
+    assert sink == pytest.approx([expected], rel=1e-5) and expected > 0
 
 
 def test_attention_map_is_unit_norm_per_sample_and_handles_vectors():

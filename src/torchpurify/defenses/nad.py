@@ -10,11 +10,24 @@ Distillation: Erasing Backdoor Triggers from Deep Neural Networks", ICLR 2021; m
    L2-normalised per sample: where in the input the layer attends. Without a spatial or time axis
    (an N × F feature vector), a(F) = |F|^p over the units, normalised the same way.
 
-Defaults from the authors' code (bboylyg/NAD ``config.py``, ``main.py``): β = 5000 on the last
-feature map only (their β₁ = β₂ = 0), p = 2, 20 student epochs, weight decay 1e-4, momentum 0.9;
-teacher 10 epochs (their README: 5–10). Their learning rate is 0.1 for 2 epochs then 0.01; here
-lr 0.01 with the shared cosine schedule, as BackdoorBench runs it. ``layers`` (comma-separated
-module names) replaces the default layer, the project's neuron layer (methods.md §0).
+Defaults from the authors' code (bboylyg/NAD ``config.py`` at its last commit, ``main.py``):
+β₁, β₂, β₃ = 500, 1000, 1000 on the outputs of a WRN-16-1's three block groups, shallow to deep
+(here ``beta`` = 1000 and :data:`LAYER_WEIGHTS` = ½, 1, 1; an earlier commit had β = 5000 on
+the last group only), p = 2, 20 student epochs, weight decay 1e-4, momentum 0.9; teacher 10
+epochs (their README: 5–10). Their learning rate is 0.1 for 2 epochs then 0.01; here lr 0.01
+with the shared cosine schedule, as BackdoorBench runs it.
+
+The layers (:func:`attention_layers`): the outputs of the model's last three feature stages. A
+stage is a run of consecutive leaf modules with the same channel count (after the first
+weighted layer, with a spatial or time axis not all of size 1), and its output is the run's
+last module: ``block1.1``, ``block2.1``, ``block4.2`` of small-cnn; ``block2.3``, ``block3.3``,
+``block4.2`` of kws-cnn; ``layer3.0.bn1``, ``layer4.0.bn1``, ``relu`` of PreAct-ResNet18 (its
+layer2 and layer3 outputs as the next stage normalises them, and the neuron layer). A model
+with fewer widths than three has the last run split by its blocks (leaves grouped by the first
+two parts of their names; a group of one leaf joins the group before it): res8's three
+residual blocks, DS-CNN's last three blocks. A model with fewer stages still (LeNet-5: two)
+uses those, with the last weights; one without any (the LSTM) the neuron layer of methods.md
+§0. ``layers`` (comma-separated module names) replaces them.
 """
 
 from __future__ import annotations
@@ -31,11 +44,67 @@ from torchpurify.checks import default
 from torchpurify.defenses.base import Clean, Purified, register_defense
 from torchpurify.defenses.recipe import FineTuneRecipe
 from torchpurify.neurons import default_neuron_layer
-from torchpurify.neurons.layers import get_module
+from torchpurify.neurons.layers import WEIGHTED, get_module, list_layers
 from torchpurify.train import fit
 
 # Where these defaults come from (methods.md, "Where each default comes from").
 PAPER = "paper: NAD's code (bboylyg/NAD config.py, main.py), methods.md §6.3"
+
+# The authors' β₁ : β₂ : β₃ = 500 : 1000 : 1000 as multiples of ``beta``, shallow to deep; with
+# fewer layers the last ones, with more the first repeated.
+LAYER_WEIGHTS = (0.5, 1.0, 1.0)
+
+
+def layer_weights(count: int) -> list[float]:
+    """The multiple of β for each of ``count`` attention layers, shallow to deep."""
+    kept = min(count, len(LAYER_WEIGHTS))
+    extra = [LAYER_WEIGHTS[0]] * (count - kept)
+    return extra + list(LAYER_WEIGHTS[len(LAYER_WEIGHTS) - kept :])
+
+
+def attention_layers(model: nn.Module, example: torch.Tensor, count: int = 3) -> list[str]:
+    """The outputs of the last ``count`` feature stages (the rule of the module docstring)."""
+    leaves = [
+        info
+        for info in list_layers(model, example)
+        if next(model.get_submodule(info.name).children(), None) is None
+    ]
+    first = next(
+        (
+            i
+            for i, info in enumerate(leaves)
+            if isinstance(model.get_submodule(info.name), WEIGHTED)
+        ),
+        len(leaves),
+    )
+    maps = [
+        info
+        for info in leaves[first:]
+        if info.output_shape and len(info.output_shape) >= 2 and max(info.output_shape[1:]) > 1
+    ]
+    runs: list[list] = []
+    for info in maps:
+        if runs and runs[-1][-1].channels == info.channels:
+            runs[-1].append(info)
+        else:
+            runs.append([info])
+    if 0 < len(runs) < count:
+        groups: list[list] = []
+        for info in runs.pop():
+            key = ".".join(info.name.split(".")[:2])
+            if groups and ".".join(groups[-1][-1].name.split(".")[:2]) == key:
+                groups[-1].append(info)
+            else:
+                groups.append([info])
+        blocks: list[list] = []
+        for group in groups:  # a lone leaf (a final BN or ReLU) ends the block before it
+            if blocks and len(group) == 1:
+                blocks[-1].extend(group)
+            else:
+                blocks.append(group)
+        runs.extend(blocks)
+    # No map with a spatial or time axis (an LSTM's features): the neuron layer of §0 alone.
+    return [run[-1].name for run in runs[-count:]] or [default_neuron_layer(model, example)]
 
 
 def attention_map(features: torch.Tensor, power: float) -> torch.Tensor:
@@ -68,8 +137,11 @@ def captured(model: nn.Module, layers: list[str]):
             handle.remove()
 
 
-def distillation_step(teacher: nn.Module, layers: list[str], beta: float, power: float, sink):
-    """A :data:`torchpurify.train.Step`: CE + β·attention loss against the frozen teacher."""
+def distillation_step(
+    teacher: nn.Module, layers: list[str], betas: list[float], power: float, sink
+):
+    """A :data:`torchpurify.train.Step`: CE + Σ βᵢ·attention lossᵢ against the frozen teacher;
+    ``sink`` receives the weighted attention loss of each batch."""
 
     def step(model, x, y, optimizer, cost):
         teacher.to(x.device)
@@ -78,8 +150,11 @@ def distillation_step(teacher: nn.Module, layers: list[str], beta: float, power:
             loss = F.cross_entropy(model(x), y)
         with torch.no_grad(), captured(teacher, layers) as teacher_maps:
             teacher(x)
-        at = sum(attention_loss(student_maps[name], teacher_maps[name], power) for name in layers)
-        (loss + beta * at).backward()
+        at = sum(
+            beta * attention_loss(student_maps[name], teacher_maps[name], power)
+            for name, beta in zip(layers, betas, strict=True)
+        )
+        (loss + at).backward()
         optimizer.step()
         sink.append(float(at.detach()))
         return loss.detach()
@@ -102,11 +177,15 @@ class NeuralAttentionDistillation(FineTuneRecipe):
     momentum: float = default(0.9, PAPER)
     weight_decay: float = default(1e-4, PAPER)
     teacher_epochs: int = default(10, "paper: NAD's README (5-10 epochs), methods.md §6.3")
-    beta: float = default(5000.0, PAPER)
+    beta: float = default(
+        1000.0, "paper: NAD's code (bboylyg/NAD config.py: β₁, β₂, β₃ = 500, 1000, 1000), the "
+        "first of three layers weighted β/2, methods.md §6.3"
+    )  # fmt: skip
     power: float = default(2.0, PAPER)
     layers: str | None = default(
-        None, "paper: the last feature map only (the neuron layer of methods.md §0), §6.3"
-    )
+        None, "paper: the outputs of the last three feature stages, as the authors' three "
+        "block groups (the stage rule of methods.md §6.3)"
+    )  # fmt: skip
 
     def validate(self) -> None:
         super().validate()
@@ -120,9 +199,10 @@ class NeuralAttentionDistillation(FineTuneRecipe):
         return [name.strip() for name in (self.layers or "").split(",") if name.strip()]
 
     def run(self, model: nn.Module, clean: Clean) -> Purified:
-        layers = self.layer_names() or [default_neuron_layer(model, clean.tune.x[:2])]
+        layers = self.layer_names() or attention_layers(model, clean.tune.x[:2])
         for name in layers:
             get_module(model, name)  # an unknown name fails before any training
+        betas = [self.beta * w for w in layer_weights(len(layers))]
         teacher = copy.deepcopy(model)
         taught = fit(
             teacher, clean.tune, self.train_config(self.teacher_epochs), description="nad teacher"
@@ -142,12 +222,13 @@ class NeuralAttentionDistillation(FineTuneRecipe):
             model,
             clean.tune,
             self.train_config(),
-            step=distillation_step(teacher, layers, self.beta, self.power, losses),
+            step=distillation_step(teacher, layers, betas, self.power, losses),
             on_epoch=close_epoch,
             description=self.name,
         )
         log = {
             "layers": layers,
+            "betas": betas,
             "attention_loss": per_epoch,
             "teacher_history": taught.history,
             "history": result.history,
