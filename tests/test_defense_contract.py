@@ -225,7 +225,8 @@ def test_a_huge_learning_rate_is_backed_off_then_rolled_back_without_batchnorm(n
     result = build_defense(name, **quick(name, lr=1e4)).purify(model, clean)
     guard = result.log["guard"]
     assert guard["action"] == "rolled back to the input model", guard
-    assert [a["changed"] for a in guard["attempts"]] == [{}, {"lr": 5e3}]
+    # The step is halved whatever else the method's back-off halves (tests/test_back_off.py).
+    assert [a["changed"].get("lr") for a in guard["attempts"]] == [None, 5e3]
     assert all(
         a["holdout_acc"] is None or a["holdout_acc"] < guard["floor"] for a in guard["attempts"]
     )

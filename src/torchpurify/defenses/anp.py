@@ -43,7 +43,7 @@ from torchpurify.checks import default
 from torchpurify.data.base import Split
 from torchpurify.defenses.base import Clean, Defense, Purified, register_defense
 from torchpurify.defenses.clp import NORMS, Unit, weighted_units
-from torchpurify.defenses.pruning import largest_passing
+from torchpurify.defenses.pruning import CUT_SCALE, largest_passing, scaled_count, smaller_cut
 from torchpurify.errors import check
 from torchpurify.metrics import accuracy
 from torchpurify.neurons import list_layers, mask_channels, masked_layers, unmask
@@ -176,8 +176,11 @@ def prune_by_mask_values(
     pruning_max: float,
     threshold: float | None,
     batch_size: int,
+    cut_scale: float = 1.0,
 ) -> dict[str, Any]:
-    """Mask every neuron whose learned mask value is ≤ the chosen threshold (see docstring)."""
+    """Mask every neuron whose learned mask value is ≤ the chosen threshold (see docstring);
+    with ``cut_scale`` < 1 (the guard's back-off, methods.md §0) only that share of them, those
+    with the smallest mask values."""
     if threshold is not None:
         grid = [threshold]
     else:
@@ -187,10 +190,17 @@ def prune_by_mask_values(
 
     earlier = masked_layers(model)  # masks the model came with stay in place
 
-    def apply(position: int) -> None:
+    def below(position: int) -> dict[str, torch.Tensor]:
+        empty = torch.empty(0, dtype=torch.long)
+        return {
+            layer: torch.nonzero(value <= grid[position - 1]).flatten() if position else empty
+            for layer, value in values.items()
+        }
+
+    def apply(position: int, chosen: dict[str, torch.Tensor] | None = None) -> None:
         for layer, value in values.items():
             unmask(model, layer)
-            index = torch.nonzero(value <= grid[position - 1]).flatten() if position else []
+            index = (below(position) if chosen is None else chosen)[layer]
             if layer in earlier:
                 kept = torch.nonzero(earlier[layer] == 0).flatten().cpu()
                 index = torch.cat([kept, torch.as_tensor(index, dtype=torch.long)])
@@ -210,7 +220,22 @@ def prune_by_mask_values(
     else:
         chosen = 1
     after = holdout_accuracy(chosen)
-    apply(chosen)
+    selected = below(chosen)
+    within = sum(len(index) for index in selected.values())
+    if cut_scale < 1:  # the smallest mask values first; ties in layer and channel order
+        ranked = sorted(
+            (float(values[layer][i]), position, layer, int(i))
+            for position, (layer, index) in enumerate(selected.items())
+            for i in index
+        )
+        kept = ranked[: scaled_count(within, cut_scale)]
+        selected = {
+            layer: torch.tensor([i for _, _, name, i in kept if name == layer], dtype=torch.long)
+            for layer in values
+        }
+    apply(chosen, selected)
+    if cut_scale < 1:
+        after = accuracy(model, holdout, batch_size=batch_size)
     pruned = {
         layer: torch.nonzero(mask == 0).flatten().tolist()
         for layer, mask in masked_layers(model).items()
@@ -223,6 +248,8 @@ def prune_by_mask_values(
         "floor": floor,
         "pruned": pruned,
         "num_pruned": sum(len(v) for v in pruned.values()),
+        "num_within_budget": within,
+        "cut_scale": cut_scale,
         "neurons": sum(len(v) for v in values.values()),
         "curve": [[grid[p - 1] if p else None, curve[p]] for p in sorted(curve)],
         "mask_values": {k: [round(float(x), 4) for x in v] for k, v in values.items()},
@@ -242,9 +269,11 @@ class MaskPruning(Defense):
         None, "protocol: the threshold is chosen on the holdout within the budget (the "
         "authors read it off the test set), methods.md §6.6"
     )  # fmt: skip
+    cut_scale: float = default(1.0, CUT_SCALE)
 
     def validate(self) -> None:
         self.require("pruning_max", 0 < self.pruning_max <= 1, "in (0, 1]")
+        self.require("cut_scale", 0 < self.cut_scale <= 1, "in (0, 1]")
         self.require(
             "threshold",
             self.threshold is None
@@ -263,7 +292,14 @@ class MaskPruning(Defense):
             pruning_max=self.pruning_max,
             threshold=self.threshold,
             batch_size=self.batch_size,
+            cut_scale=self.cut_scale,
         )
+
+    def back_off(self) -> MaskPruning | None:
+        """The guard's gentler version: half the neurons the threshold chose, those with the
+        smallest mask values kept (no fine-tuning follows: the cut is the whole cost), down to
+        an eighth of them; then the input model."""
+        return smaller_cut(self)  # type: ignore[return-value]
 
 
 @register_defense

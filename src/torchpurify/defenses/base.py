@@ -9,8 +9,9 @@ mutates the model it was given.
 the model onto the defense's device, counts every pass (:class:`~torchpurify.train.count_passes`),
 and guards the result (methods.md §0): if the result's accuracy on the guard's own samples falls
 more than the defense's budget below the input's, or training diverges, it backs off
-(:meth:`Defense.back_off`: a smaller step, the pruned model without its fine-tuning) and finally
-rolls back to the input, and records what happened in ``log["guard"]``. The guard's samples are
+(:meth:`Defense.back_off`: the method's own gentler version — a smaller step, a smaller cut, a
+smaller α or radius, methods.md §0) and finally rolls back to the input, and records what
+happened in ``log["guard"]``. The guard's samples are
 a share of the holdout that the defense never sees (:func:`~torchpurify.data.splits.split_guard`),
 so no selection rule has read the data that checks it.
 """
@@ -154,7 +155,10 @@ class Defense:
 
     def back_off(self) -> Defense | None:
         """A gentler version of this defense for the guard to try next, or None to roll back to
-        the input model (the default). Training defenses halve the learning rate."""
+        the input model (the default). Each method says what gentler means, by what costs it
+        accuracy (methods.md §0's table): the fine-tuning defenses halve their step and their own
+        strength knob, FST its α (with twice the epochs), I-BAU its radius, the pruning defenses
+        their cut (``cut_scale``). Its params must differ, so the guard's log shows the change."""
         return None
 
     def purify(self, model: nn.Module, clean: Clean) -> Purified:

@@ -29,6 +29,7 @@ from torch import nn
 
 from torchpurify.checks import default
 from torchpurify.defenses.base import Clean, Defense, Purified, register_defense
+from torchpurify.defenses.pruning import CUT_SCALE, scaled_count, smaller_cut
 from torchpurify.neurons import list_layers, mask_channels
 from torchpurify.neurons.masks import ZERO_PRESERVING
 from torchpurify.train import Cost
@@ -115,9 +116,11 @@ class ChannelLipschitzPruning(Defense):
         "auto", "paper: convolutions, as the paper; the hidden Linear units of a model "
         "without any (methods.md §6.7)"
     )  # fmt: skip
+    cut_scale: float = default(1.0, CUT_SCALE)
 
     def validate(self) -> None:
         self.require("u", self.u >= 0, "≥ 0")
+        self.require("cut_scale", 0 < self.cut_scale <= 1, "in (0, 1]")
         self.require(
             "layers", self.layers in ("auto", "conv", "conv+linear"), "auto, conv or conv+linear"
         )
@@ -131,18 +134,30 @@ class ChannelLipschitzPruning(Defense):
             units = weighted_units(model, example, (nn.Linear,))
         pruned: dict[str, list[int]] = {}
         scores: dict[str, list[float]] = {}
-        for unit in units:
+        outliers: list[
+            tuple[float, int, Unit, int]
+        ] = []  # (−z, unit, channel), most outlying first
+        for position, unit in enumerate(units):
             if unit.channels < 2:
                 continue
             bound = channel_lipschitz(model, unit)
             threshold = bound.mean() + self.u * bound.std()
+            z = (bound - bound.mean()) / bound.std().clamp_min(1e-12)
             index = torch.nonzero(bound > threshold).flatten()
             scores[unit.masked_at] = [round(float(v), 4) for v in bound]
-            if len(index):
+            outliers += [(-float(z[i]), position, unit, int(i)) for i in index]
+        # The guard's back-off (cut_scale, methods.md §0): only that share, the most outlying.
+        kept = sorted(outliers, key=lambda o: o[:2] + (o[3],))
+        kept = kept[: scaled_count(len(outliers), self.cut_scale)]
+        for unit in units:
+            index = sorted(channel for _, _, owner, channel in kept if owner == unit)
+            if index:
                 mask_channels(model, unit.masked_at, index, num_channels=unit.channels)
-                pruned[unit.masked_at] = index.tolist()
+                pruned[unit.masked_at] = index
         log = {
             "u": self.u,
+            "cut_scale": self.cut_scale,
+            "num_within_threshold": len(outliers),
             "units": [
                 {"layer": u.layer, "batchnorm": u.norm, "channels": u.channels} for u in units
             ],
@@ -151,3 +166,8 @@ class ChannelLipschitzPruning(Defense):
             "uclc": scores,
         }
         return Purified(model, log, Cost(forward=1))
+
+    def back_off(self) -> ChannelLipschitzPruning | None:
+        """The guard's gentler version: half the outlying channels, the most outlying kept, down
+        to an eighth of them; then the input model."""
+        return smaller_cut(self)  # type: ignore[return-value]

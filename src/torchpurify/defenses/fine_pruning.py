@@ -21,6 +21,7 @@ from torchpurify.defenses.pruning import (
     first_failing,
     largest_passing,
     prune_first,
+    scaled_count,
 )
 from torchpurify.neurons import activation_stats
 
@@ -72,20 +73,25 @@ class FinePruning(PruningDefense):
         base = probe.accuracy(0)
         threshold = base - self.budget(base, len(clean.holdout))
         search = largest_passing if self.search == "binary" else first_failing
-        cut = search(0, len(order) - 1, lambda k: probe.accuracy(k) >= threshold)
+        within = search(0, len(order) - 1, lambda k: probe.accuracy(k) >= threshold)
+        # The guard's back-off prunes a share of that (cut_scale, methods.md §0).
+        cut = scaled_count(within, self.cut_scale)
+        pruned_acc = probe.accuracy(cut)
         prune_first(model, layer, order, cut)
         log = {
             "layer": layer,
             "channels": len(order),
             "pruned": order[:cut].tolist(),
             "num_pruned": cut,
+            "num_within_budget": within,
+            "cut_scale": self.cut_scale,
             "holdout_acc_before": base,
-            "holdout_acc_pruned": probe.curve[cut],
+            "holdout_acc_pruned": pruned_acc,
             "threshold": threshold,
             "search": self.search,
             "holdout_evaluations": len(probe.curve),
             "curve": probe.sorted_curve(),
         }
         # 3. Fine-tune with the masks in place; keep the better of pruned and fine-tuned.
-        log.update(self.fine_tune_pruned(model, clean, probe.curve[cut]))
+        log.update(self.fine_tune_pruned(model, clean, pruned_acc))
         return Purified(model, log)

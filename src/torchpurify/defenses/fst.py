@@ -18,6 +18,7 @@ momentum 0.9, no weight decay, cosine schedule, 10 epochs.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -103,6 +104,12 @@ class FeatureShiftTuning(FineTuneRecipe):
     def validate(self) -> None:
         super().validate()
         self.require("alpha", self.alpha >= 0, "≥ 0")
+
+    def back_off(self) -> FeatureShiftTuning:
+        """The guard's gentler version: half the push away from the old head (α) and twice the
+        steps for the new head to learn, at the same rate — FST's cost comes from α and too few
+        steps, and a halved rate moved it away from the budget (methods.md §0)."""
+        return dataclasses.replace(self, alpha=self.alpha / 2, epochs=self.epochs * 2)
 
     def run(self, model: nn.Module, clean: Clean) -> Purified:
         name = self.head or linear_head(model, clean.tune.x[:2])

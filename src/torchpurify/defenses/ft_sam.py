@@ -20,6 +20,7 @@ our default is 20 epochs, the project's fine-tuning budget (methods.md §6 has t
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -94,6 +95,9 @@ def sam_step(rho: float, adaptive: bool, smoothing: float):
 class FineTuningSAM(FineTuneRecipe):
     name = "ft-sam"
     summary = "fine-tune with adaptive sharpness-aware minimisation (Zhu et al. 2023)"
+    # Back-off: the step and ρ: its perturbation is ρ = 2 times the weights' own scale, and a
+    # halved step alone was rolled back on 13 of 24 audio cells (methods.md §6.1, §12.10).
+    gentler: ClassVar[tuple[str, ...]] = ("lr", "rho")
 
     epochs: int = default(
         20, "paper: FT-SAM's ~1,000 steps cut to the project's fine-tuning budget (20 epochs, "

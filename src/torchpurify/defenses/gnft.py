@@ -14,6 +14,7 @@ a fraction of the weights' norm, so one default fits models of any scale.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -117,6 +118,9 @@ def gradient_norm_step(
 class GradientNormFineTuning(FineTuneRecipe):
     name = "gnft"
     summary = "fine-tune with a gradient-norm penalty, two-pass approximation (Zhou et al. 2025)"
+    # Back-off: the step and the radius (λ = α·r): a halved step alone still missed the budget
+    # (methods.md §11.4), and the radius is what drove a no-BN model to a constant output (§5).
+    gentler: ClassVar[tuple[str, ...]] = ("lr", "r")
 
     mode: str = default("approx", "paper: GN-FT's two-pass approximation (methods.md §5)")
     # radius="relative": r is a fraction of the weights' norm ‖θ‖ at the start (model-scale

@@ -41,6 +41,7 @@ from torchpurify.defenses.pruning import (
     PruningDefense,
     largest_passing,
     prune_first,
+    scaled_count,
 )
 from torchpurify.errors import UserError
 from torchpurify.estimate import FLAG_ASR, SPACE_SOURCE, EstimateConfig, suspect
@@ -183,12 +184,21 @@ class LinfPruning(PruningDefense):
             trigger = self.reinvert(model, holdout, inversion, target, record)
             if trigger is None:
                 break
+        # The guard's back-off keeps the first-pruned share of the cut (cut_scale, methods.md §0).
+        within = len(pruned)
+        if self.cut_scale < 1:
+            kept = scaled_count(within, self.cut_scale)
+            pruned_acc = probe.accuracy(kept)
+            prune_first(model, layer, order, kept)
+            pruned = order[:kept]
         log.update(
             layer=layer,
             holdout_acc_before=base,
             threshold=threshold,
             pruned=pruned.tolist(),
             num_pruned=len(pruned),
+            num_within_budget=within,
+            cut_scale=self.cut_scale,
         )
         # 5. Optional fine-tuning (with unlearning); kept only when no worse on holdout than
         # the pruned model.

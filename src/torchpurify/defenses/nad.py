@@ -168,6 +168,9 @@ class NeuralAttentionDistillation(FineTuneRecipe):
     name = "nad"
     summary = "distil a fine-tuned teacher's attention maps into the model (Li et al. 2021)"
     quick = {"teacher_epochs": 1}
+    # Back-off: the step and β: on small maps β swamps the cross-entropy (methods.md §6.3); on
+    # 7 × 7 maps NAD is fine-tuning, and a halved step brought it within the floor (§6.9).
+    gentler = ("lr", "beta")
 
     epochs: int = default(20, PAPER)
     lr: float = default(

@@ -1,12 +1,14 @@
 """What the pruning defenses share: a base class with their common fields (the neuron layer, the
 holdout budget of the cut, the fine-tuning afterwards), pruning the first k channels of a
 ranking, measuring on the defender's holdout, and finding the cut by binary search (O(log C)
-evaluations) or a full sweep.
+evaluations) or a full sweep; and the guard's back-off of every pruning defense (methods.md §0):
+a smaller cut (``cut_scale`` halved), then, for those that fine-tune, no fine-tuning.
 """
 
 from __future__ import annotations
 
 import copy
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -16,12 +18,34 @@ from torch import nn
 
 from torchpurify.checks import default
 from torchpurify.data.base import Split
-from torchpurify.defenses.base import Clean
+from torchpurify.defenses.base import Clean, Defense
 from torchpurify.defenses.recipe import FineTuneRecipe
 from torchpurify.errors import Divergence
 from torchpurify.metrics import accuracy, predict
 from torchpurify.neurons import default_neuron_layer, mask_channels, unmask
 from torchpurify.train import TrainConfig, fit
+
+# The share of the cut its selection rule found that a pruning defense prunes: 1 at the default,
+# halved by each of the guard's back-offs (methods.md §0) down to MIN_CUT_SCALE, after which the
+# defenses that fine-tune drop their fine-tuning and the others roll back.
+CUT_SCALE = (
+    "protocol: the whole cut the selection rule finds; each of the guard's back-offs halves it "
+    "(methods.md §0)"
+)
+MIN_CUT_SCALE = 1 / 8
+
+
+def scaled_count(count: int, scale: float) -> int:
+    """``scale`` of ``count`` pruned units, rounded down: the guard's smaller cut."""
+    return int(count * scale)
+
+
+def smaller_cut(defense: Defense) -> Defense | None:
+    """The same defense with half its ``cut_scale``, or None once it is at MIN_CUT_SCALE."""
+    scale = defense.cut_scale  # type: ignore[attr-defined]
+    if scale <= MIN_CUT_SCALE:
+        return None
+    return dataclasses.replace(defense, cut_scale=max(scale / 2, MIN_CUT_SCALE))
 
 
 @dataclass
@@ -38,6 +62,11 @@ class PruningDefense(FineTuneRecipe):
     epochs: int = 10
     # Fine-tuning a pruned model with train-mode BatchNorm revives the backdoor (methods.md §11.1).
     freeze_bn_stats: bool = True
+    cut_scale: float = default(1.0, CUT_SCALE)
+
+    def validate(self) -> None:
+        super().validate()
+        self.require("cut_scale", 0 < self.cut_scale <= 1, "in (0, 1]")
 
     @property
     def fine_tunes(self) -> bool:
@@ -47,7 +76,12 @@ class PruningDefense(FineTuneRecipe):
         raise NotImplementedError
 
     def back_off(self) -> PruningDefense | None:
-        """The guard's gentler version: the pruned model without its fine-tuning."""
+        """The guard's gentler version: half the cut (the cut is chosen at the edge of the
+        budget on the selection samples, the fine-tuning is kept only when no worse there), then,
+        at MIN_CUT_SCALE, the smallest cut without its fine-tuning."""
+        smaller = smaller_cut(self)
+        if smaller is not None:
+            return smaller  # type: ignore[return-value]
         return self.without_fine_tuning() if self.fine_tunes else None
 
     def neuron_layer(self, model: nn.Module, clean: Clean) -> str:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass
+from typing import ClassVar
 
 from torchpurify.checks import default
 from torchpurify.defenses.base import Defense
@@ -61,9 +62,14 @@ class FineTuneRecipe(Defense):
         self.require("weight_decay", self.weight_decay >= 0, "≥ 0")
         self.require("distill", self.distill >= 0, "≥ 0")
 
+    # What the guard's back-off halves (methods.md §0): the step, and a method's own strength
+    # knob where that is what costs accuracy (GN-FT's r, FT-SAM's rho, Salience-AR's alpha,
+    # NAD's beta). A method whose cost lies elsewhere overrides back_off (FST, the pruners).
+    gentler: ClassVar[tuple[str, ...]] = ("lr",)
+
     def back_off(self) -> FineTuneRecipe:
-        """The guard's smaller step: the same recipe at half the learning rate."""
-        return dataclasses.replace(self, lr=self.lr / 2)
+        """The guard's smaller step: the same recipe with every ``gentler`` knob halved."""
+        return dataclasses.replace(self, **{k: getattr(self, k) / 2 for k in self.gentler})
 
     def train_config(self, epochs: int | None = None) -> TrainConfig:
         return TrainConfig(

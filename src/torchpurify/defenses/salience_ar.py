@@ -26,6 +26,7 @@ acts on a tensor's large entries, where the paper's |θ| > 1 is reached by almos
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -175,6 +176,9 @@ class Salience:
 class SalienceAR(FineTuneRecipe):
     name = "salience-ar"
     summary = "benign salience finds infected neurons, adaptive regularisation purifies (Fan 2022)"
+    # Back-off: the step and α: the AR push is its cost (α 1 cost 7-10 holdout points, α 0.3
+    # 2.6-3.8 test points), and a halved step alone was rolled back (methods.md §11.4).
+    gentler: ClassVar[tuple[str, ...]] = ("lr", "alpha")
 
     epochs: int = default(10, PAPER)
     target: str = default(

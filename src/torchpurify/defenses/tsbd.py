@@ -36,6 +36,7 @@ from torchpurify.checks import default
 from torchpurify.defenses.base import Clean, Purified, register_defense
 from torchpurify.defenses.fst import linear_head
 from torchpurify.defenses.gnft import gradient_norm_step
+from torchpurify.defenses.pruning import CUT_SCALE
 from torchpurify.defenses.recipe import FineTuneRecipe
 from torchpurify.metrics import accuracy
 from torchpurify.train import TrainConfig, fit
@@ -136,6 +137,7 @@ class TwoStageDefense(FineTuneRecipe):
     )  # fmt: skip
     r: float = default(0.05, PAPER)
     alpha: float = default(0.7, PAPER)
+    cut_scale: float = default(1.0, CUT_SCALE)
 
     def validate(self) -> None:
         super().validate()
@@ -147,6 +149,13 @@ class TwoStageDefense(FineTuneRecipe):
             self.require("fraction", 0 < self.fraction <= 1, "in (0, 1] or null")
         self.require("r", self.r > 0, "positive")
         self.require("alpha", 0 <= self.alpha <= 1, "in [0, 1]")
+        self.require("cut_scale", 0 < self.cut_scale <= 1, "in (0, 1]")
+
+    def back_off(self) -> TwoStageDefense:
+        """The guard's gentler version: half the zeroed neurons (n is chosen at the edge of the
+        budget on the selection samples) and half the fine-tuning's step (its 21 epochs of
+        GN-FT cost by themselves, methods.md §6.9)."""
+        return replace(self, cut_scale=self.cut_scale / 2, lr=self.lr / 2)
 
     def unlearn(self, model: nn.Module, clean: Clean) -> tuple[nn.Module, list[dict]]:
         """A copy of ``model`` unlearnt until its holdout accuracy falls to ``unlearn_acc``."""
@@ -188,7 +197,8 @@ class TwoStageDefense(FineTuneRecipe):
                 curve.append([fraction, acc])
                 if acc >= threshold:
                     chosen = fraction
-        top = ranked[: int(len(ranked) * chosen)]
+        # The guard's back-off zeroes a share of them (cut_scale, methods.md §0).
+        top = ranked[: int(len(ranked) * chosen * self.cut_scale)]
         zeroed = zero_changed_weights(model, changes, top, self.weight_fraction)
         tuned = fit(
             model,
@@ -204,6 +214,7 @@ class TwoStageDefense(FineTuneRecipe):
             "threshold": threshold,
             "curve": curve,
             "fraction": chosen,
+            "cut_scale": self.cut_scale,
             "neurons": len(ranked),
             "zeroed_neurons": [[name, channel] for name, channel, _ in top],
             "nwc_top": [list(neuron) for neuron in ranked[: len(top) + 20]],
