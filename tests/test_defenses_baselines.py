@@ -15,7 +15,7 @@ from torchpurify.data.base import Split
 from torchpurify.defenses import DEFENSES, Clean, build_defense
 from torchpurify.defenses.fst import linear_head
 from torchpurify.defenses.ft_sam import sam_perturbation, smoothed_cross_entropy
-from torchpurify.defenses.ibau import find_perturbation, hypergradient_step
+from torchpurify.defenses.ibau import find_perturbation, hypergradient_step, input_norm
 from torchpurify.defenses.nad import (
     attention_layers,
     attention_loss,
@@ -177,7 +177,8 @@ def test_attention_map_is_unit_norm_per_sample_and_handles_vectors():
 
 
 def test_ibau_perturbation_stays_in_its_ball(tiny_backdoor, purified):
-    assert all(0 < n <= 10.0 + 1e-4 for n in purified[0]["i-bau"].log["perturbation_norms"])
+    log = purified[0]["i-bau"].log
+    assert all(0 < n <= log["radius"] * (1 + 1e-4) for n in log["perturbation_norms"])
     model = copy.deepcopy(tiny_backdoor.model).eval()
     delta = find_perturbation(
         model, tiny_backdoor.tune, batch_size=64, lr=10.0, weight=0.0, radius=0.01
@@ -190,14 +191,63 @@ def test_ibau_perturbation_stays_in_its_ball(tiny_backdoor, purified):
     assert float(free.norm()) > 0.02
 
 
+def test_ibau_radius_is_a_share_of_the_mean_input_norm(tiny_backdoor, purified):
+    """Issue 27 item 3: the radius scales with the data (images and waveforms alike), not a
+    fixed ℓ2 of 10."""
+    log, defense = purified[0]["i-bau"].log, purified[2]["i-bau"]
+    tune = tiny_backdoor.tune
+    norm = float(tune.x.flatten(1).norm(dim=1).mean())
+    assert log["input_norm"] == pytest.approx(norm, rel=1e-5)
+    assert log["radius"] == pytest.approx(defense.max_norm * norm, rel=1e-5)
+    assert input_norm(Split(3 * tune.x, tune.y)) == pytest.approx(3 * norm, rel=1e-5)
+    waves = tones(8)
+    assert input_norm(waves) == pytest.approx(float(waves.x.norm(dim=1).mean()), rel=1e-5)
+    assert build_defense("i-bau").max_norm == 0.34
+
+
+def test_ibau_log_records_the_fixed_point_iteration_each_round(tiny_backdoor, purified):
+    log = purified[0]["i-bau"].log
+    rounds = log["rounds"]
+    assert len(rounds) == TINY["i-bau"]["rounds"]
+    batches = len(tiny_backdoor.tune) // 2 // TINY["i-bau"]["batch_size"]  # run() gets half
+    for record in rounds:
+        assert {"inner_loss", "fixed_point_residual", "contraction", "diverging_steps"} <= set(
+            record
+        )
+        assert record["steps"] >= max(1, batches) and record["fixed_point_residual"] >= 0
+    assert log["diverging"] == any(r["diverging_steps"] for r in rounds)
+    assert [r["perturbation_norm"] for r in rounds] == log["perturbation_norms"]
+
+
+@pytest.mark.parametrize(("weight", "diverges"), [(2.0, False), (-2.0, True)])
+def test_ibau_fixed_point_iteration_stops_where_it_diverges(weight, diverges):
+    """∂δΦ = (1 − 2ηλ)·I + η·∇²CE: λ = 2 contracts, λ = −2 expands (the K-term sum grows); the
+    iteration stops there and the step says so."""
+    torch.manual_seed(0)
+    model = nn.Linear(6, 3).double()
+    x, y = torch.randn(8, 6, dtype=torch.float64), torch.randint(0, 3, (8,))
+    monitor: list = []
+    step = hypergradient_step(
+        {"delta": 0.3 * torch.randn(1, 6, dtype=torch.float64)}, (x[:4], y[:4]), steps=5,
+        inner_lr=0.1, weight=weight, portion=1.0, generator=torch.Generator().manual_seed(0),
+        monitor=monitor,
+    )  # fmt: skip
+    step(model, x, y, torch.optim.SGD(model.parameters(), lr=0.0), Cost())
+    assert len(monitor) == 1
+    assert (monitor[0]["ratio"] > 1) is diverges
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
 def test_ibau_step_applies_the_fixed_point_hypergradient():
-    """∂θL_out + (∂θΦ)ᵀv with v = Σ_k (∂δΦᵀ)^k ∂δL_out (K terms), from explicit Jacobians."""
+    """∂θL_out + (∂θΦ)ᵀv with v = Σ_k (∂δΦᵀ)^k ∂δL_out (K terms), from explicit Jacobians.
+    λ = 2 makes ∂δΦ contract, so all K terms are summed (at the authors' λ = 0.001 a linear
+    model's sum grows and the iteration stops early: the test below)."""
     torch.manual_seed(0)
     model = nn.Linear(6, 3).double()
     x, y = torch.randn(8, 6, dtype=torch.float64), torch.randint(0, 3, (8,))
     x0, y0 = x[:4], y[:4]
     delta = 0.3 * torch.randn(1, 6, dtype=torch.float64)
-    steps, eta, lam = 3, 0.1, 0.001
+    steps, eta, lam = 3, 0.1, 2.0
     theta = [p.detach().clone() for p in model.parameters()]
 
     def outer(d, w, b):
