@@ -186,8 +186,10 @@ class ImplicitBackdoorAdversarialUnlearning(Defense):
         self.require("portion", 0 < self.portion <= 1, "in (0, 1]")
 
     def back_off(self) -> ImplicitBackdoorAdversarialUnlearning:
-        """The guard's smaller step: the outer learning rate halved."""
-        return replace(self, lr=self.lr / 2)
+        """The guard's gentler version: half the radius of the perturbation it unlearns. Its
+        cost is that perturbation (it sits on its ball every round), not the step: at half the
+        outer learning rate the audio holdout collapsed as before (methods.md §6.9, §12.10)."""
+        return replace(self, max_norm=self.max_norm / 2)
 
     def run(self, model: nn.Module, clean: Clean) -> Purified:
         model.eval()
