@@ -28,7 +28,8 @@ def test_weight_gradient_norms_match_manual_computation(tiny_backdoor):
         reference.zero_grad()
         F.cross_entropy(reference(x), y).backward()
         expected += reference.block4[0].weight.grad.flatten(1).norm(dim=1)
-    torch.testing.assert_close(norms["block4.0"], expected / 3)
+    batches = -(-len(holdout) // 50)  # the mean over the batches
+    torch.testing.assert_close(norms["block4.0"], expected / batches)
 
     assert model.training
     assert all(p.grad is None for p in model.parameters())
