@@ -71,7 +71,6 @@ from torch import nn
 from torchpurify.data.base import Split
 from torchpurify.errors import check
 from torchpurify.neurons.inversion import (
-    SPACES,
     EvalMode,
     feature_space,
     success_rate,
@@ -81,11 +80,13 @@ from torchpurify.neurons.inversion import (
 from torchpurify.neurons.layers import default_neuron_layer, get_module
 from torchpurify.neurons.perturbation import (
     CHECK_EVERY,
-    NORMS,
+    check_ladder_search,
     data_scale,
     flip_scale,
     halves,
+    label_samples,
     radius_anomaly_index,
+    searched_labels,
     size_ratios,
     suspected_target,
 )
@@ -375,32 +376,16 @@ def invert_generator(
     - ``mask_steps`` 200, ``mask_lr`` 0.01: BTI-DBF's mask learning rate; 200 mini-batches is
       about their 20 epochs over 5 % of CIFAR-10 at batch 128, counted in samples. *pending*
     """
-    check(isinstance(data, Split) and len(data) > 0, "data must be a non-empty Split")
-    check(
-        heldout is None or (isinstance(heldout, Split) and len(heldout) > 0),
-        "heldout must be a non-empty Split or None",
-    )
-    check(
-        heldout is None or heldout.x.shape[1:] == data.x.shape[1:],
-        "heldout samples must have the shape of data's samples",
-    )
-    check(norm in NORMS, f"norm must be one of {', '.join(NORMS)}, got {norm!r}")
-    check(0 < threshold <= 1, f"threshold must be in (0, 1], got {threshold}")
-    check(start > 0, f"start must be a positive relative radius, got {start}")
-    check(ratio > 1, f"ratio must be > 1, got {ratio}")
-    for name, value in (("rungs", rungs), ("steps", steps), ("batch_size", batch_size),
-                        ("fit_samples", fit_samples), ("width", width)):  # fmt: skip
-        check(
-            isinstance(value, int) and not isinstance(value, bool) and value >= 1,
-            f"{name} must be a positive integer, got {value!r}",
-        )
+    check_ladder_search(
+        data, heldout, norm=norm, threshold=threshold, start=start, ratio=ratio, space=space,
+        rungs=rungs, steps=steps, batch_size=batch_size, fit_samples=fit_samples, width=width,
+    )  # fmt: skip
     check(
         isinstance(mask_steps, int) and not isinstance(mask_steps, bool) and mask_steps >= 0,
         f"mask_steps must be an integer ≥ 0, got {mask_steps!r}",
     )
     check(lr > 0 and mask_lr > 0, f"lr and mask_lr must be positive, got {lr}, {mask_lr}")
     check(benign_weight >= 0, f"benign_weight must be ≥ 0, got {benign_weight}")
-    check(space in SPACES, f"space must be one of {', '.join(SPACES)}, got {space!r}")
     check(
         1 <= data.x.dim() - 1 <= 3,
         f"samples must have 1 to 3 axes (T; C×T; C×H×W), got {tuple(data.x.shape[1:])}",
@@ -428,13 +413,7 @@ def invert_generator(
     use_mask = benign_weight > 0
     triggers = []
     with EvalMode(model, data, device) as mode:
-        with torch.no_grad():
-            num_classes = model(mode.inputs(data.x[:1])).shape[1]
-        labels = list(range(num_classes)) if labels is None else [int(t) for t in labels]
-        check(
-            len(labels) > 0 and all(0 <= t < num_classes for t in labels),
-            f"labels must be a non-empty list of classes in 0..{num_classes - 1}, got {labels}",
-        )
+        labels = searched_labels(model, mode, data, labels)
         if use_mask and layer is None:
             layer = default_neuron_layer(model, mode.inputs(data.x[:2]))
         requires = [p.requires_grad for p in model.parameters()]
@@ -451,15 +430,7 @@ def invert_generator(
                 with progress_bar(disable=not progress) as bar:
                     task = bar.add_task("invert generators", total=len(labels))
                     for label in labels:
-                        others = (data.y != label).nonzero().flatten()
-                        check(len(others) > 0, f"data has no sample of a label other than {label}")
-                        if len(others) > fit_samples:
-                            pick = torch.Generator().manual_seed(seed * 100_003 + label)
-                            order = torch.randperm(len(others), generator=pick)
-                            others = others[order[:fit_samples]]
-                        x = mode.inputs(data.x[others])
-                        held = mode.inputs(heldout.x[heldout.y != label])
-                        check(len(held) > 0, f"heldout has no sample of a label other than {label}")
+                        x, held = label_samples(mode, data, heldout, label, fit_samples, seed)
                         net, bound, found = _search_one(
                             model, tap, x, label, norm=norm, scale=scale,
                             value_range=value_range, ladder=ladder, ratio=ratio, steps=steps,

@@ -278,6 +278,60 @@ def suspected_target(
     return labels[min(candidates, key=lambda i: radii[i])] if candidates else None
 
 
+def check_ladder_search(
+    data: Split, heldout: Split | None, *, norm: str, threshold: float, start: float,
+    ratio: float, space: str, **positive: int,
+) -> None:  # fmt: skip
+    """The arguments both ladder families (this one and :mod:`.generator`) share, each mistake
+    one line; ``positive`` names the integers that must be ≥ 1."""
+    check(isinstance(data, Split) and len(data) > 0, "data must be a non-empty Split")
+    check(
+        heldout is None or (isinstance(heldout, Split) and len(heldout) > 0),
+        "heldout must be a non-empty Split or None",
+    )
+    check(
+        heldout is None or heldout.x.shape[1:] == data.x.shape[1:],
+        "heldout samples must have the shape of data's samples",
+    )
+    check(norm in NORMS, f"norm must be one of {', '.join(NORMS)}, got {norm!r}")
+    check(0 < threshold <= 1, f"threshold must be in (0, 1], got {threshold}")
+    check(start > 0, f"start must be a positive relative radius, got {start}")
+    check(ratio > 1, f"ratio must be > 1, got {ratio}")
+    for name, value in positive.items():
+        check(
+            isinstance(value, int) and not isinstance(value, bool) and value >= 1,
+            f"{name} must be a positive integer, got {value!r}",
+        )
+    check(space in SPACES, f"space must be one of {', '.join(SPACES)}, got {space!r}")
+
+
+def searched_labels(model: nn.Module, mode: EvalMode, data: Split, labels) -> list[int]:
+    """``labels`` checked against the model's outputs, or every class when None."""
+    with torch.no_grad():
+        num_classes = model(mode.inputs(data.x[:1])).shape[1]
+    labels = list(range(num_classes)) if labels is None else [int(t) for t in labels]
+    check(
+        len(labels) > 0 and all(0 <= t < num_classes for t in labels),
+        f"labels must be a non-empty list of classes in 0..{num_classes - 1}, got {labels}",
+    )
+    return labels
+
+
+def label_samples(
+    mode: EvalMode, data: Split, heldout: Split, label: int, fit_samples: int, seed: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The samples of other labels a trigger for ``label`` is fitted on (at most
+    ``fit_samples``, drawn by ``seed`` and the label) and checked on (all of ``heldout``'s)."""
+    others = (data.y != label).nonzero().flatten()
+    check(len(others) > 0, f"data has no sample of a label other than {label}")
+    if len(others) > fit_samples:
+        pick = torch.Generator().manual_seed(seed * 100_003 + label)
+        others = others[torch.randperm(len(others), generator=pick)[:fit_samples]]
+    held = mode.inputs(heldout.x[heldout.y != label])
+    check(len(held) > 0, f"heldout has no sample of a label other than {label}")
+    return mode.inputs(data.x[others]), held
+
+
 def invert_perturbations(
     model: nn.Module,
     data: Split,
@@ -322,27 +376,11 @@ def invert_perturbations(
     - ``space`` "input"; "features" (or "auto" and a model with a fixed front end) searches δ
       on the front end's output, e.g. an audio model's log-mel map (:func:`.feature_space`).
     """
-    check(isinstance(data, Split) and len(data) > 0, "data must be a non-empty Split")
-    check(
-        heldout is None or (isinstance(heldout, Split) and len(heldout) > 0),
-        "heldout must be a non-empty Split or None",
-    )
-    check(
-        heldout is None or heldout.x.shape[1:] == data.x.shape[1:],
-        "heldout samples must have the shape of data's samples",
-    )
-    check(norm in NORMS, f"norm must be one of {', '.join(NORMS)}, got {norm!r}")
-    check(0 < threshold <= 1, f"threshold must be in (0, 1], got {threshold}")
-    check(start > 0, f"start must be a positive relative radius, got {start}")
-    check(ratio > 1, f"ratio must be > 1, got {ratio}")
-    for name, value in (("rungs", rungs), ("steps", steps), ("batch_size", batch_size),
-                        ("fit_samples", fit_samples)):  # fmt: skip
-        check(
-            isinstance(value, int) and not isinstance(value, bool) and value >= 1,
-            f"{name} must be a positive integer, got {value!r}",
-        )
+    check_ladder_search(
+        data, heldout, norm=norm, threshold=threshold, start=start, ratio=ratio, space=space,
+        rungs=rungs, steps=steps, batch_size=batch_size, fit_samples=fit_samples,
+    )  # fmt: skip
     check(0 < step_size <= 1, f"step_size must be in (0, 1], got {step_size}")
-    check(space in SPACES, f"space must be one of {', '.join(SPACES)}, got {space!r}")
     if heldout is None:
         check(len(data) >= 2, "data must have at least 2 samples to split off a held-out half")
         data, heldout = halves(data, seed)
@@ -362,24 +400,11 @@ def invert_perturbations(
     ladder = [start * ratio**k for k in range(rungs)]
     perturbations = []
     with EvalMode(model, data, device) as mode:
-        with torch.no_grad():
-            num_classes = model(mode.inputs(data.x[:1])).shape[1]
-        labels = list(range(num_classes)) if labels is None else [int(t) for t in labels]
-        check(
-            len(labels) > 0 and all(0 <= t < num_classes for t in labels),
-            f"labels must be a non-empty list of classes in 0..{num_classes - 1}, got {labels}",
-        )
+        labels = searched_labels(model, mode, data, labels)
         with progress_bar(console=console, transient=True, disable=not progress) as bar:
             task = bar.add_task("invert perturbations", total=len(labels))
             for label in labels:
-                others = (data.y != label).nonzero().flatten()
-                check(len(others) > 0, f"data has no sample of a label other than {label}")
-                if len(others) > fit_samples:
-                    pick = torch.Generator().manual_seed(seed * 100_003 + label)
-                    others = others[torch.randperm(len(others), generator=pick)[:fit_samples]]
-                x = mode.inputs(data.x[others])
-                held = mode.inputs(heldout.x[heldout.y != label])
-                check(len(held) > 0, f"heldout has no sample of a label other than {label}")
+                x, held = label_samples(mode, data, heldout, label, fit_samples, seed)
                 delta, found = _search_one(
                     model, x, label, norm=norm, scale=scale, value_range=value_range,
                     ladder=ladder, ratio=ratio, steps=steps, step_size=step_size,
