@@ -18,13 +18,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
-from conftest import TINY_CLASSES, TINY_SHAPE, defender_holdout, gratings  # noqa: E402
+from conftest import TINY_CLASSES, make_tiny_backdoor  # noqa: E402
 
-from torchpurify.attacks import build_attack, poison_split  # noqa: E402
 from torchpurify.defenses import Clean, build_defense  # noqa: E402
 from torchpurify.metrics import evaluate  # noqa: E402
-from torchpurify.models import build_model  # noqa: E402
-from torchpurify.train import TrainConfig, fit  # noqa: E402
 
 SHOWN = ("num_pruned", "neurons", "threshold", "left_out", "zeroed_layers", "layers", "betas",
          "input_norm", "radius", "perturbation_norms", "diverging")  # fmt: skip
@@ -34,19 +31,10 @@ def main() -> None:
     torch.set_num_threads(1)
     name = sys.argv[1]
     params = json.loads(sys.argv[2]) if len(sys.argv) > 2 else {}
-    clean = gratings(2000, seed=0)
-    trigger = build_attack("badnets", TINY_SHAPE, size=3)
-    poisoned = poison_split(clean, trigger, rate=0.1, target=0, seed=0)
-    unpoisoned = sorted(set(range(len(clean))) - set(poisoned.poisoned.tolist()))
-    tune, holdout = defender_holdout(unpoisoned, len(clean))
-    torch.manual_seed(0)
-    model = build_model("small-cnn", TINY_SHAPE, TINY_CLASSES)
-    fit(model, poisoned.split, TrainConfig(epochs=4, batch_size=64, lr=0.05, progress=False,
-                                           device="cpu"))  # fmt: skip
-    model.eval()
-    test = gratings(800, seed=1)
+    tiny = make_tiny_backdoor()
+    model, test, trigger = tiny.model, tiny.test, tiny.trigger
     defense = build_defense(name, **{"device": "cpu", "batch_size": 64, **params})
-    result = defense.purify(model, Clean(clean.subset(tune), clean.subset(holdout)))
+    result = defense.purify(model, Clean(tiny.tune, tiny.holdout))
     before, after = (
         evaluate(m, test, trigger, target=0, num_classes=TINY_CLASSES)
         for m in (model, result.model)

@@ -91,6 +91,12 @@ def defender_holdout(unpoisoned, n: int) -> tuple[np.ndarray, np.ndarray]:
 @pytest.fixture(scope="session")
 def tiny_backdoor() -> TinyBackdoor:
     """small-cnn trained on 2,000 gratings, 10 % poisoned with a 3×3 BadNets patch to label 0."""
+    return make_tiny_backdoor()
+
+
+def make_tiny_backdoor() -> TinyBackdoor:
+    """The :func:`tiny_backdoor` fixture's model and data, built afresh (also for
+    benchmarks/tiny_defense.py)."""
     clean = gratings(2000, seed=0)
     trigger = build_attack("badnets", TINY_SHAPE, size=3)
     result = poison_split(clean, trigger, rate=0.1, target=0, seed=0)

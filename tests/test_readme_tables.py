@@ -41,3 +41,15 @@ def test_a_one_digit_edit_of_a_table_fails_the_check(tmp_path):
         sync_readme(copy, check_only=True)
     sync_readme(copy)  # rebuilding puts the store's number back
     assert copy.read_text(encoding="utf-8") == text
+
+
+def test_the_cli_checks_the_readme_and_refuses_a_report_without_a_store():
+    from typer.testing import CliRunner
+
+    from torchpurify.cli import app
+
+    runner = CliRunner()
+    result = runner.invoke(app, ["report", "--readme", str(README), "--check"])
+    assert result.exit_code == 0 and "2 table(s) matches" in result.output
+    refused = runner.invoke(app, ["report"])
+    assert refused.exit_code == 2 and "needs a results store and --out DIR" in refused.output

@@ -20,7 +20,6 @@ accuracy, its estimate after, its seconds), the chosen defense and why the searc
 from __future__ import annotations
 
 import copy
-import dataclasses
 import time
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -30,6 +29,7 @@ from torch import nn
 from torchpurify.checks import default
 from torchpurify.defenses import DEFENSES, Clean, Defense, Purified
 from torchpurify.defenses import build_defense as build_registered
+from torchpurify.defenses.base import build_checked
 from torchpurify.errors import check
 from torchpurify.estimate import (
     Estimate,
@@ -194,13 +194,7 @@ def build_defense(name: str, **params: Any) -> Defense:
     """:func:`torchpurify.defenses.build_defense`, and ``"auto"`` (:class:`Auto`)."""
     if name != AUTO:
         return build_registered(name, **params)
-    allowed = [f.name for f in dataclasses.fields(Auto)]
-    for key in params:
-        check(
-            key in allowed,
-            f"unknown parameter {key!r} for defense 'auto'; allowed: {', '.join(allowed)}",
-        )
-    return Auto(**params)
+    return build_checked(Auto, AUTO, **params)
 
 
 def with_estimate(defense: Defense, config: EstimateConfig | None) -> Defense:

@@ -268,7 +268,11 @@ def register_defense(cls: type[Defense]) -> type[Defense]:
 def build_defense(name: str, **params: Any) -> Defense:
     """A defense by registry name with hyper-parameters; unknown names are user errors (the
     values are checked by the defense itself, when it is built)."""
-    cls = DEFENSES.get(name)
+    return build_checked(DEFENSES.get(name), name, **params)
+
+
+def build_checked(cls: type, name: str, **params: Any) -> Any:
+    """``cls(**params)`` after refusing, in one line, a parameter ``cls`` has no field for."""
     allowed = [f.name for f in dataclasses.fields(cls)]
     for key in params:
         check(
