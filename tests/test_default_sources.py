@@ -5,6 +5,11 @@ must exist, be of a known kind, name only configs that exist, name only methods.
 that exist, and name no evaluation spec or seed (0–2) unless the field is on the explicit
 PENDING_RECHOICE list of defaults still to be re-chosen on development cells. Run with ``-s``
 to see the table of every field and its source, and the pending list.
+
+How "methods.md §N" resolves (docs/methods.md, "Where each section is now"): the methods
+specification is split into one page per method, so a cited §N is the numbered heading
+("## N. Title", "### N.M Title") of docs/methods.md, docs/methods/*.md or docs/notebook.md, and
+each number is a heading in exactly one of those files.
 """
 
 import re
@@ -17,7 +22,9 @@ from torchpurify.defenses import PENDING_RECHOICE, default_sources
 from torchpurify.defenses.sources import KINDS, kind_of, sources_table
 
 ROOT = Path(__file__).resolve().parents[1]
-METHODS = ROOT / "docs" / "methods.md"
+DOCS = ROOT / "docs"
+# Where a "methods.md §N" may live: the index, the per-method pages and the dated notebook.
+METHODS_PAGES = ("methods.md", "methods/*.md", "notebook.md")
 
 CONFIG = re.compile(r"configs/[\w.-]+\.yaml")
 SECTION = re.compile(r"§(\d+(?:\.\d+)?)")
@@ -25,10 +32,22 @@ SECTION = re.compile(r"§(\d+(?:\.\d+)?)")
 EVALUATION = re.compile(r"\beval-[\w-]+|\bevaluation\b|\bseeds? [0-2](?![\d.])")
 
 
+HEADING = re.compile(r"^#{2,4} (\d+(?:\.\d+)?)[.\s]", re.M)
+
+
+def section_pages() -> dict[str, list[str]]:
+    """Each numbered section heading ('0', '11.1', ...) and the docs pages that hold it."""
+    found: dict[str, list[str]] = {}
+    for pattern in METHODS_PAGES:
+        for page in sorted(DOCS.glob(pattern)):
+            for number in HEADING.findall(page.read_text(encoding="utf-8")):
+                found.setdefault(number, []).append(page.relative_to(DOCS).as_posix())
+    return found
+
+
 def methods_sections() -> set[str]:
-    """The numbers of methods.md's section headings: '0', '11.1', ..."""
-    headings = re.findall(r"^#{2,4} (\d+(?:\.\d+)?)[.\s]", METHODS.read_text(), re.M)
-    return set(headings)
+    """The numbers a "methods.md §N" may cite: the numbered headings of METHODS_PAGES."""
+    return set(section_pages())
 
 
 def problems(row: dict, sections: set[str], pending: set[tuple[str, str]]) -> list[str]:
@@ -112,6 +131,18 @@ def test_the_checker_catches_what_it_should():
     assert check(pending)  # pending but not listed
     assert check(pending, pending=[("x", "y")]) == []
     assert check("paper: code, methods.md §2", pending=[("x", "y")])  # listed but not pending
+
+
+def test_every_section_number_lives_on_one_page_and_the_index_lists_it():
+    pages = section_pages()
+    twice = {number: where for number, where in pages.items() if len(where) > 1}
+    assert not twice, f"a § number is a heading on more than one page: {twice}"
+    moved = {n for n, where in pages.items() if where != ["methods.md"]}
+    index = (DOCS / "methods.md").read_text(encoding="utf-8")
+    listed = set(re.findall(r"^\| (\d+(?:\.\d+)?) \| \[", index, re.M))
+    assert moved <= listed, f"docs/methods.md lacks {sorted(moved - listed)}: make docs-pages"
+    # the sections the code cites most sit where the index says
+    assert pages["12.2"] == ["methods/estimate.md"] and pages["12.11"] == ["notebook.md"]
 
 
 def test_default_puts_the_source_in_the_field_metadata():
