@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 FASHION := /usr/share/datasets/fashion-mnist
 
-.PHONY: demo test lint bench data clean dev-image dev-audio eval-image eval-audio
+.PHONY: demo test lint bench data clean dev-image dev-audio eval-image eval-audio docs docs-pages
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -51,8 +51,23 @@ test: $(STAMP) data
 lint: $(STAMP)
 	$(BIN)/ruff check .
 
+# The docs site (mkdocs.yml) into site/: the generated tables of docs/ must be current (the
+# defaults and their sources, the § index, the home page from README.md; `make docs-pages`
+# rewrites them), then mkdocs with warnings as errors. The API pages read src/ statically.
+DOCS_STAMP := $(VENV)/.docs-installed
+$(DOCS_STAMP): $(STAMP)
+	$(BIN)/pip install --quiet --constraint constraints.txt --editable '.[docs]'
+	touch $@
+
+docs: $(DOCS_STAMP)
+	$(BIN)/python docs/tools/pages.py --check
+	$(BIN)/mkdocs build --strict --site-dir site
+
+docs-pages: $(STAMP)
+	$(BIN)/python docs/tools/pages.py
+
 bench: $(STAMP) data
 	$(BIN)/python benchmarks/train_throughput.py
 
 clean:
-	rm -rf $(VENV) runs demo
+	rm -rf $(VENV) runs demo site

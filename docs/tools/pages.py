@@ -8,7 +8,9 @@ Two kinds of block, each between an opening and a closing HTML comment:
   ``pytest tests/test_default_sources.py -s`` prints;
 - ``<!-- sections -->`` … ``<!-- /sections -->`` in docs/methods.md: where each numbered section
   ("methods.md §N" in code, tests and docs) lives now, read from the numbered headings of
-  docs/methods/*.md and docs/notebook.md.
+  docs/methods/*.md and docs/notebook.md;
+
+and docs/index.md, the site's home page: README.md with its links made relative to docs/.
 
     python docs/tools/pages.py           # rewrite the blocks
     python docs/tools/pages.py --check   # change nothing; exit 1 naming the first stale block
@@ -26,6 +28,9 @@ from pathlib import Path
 DOCS = Path(__file__).resolve().parents[1]
 PAGES = sorted((DOCS / "methods").glob("*.md")) + [DOCS / "notebook.md"]
 INDEX = DOCS / "methods.md"
+README = DOCS.parent / "README.md"
+HOME = DOCS / "index.md"
+HOME_NOTE = "<!-- generated from README.md by `make docs-pages`: edit the README, not this -->\n"
 
 DEFAULTS = re.compile(
     r"(<!-- defaults: (?P<owner>[\w-]+) -->\n)(?P<body>.*?)(<!-- /defaults -->)", re.S
@@ -77,7 +82,23 @@ def sections_table() -> str:
     return "\n".join(lines) + "\n"
 
 
+def home() -> str:
+    """README.md as the site's home page: links into docs/ lose their prefix, links to files
+    outside docs/ (configs/...) become code, and the README's own name points home."""
+    text = README.read_text(encoding="utf-8")
+    text = text.replace("](docs/", "](")
+    text = re.sub(r"\[`([^`]+)`\]\((?!https?:)(?!#)([^)]+)\)", _outside, text)
+    return HOME_NOTE + text
+
+
+def _outside(m: re.Match) -> str:
+    target = m.group(2).split("#")[0]
+    return m.group(0) if (DOCS / target).exists() else f"`{m.group(1)}`"
+
+
 def rebuilt(path: Path, rows: list[dict] | None) -> str:
+    if path == HOME:
+        return home()
     text = path.read_text(encoding="utf-8")
     if rows is not None:
         text = DEFAULTS.sub(
@@ -95,9 +116,9 @@ def main(argv: list[str]) -> int:
 
     rows = default_sources()
     stale = []
-    for path in [INDEX, *PAGES]:
+    for path in [HOME, INDEX, *PAGES]:
         new = rebuilt(path, rows)
-        if new != path.read_text(encoding="utf-8"):
+        if not path.exists() or new != path.read_text(encoding="utf-8"):
             stale.append(path)
             if not check:
                 path.write_text(new, encoding="utf-8")
@@ -106,9 +127,9 @@ def main(argv: list[str]) -> int:
         print(f"docs: generated tables are stale in {', '.join(rel)}; run `make docs-pages`")
         return 1
     if check:
-        print(f"docs: the generated tables of {1 + len(PAGES)} pages are up to date")
+        print(f"docs: the generated tables of {2 + len(PAGES)} pages are up to date")
     else:
-        print(f"docs: rewrote {len(rel)} of {1 + len(PAGES)} pages")
+        print(f"docs: rewrote {len(rel)} of {2 + len(PAGES)} pages")
     return 0
 
 
