@@ -4,6 +4,7 @@ the Ray executor, and `torchpurify run`."""
 import io
 import json
 import os
+import re
 import signal
 import sqlite3
 import subprocess
@@ -11,6 +12,7 @@ import sys
 import textwrap
 import threading
 import time
+from types import SimpleNamespace
 
 import pytest
 from rich.console import Console
@@ -529,3 +531,53 @@ def test_auto_cells_are_stored_and_reported_with_their_choice(finished, tmp_path
     markdown = write_report(results, tmp_path / "report")[0].read_text()
     assert "\n| auto | 2 |" in markdown  # a row of the backdoored and the clean model's tables
     assert "- auto, seed 0: chose " in markdown
+
+
+def test_ray_tasks_that_run_long_leave_a_timestamped_line_in_the_log(tmp_path, monkeypatch):
+    """Ray tasks print nothing in the driver: while none finishes, ``collect`` says at most once
+    per HEARTBEAT_SECONDS what is still running, so a log redirected to a file shows life."""
+    spec = load_spec(write_spec(tmp_path))
+    job = runner.model_jobs(spec)[0]
+    cell = runner.cell_jobs(spec, [job])[0]
+    stage = runner.ModelStage(job, tmp_path, "train", None)
+    model_row = {"key": job.key, "acc": 0.9, "asr": 1.0, "train_seconds": 1.0}
+
+    class FakeRay:  # the model finishes after two silent waits, then the cell
+        def __init__(self):
+            self.waits, self.timeouts = 0, []
+
+        def wait(self, pending, num_returns, timeout):
+            self.timeouts.append(timeout)
+            self.waits += 1
+            if self.waits in (1, 2, 4):
+                return [], pending
+            return [pending[0]], pending[1:]
+
+        def get(self, ref):
+            return model_row if ref == "m" else {"cell": ref}
+
+        exceptions = None
+
+    stored = []
+    store = SimpleNamespace(
+        add_model=lambda row: stored.append(("model", row)),
+        add_cell=lambda row: stored.append(("cell", row)),
+        model=lambda key: model_row,
+    )
+    out = io.StringIO()
+    report = runner.Reporter(Console(file=out, width=400), total=1, done=0)
+    monkeypatch.setattr(runner.Reporter, "cell", lambda self, row: self.say("cell done"))
+    monkeypatch.setattr(runner, "ray_result", lambda ray, ref: ray.get(ref))
+    fake = FakeRay()
+    runner.collect(fake, {"m": stage, "c": cell}, {job.key: "m"}, store, report)
+    lines = out.getvalue().splitlines()
+    assert set(fake.timeouts) == {runner.HEARTBEAT_SECONDS}
+    alive = [line for line in lines if "still working" in line]
+    assert len(alive) == 3
+    assert re.match(
+        r"\d\d:\d\d:\d\d still working: 1 models to train, 1 cells running or "
+        r"queued; 0/1 cells done, \d+ s since the last result$",
+        alive[0],
+    )
+    assert "still working: 1 cells running or queued" in alive[2]
+    assert [kind for kind, _ in stored] == ["model", "cell"]

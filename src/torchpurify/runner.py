@@ -43,6 +43,9 @@ EXECUTORS = ("local", "ray")
 # The backdoor estimate before purification, computed once per model (methods.md §12).
 ESTIMATE_FILE = "estimate-before.json"
 RAY_MISSING = "the ray executor needs Ray; install the extra: pip install 'torchpurify[ray]'"
+# Ray tasks print nothing here (their progress stays in the workers): while none finishes, the
+# driver says what is still running at most this often, so a log shows the run is alive.
+HEARTBEAT_SECONDS = 30.0
 # Training in a grid runs on this many intra-op threads whatever the executor, the CPUs of a
 # task or --threads: reductions split over another number of threads round differently, and
 # the same spec must give bit-identical weights (one SHA-256) wherever it is trained.
@@ -445,7 +448,9 @@ def collect(ray, jobs: dict, model_refs: dict, store: Store, report: Reporter) -
 
     try:
         while pending:
-            done, pending = ray.wait(pending, num_returns=1)
+            done, pending = ray.wait(pending, num_returns=1, timeout=HEARTBEAT_SECONDS)
+            if not done:
+                report.alive([jobs[ref] for ref in pending])
             for ref in done:
                 job = jobs[ref]
                 if isinstance(job, ModelStage):
@@ -482,6 +487,7 @@ class Reporter:
         self.console, self.total, self.done = console, total, done
         self.ran = 0  # cells this process ran
         self.waited = False
+        self.last = time.monotonic()  # when the run started or last reported a result
 
     def say(self, text: str) -> None:
         if self.console is not None:
@@ -493,6 +499,7 @@ class Reporter:
         )
 
     def model(self, stage: ModelStage, row: dict[str, Any]) -> None:
+        self.last = time.monotonic()
         verb = {"train": "trained", "adopt": "adopted from the cache"}.get(
             stage.action, "diagnosed"
         )
@@ -516,10 +523,23 @@ class Reporter:
             self.say(f"{elsewhere} cells or models are claimed by another runner; waiting for them")
             self.waited = True
 
+    def alive(self, running: list) -> None:
+        """A timestamped line while Ray tasks run and none has finished: what is left, and
+        how long since the run (or its last result) started."""
+        now = time.monotonic()
+        models = sum(isinstance(job, ModelStage) for job in running)
+        left = [f"{models} models to train"] if models else []
+        left.append(f"{len(running) - models} cells running or queued")
+        self.say(
+            f"{time.strftime('%H:%M:%S')} still working: {', '.join(left)}; "
+            f"{self.done}/{self.total} cells done, {now - self.last:.0f} s since the last result"
+        )
+
     def finish(self) -> None:
         self.say(f"this runner ran {self.ran} cells")
 
     def cell(self, row: dict[str, Any]) -> None:
+        self.last = time.monotonic()
         self.done += 1
         self.ran += 1
         self.say(
