@@ -510,3 +510,50 @@ def test_auto_is_a_row_of_every_table_with_its_choice(validated):
         "0.000); linf-pruning: the guard kept it and the estimate no longer suspects a backdoor"
         in section
     )
+
+
+def _sweep_cell(label, model_key, guard, est_after, flagged, asr_before=1.0, asr_after=0.5):
+    return {
+        "defense": "fst", "label": label, "model_key": model_key, "finished_at": "12:00:00",
+        "asr_before": asr_before, "asr_after": asr_after, "acc_after": 0.5, "seconds": 10.0,
+        "log": {"guard": guard},
+        "estimate": {"after": {"est_asr": est_after, "flagged": flagged}},
+    }  # fmt: skip
+
+
+def _guard(before, after=None):
+    if after is None:
+        return {"action": "rolled back to the input model", "holdout_acc_input": before,
+                "attempts": [{"holdout_acc": 0.5}]}  # fmt: skip
+    return {"action": "kept", "holdout_acc_input": before, "attempts": [{"holdout_acc": after}]}
+
+
+def test_the_development_rule_reads_guard_and_estimate_never_test_numbers():
+    """The sweep rule (methods.md §12.12): settings over the budget or rolled back are
+    inadmissible; among the rest the fewest suspected after wins, then the lowest estimate."""
+    from torchpurify.report import sweep_section, sweep_summary
+
+    cells = [
+        # cheap but leaves the backdoor suspected
+        _sweep_cell("a", "bad", _guard(0.90, 0.90), 0.90, True),
+        _sweep_cell("a", "clean", _guard(0.90, 0.90), 0.10, False, asr_before=None),
+        # removes it within budget: chosen
+        _sweep_cell("b", "bad", _guard(0.90, 0.885), 0.30, False),
+        _sweep_cell("b", "clean", _guard(0.90, 0.895), 0.10, False, asr_before=None),
+        # removes it, lowest estimate, but costs the clean model 2 points: inadmissible
+        _sweep_cell("c", "bad", _guard(0.90, 0.89), 0.05, False),
+        _sweep_cell("c", "clean", _guard(0.90, 0.88), 0.10, False, asr_before=None),
+        # rolled back on the backdoored model: inadmissible
+        _sweep_cell("d", "bad", _guard(0.90), 0.01, False),
+        _sweep_cell("d", "clean", _guard(0.90, 0.90), 0.10, False, asr_before=None),
+    ]
+    summary = {s["label"]: s for s in sweep_summary(cells)["fst"]}
+    assert [label for label, s in summary.items() if s["chosen"]] == ["b"]
+    assert not summary["c"]["admissible"] and not summary["d"]["admissible"]
+    assert summary["a"]["admissible"] and summary["a"]["suspected"] == 1
+    assert summary["b"]["cost"] == pytest.approx(0.015) and summary["d"]["rolled_back"] == 1
+    for cell in cells:  # test numbers do not move the choice
+        cell["asr_after"], cell["acc_after"] = (0.0, 1.0) if cell["label"] == "a" else (1.0, 0.0)
+    assert [s["label"] for s in sweep_summary(cells)["fst"] if s["chosen"]] == ["b"]
+    rows = {row[0]: row for row in sweep_section(cells)[-1].rows}
+    assert rows["b"][-1] == "✓" and rows["c"][-1] == "inadmissible" and rows["c"][4] == "-2.0"

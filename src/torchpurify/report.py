@@ -948,12 +948,116 @@ def _write_pages(db: Path, out: Path, models: list[dict], cells: list[dict]) -> 
         *defense_section(settings, out),
         *overview_section(settings),
         *estimate_section(cells, out),
+        *sweep_section(cells),
         *pruning_section(settings, out),
         *identification_section(settings),
         *gradient_section(settings, out),
     ]
     _write(out / "report.md", render_markdown(blocks))
     _write(out / "report.html", render_html(blocks, out))
+
+
+# ----------------------------------------------------------------------------- development sweeps
+
+# The rule that picks a setting among a development sweep's labels of one defense (methods.md
+# §12.12), reading defender-side numbers only — the guard's half of the holdout and the
+# estimate after purification — never test data: admissible when its guard rolled back at most
+# this share of the models, and its mean guard-half cost is at most SELECT_COST on the
+# backdoored models and at most SELECT_CLEAN_COST on the clean ones; among those, the fewest
+# backdoored models still suspected after, then the lowest mean estimated ASR after, then the
+# fewest seconds.
+SELECT_ROLLBACKS = 0.25
+SELECT_COST = 0.02
+SELECT_CLEAN_COST = 0.01
+
+
+def guard_cost(row: dict) -> tuple[float, bool]:
+    """(holdout accuracy lost on the guard's half, rolled back) for one cell."""
+    guard = (row.get("log") or {}).get("guard") or {}
+    attempts = guard.get("attempts") or []
+    if not attempts or str(guard.get("action", "")).startswith("rolled back"):
+        return 0.0, True
+    return guard["holdout_acc_input"] - attempts[-1]["holdout_acc"], False
+
+
+def sweep_summary(cells: list[dict]) -> dict[str, list[dict]]:
+    """Defense → one summary per label (in the order first seen) of the latest cells: models,
+    rollbacks, mean guard-half cost on backdoored and clean models, backdoored models suspected
+    after, mean estimated ASR after, mean seconds; ``chosen`` marks the rule's pick."""
+    latest: dict[tuple, dict] = {}  # a repeated run replaces its earlier record
+    for row in sorted(cells, key=lambda r: r["finished_at"]):
+        latest[row["label"], row["model_key"]] = row
+    by: dict[str, dict[str, list[dict]]] = {}
+    for row in latest.values():
+        by.setdefault(row["defense"], {}).setdefault(row["label"], []).append(row)
+    out: dict[str, list[dict]] = {}
+    for defense, labels in by.items():
+        summaries = []
+        for label, rows in labels.items():
+            costs = [guard_cost(r) for r in rows]
+            bad = [(r, c) for r, c in zip(rows, costs, strict=True) if r["asr_before"] is not None]
+            good = [c for r, c in zip(rows, costs, strict=True) if r["asr_before"] is None]
+            after = [(r.get("estimate") or {}).get("after") for r, _ in bad]
+            after = [a for a in after if a]
+            summary = {
+                "label": label,
+                "models": len(rows),
+                "rolled_back": sum(rolled for _, rolled in costs),
+                "cost": float(statistics.mean([c[0] for _, c in bad])) if bad else None,
+                "clean_cost": float(statistics.mean([c[0] for c in good])) if good else None,
+                "suspected": sum(_flagged(a) for a in after) if after else None,
+                "est_asr": float(statistics.mean([a["est_asr"] for a in after])) if after else None,
+                "seconds": float(statistics.mean([r["seconds"] for r in rows])),
+            }
+            summary["admissible"] = (
+                summary["rolled_back"] <= SELECT_ROLLBACKS * len(rows)
+                and (summary["cost"] is None or summary["cost"] <= SELECT_COST)
+                and (summary["clean_cost"] is None or summary["clean_cost"] <= SELECT_CLEAN_COST)
+            )
+            summaries.append(summary)
+        ranked = [s for s in summaries if s["admissible"]]
+        ranked.sort(key=lambda s: (s["suspected"] or 0, s["est_asr"] or 0, s["seconds"]))
+        for s in summaries:
+            s["chosen"] = bool(ranked) and s is ranked[0]
+        out[defense] = summaries
+    return out
+
+
+def _points(value: float | None) -> str:
+    return "–" if value is None else f"{-100 * value:+.1f}"
+
+
+def sweep_section(cells: list[dict]) -> list:
+    """For each defense run with more than one setting: the defender-side numbers the
+    development rule (:data:`SELECT_COST` …) reads, and its pick."""
+    sweeps = {d: s for d, s in sweep_summary(cells).items() if len(s) > 1}
+    if not sweeps:
+        return []
+    blocks = [
+        Heading("Development sweep: the settings compared on defender-side numbers", 2),
+        Text(
+            "Per defense, each setting over the models of the store: guard rollbacks; the mean "
+            "change of accuracy on the guard's half of the holdout (points) on the backdoored "
+            "and on the clean models; backdoored models the estimate still suspects after "
+            "purification and their mean estimated ASR. The rule (methods.md §12.12): at most "
+            f"{SELECT_ROLLBACKS:.0%} rolled back, a mean cost of at most {100 * SELECT_COST:g} "
+            f"points (backdoored) and {100 * SELECT_CLEAN_COST:g} (clean), then the fewest "
+            "suspected, the lowest estimated ASR, the fewest seconds. No test number is read."
+        ),
+    ]
+    header = ["setting", "models", "rolled back", "guard Δ backdoored", "guard Δ clean",
+              "suspected after", "est. ASR after", "seconds", "chosen"]  # fmt: skip
+    for defense, summaries in sweeps.items():
+        table = Table(header, [])
+        for s in summaries:
+            table.rows.append([
+                s["label"], str(s["models"]), str(s["rolled_back"]), _points(s["cost"]),
+                _points(s["clean_cost"]), "–" if s["suspected"] is None else str(s["suspected"]),
+                fmt(s["est_asr"]), f"{s['seconds']:.0f}",
+                "✓" if s["chosen"] else ("" if s["admissible"] else "inadmissible"),
+            ])  # fmt: skip
+        blocks += [Heading(defense, 3), table]
+    return blocks
 
 
 # ----------------------------------------------------------------------------- README tables
