@@ -971,13 +971,21 @@ SELECT_COST = 0.02
 SELECT_CLEAN_COST = 0.01
 
 
-def guard_cost(row: dict) -> tuple[float, bool]:
-    """(holdout accuracy lost on the guard's half, rolled back) for one cell."""
+def guard_cost(row: dict) -> tuple[float | None, bool]:
+    """(holdout accuracy lost on the guard's half, rolled back) for one cell; the cost is None
+    for a cell stored without a guard record."""
     guard = (row.get("log") or {}).get("guard") or {}
     attempts = guard.get("attempts") or []
-    if not attempts or str(guard.get("action", "")).startswith("rolled back"):
+    if not attempts:
+        return None, False
+    if str(guard.get("action", "")).startswith("rolled back"):
         return 0.0, True
     return guard["holdout_acc_input"] - attempts[-1]["holdout_acc"], False
+
+
+def _mean(values: list) -> float | None:
+    present = [v for v in values if v is not None]
+    return float(statistics.mean(present)) if present else None
 
 
 def sweep_summary(cells: list[dict]) -> dict[str, list[dict]]:
@@ -1003,11 +1011,11 @@ def sweep_summary(cells: list[dict]) -> dict[str, list[dict]]:
                 "label": label,
                 "models": len(rows),
                 "rolled_back": sum(rolled for _, rolled in costs),
-                "cost": float(statistics.mean([c[0] for _, c in bad])) if bad else None,
-                "clean_cost": float(statistics.mean([c[0] for c in good])) if good else None,
+                "cost": _mean([c[0] for _, c in bad]),
+                "clean_cost": _mean([c[0] for c in good]),
                 "suspected": sum(_flagged(a) for a in after) if after else None,
-                "est_asr": float(statistics.mean([a["est_asr"] for a in after])) if after else None,
-                "seconds": float(statistics.mean([r["seconds"] for r in rows])),
+                "est_asr": _mean([a["est_asr"] for a in after]),
+                "seconds": _mean([r["seconds"] for r in rows]) or 0.0,
             }
             summary["admissible"] = (
                 summary["rolled_back"] <= SELECT_ROLLBACKS * len(rows)
