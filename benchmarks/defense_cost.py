@@ -38,7 +38,7 @@ from torchpurify.attacks import build_attack, poison_split
 from torchpurify.cli import parse_settings
 from torchpurify.data.base import Split
 from torchpurify.defenses import DEFENSES, Clean, build_defense
-from torchpurify.defenses.gnft import gradient_norm_step
+from torchpurify.defenses.two_pass import gradient_norm_step
 from torchpurify.errors import UserError
 from torchpurify.models import build_model
 from torchpurify.neurons import activation_stats, default_neuron_layer

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from torchpurify.defenses import DEFENSES, Clean, build_defense
-from torchpurify.defenses.anp import prune_by_mask_values
+from torchpurify.defenses.mask_pruning import prune_by_mask_values
 from torchpurify.defenses.pruning import MIN_CUT_SCALE
 from torchpurify.neurons import masked_layers
 
@@ -174,7 +174,7 @@ def test_mask_pruning_keeps_the_smallest_mask_values(tiny_backdoor):
     model = tiny_backdoor.model
     import copy
 
-    from torchpurify.defenses.anp import mask_neurons
+    from torchpurify.neurons.units import mask_neurons
 
     layers = mask_neurons(model, tiny_backdoor.holdout.x[:2])
     values = {name: torch.ones(channels) for name, channels in layers}

@@ -1,6 +1,7 @@
 """Every defense against a real (tiny) backdoor, and the contract they all keep."""
 
 import copy
+from functools import partial
 
 import pytest
 import torch
@@ -10,14 +11,9 @@ from torchpurify.data.base import Split
 from torchpurify.data.splits import split_guard
 from torchpurify.defenses import DEFENSES, Clean, build_defense
 from torchpurify.defenses.base import holdout_budget
+from torchpurify.defenses.budget import largest_passing as search_budget
 from torchpurify.defenses.linf_pruning import TriggerSuccess
-from torchpurify.defenses.pruning import (
-    HoldoutProbe,
-    fine_tune_if_no_worse,
-    first_failing,
-    largest_passing,
-    prune_first,
-)
+from torchpurify.defenses.pruning import HoldoutProbe, fine_tune_if_no_worse, prune_first
 from torchpurify.errors import UserError
 from torchpurify.metrics import evaluate
 from torchpurify.models import build_model
@@ -26,6 +22,11 @@ from torchpurify.neurons import masked_layers
 from torchpurify.train import TrainConfig, fit
 
 from .test_defense_contract import quick
+
+# The pruners' two searches for the cut (defenses/budget.py): binary, for a monotone curve, and
+# the scan up to the first failure that Fine-Pruning's search="sweep" runs.
+largest_passing = partial(search_budget, search="binary")
+first_failing = partial(search_budget, search="until-failure")
 
 # Recipes sized for the tiny task (a few hundred clean samples): enough steps to matter.
 TINY = {

@@ -13,7 +13,6 @@ from torch import nn
 
 from torchpurify.data.base import Split
 from torchpurify.defenses import DEFENSES, Clean, build_defense
-from torchpurify.defenses.fst import linear_head
 from torchpurify.defenses.ft_sam import sam_perturbation, smoothed_cross_entropy
 from torchpurify.defenses.ibau import find_perturbation, hypergradient_step, input_norm
 from torchpurify.defenses.nad import (
@@ -33,6 +32,7 @@ from torchpurify.errors import UserError
 from torchpurify.metrics import evaluate
 from torchpurify.models import build_model
 from torchpurify.models.registry import MODELS
+from torchpurify.neurons.units import linear_head
 from torchpurify.train import Cost
 
 # Recipes sized for the tiny task (480 tune images; 7 steps an epoch at batch 64), chosen by

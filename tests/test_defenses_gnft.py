@@ -8,7 +8,7 @@ from torch.func import functional_call, hessian
 
 from tests.test_defenses_salience import plain_backdoor
 from torchpurify.defenses import Clean, build_defense
-from torchpurify.defenses.gnft import gradient_norm_direction
+from torchpurify.defenses.two_pass import gradient_norm_direction
 from torchpurify.errors import UserError
 from torchpurify.metrics import evaluate
 from torchpurify.train import count_passes

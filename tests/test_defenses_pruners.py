@@ -11,13 +11,13 @@ from torch import nn
 
 from torchpurify.data.base import Split
 from torchpurify.defenses import Clean, build_defense
-from torchpurify.defenses.anp import mask_neurons
 from torchpurify.defenses.rnp import WeightGates, switches_off
 from torchpurify.errors import UserError
 from torchpurify.metrics import evaluate
 from torchpurify.models import build_model
 from torchpurify.models.io import load_model, save_model
 from torchpurify.neurons import masked_layers
+from torchpurify.neurons.units import mask_neurons
 
 # Sized for the tiny task (432 tune images, 6 classes). RNP stops unlearning at 0.4 accuracy:
 # the paper's 0.2 is twice chance on 10 classes but chance itself on 6.

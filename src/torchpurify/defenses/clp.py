@@ -17,7 +17,8 @@ BatchNorm is the next module run after it, with at most channel-wise modules (Re
 dropout) in between and the same channel count; otherwise its own weights bound the channel.
 A pruned channel is masked at the output of the BatchNorm when paired (the reference zeroes
 that BatchNorm's weight and bias), else at the conv's output — with the persistent neuron masks.
-A model without convolutions (the LSTM) has its hidden Linear units scored the same way.
+A model without convolutions (the LSTM) has its hidden Linear units scored the same way. (The
+pairing is :func:`~torchpurify.neurons.units.weighted_units`, which ANP and RNP use too.)
 """
 
 from __future__ import annotations
@@ -30,61 +31,9 @@ from torch import nn
 from torchpurify.checks import default
 from torchpurify.defenses.base import Clean, Defense, Purified, register_defense
 from torchpurify.defenses.pruning import CUT_SCALE, scaled_count, smaller_cut
-from torchpurify.neurons import list_layers, mask_channels
-from torchpurify.neurons.masks import ZERO_PRESERVING
+from torchpurify.neurons import mask_channels
+from torchpurify.neurons.units import CONVS, Unit, weighted_units
 from torchpurify.train import Cost
-
-CONVS = (nn.Conv1d, nn.Conv2d)
-NORMS = (nn.BatchNorm1d, nn.BatchNorm2d)
-
-
-@dataclass(frozen=True)
-class Unit:
-    """A weighted layer whose output channels are neurons: ``layer`` makes them, ``norm`` (when
-    a BatchNorm directly normalises them) is where they are masked, ``channels`` counts them."""
-
-    layer: str
-    norm: str | None
-    channels: int
-
-    @property
-    def masked_at(self) -> str:
-        return self.norm or self.layer
-
-
-def weighted_units(model: nn.Module, example: torch.Tensor, kinds=CONVS) -> list[Unit]:
-    """Every ``kinds`` leaf module that runs on ``example``, in call order, with the BatchNorm
-    that normalises its output when there is one. Linear layers count only when their output's
-    axis 1 is their ``out_features`` (not an attention score over time), and the last weighted
-    layer run (the classifier) never counts."""
-    infos = list_layers(model, example)
-    leaves = [i for i in infos if next(model.get_submodule(i.name).children(), None) is None]
-    weighted = [i for i, info in enumerate(leaves) if _width(model, info) is not None]
-    units = []
-    for position in weighted[:-1]:
-        info = leaves[position]
-        module = model.get_submodule(info.name)
-        if not isinstance(module, kinds) or _width(model, info) != info.channels:
-            continue
-        norm = None
-        for later in leaves[position + 1 :]:
-            following = model.get_submodule(later.name)
-            if isinstance(following, NORMS) and later.channels == info.channels:
-                norm = later.name
-                break
-            if not isinstance(following, ZERO_PRESERVING):
-                break
-        units.append(Unit(info.name, norm, info.channels))
-    return units
-
-
-def _width(model: nn.Module, info) -> int | None:
-    module = model.get_submodule(info.name)
-    if isinstance(module, CONVS):
-        return module.out_channels
-    if isinstance(module, nn.Linear):
-        return module.out_features
-    return None
 
 
 def channel_lipschitz(model: nn.Module, unit: Unit) -> torch.Tensor:

@@ -15,14 +15,8 @@ from torch import nn
 
 from torchpurify.checks import default
 from torchpurify.defenses.base import Clean, Purified, register_defense
-from torchpurify.defenses.pruning import (
-    HoldoutProbe,
-    PruningDefense,
-    first_failing,
-    largest_passing,
-    prune_first,
-    scaled_count,
-)
+from torchpurify.defenses.budget import largest_passing
+from torchpurify.defenses.pruning import HoldoutProbe, PruningDefense, prune_first, scaled_count
 from torchpurify.neurons import activation_stats
 
 # Where the fine-tuning step comes from (methods.md, "Where each default comes from").
@@ -72,8 +66,12 @@ class FinePruning(PruningDefense):
         probe = HoldoutProbe(model, layer, order, clean.holdout, self.batch_size)
         base = probe.accuracy(0)
         threshold = base - self.budget(base, len(clean.holdout))
-        search = largest_passing if self.search == "binary" else first_failing
-        within = search(0, len(order) - 1, lambda k: probe.accuracy(k) >= threshold)
+        # "binary" assumes holdout accuracy falls monotonically in k; "sweep" scans up to the
+        # first count that fails (defenses/budget.py).
+        search = "binary" if self.search == "binary" else "until-failure"
+        within = largest_passing(
+            0, len(order) - 1, lambda k: probe.accuracy(k) >= threshold, search=search
+        )
         # The guard's back-off prunes a share of that (cut_scale, methods.md §0).
         cut = scaled_count(within, self.cut_scale)
         pruned_acc = probe.accuracy(cut)

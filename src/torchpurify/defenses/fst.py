@@ -11,9 +11,9 @@ from the old one and the features must shift with it. After every step W is resc
 of W₀, so the penalty cannot be met by shrinking W.
 
 "The linear head" is the last ``nn.Linear`` that produces the model's logits, found by tracing one
-batch (``head`` names another module). Defaults from the authors' code
-(AISafety-HKUST/stable_backdoor_purification ``fine_tune/ft.py``): α = 0.2, SGD lr 0.01,
-momentum 0.9, no weight decay, cosine schedule, 10 epochs.
+batch (:func:`~torchpurify.neurons.units.linear_head`; ``head`` names another module). Defaults
+from the authors' code (AISafety-HKUST/stable_backdoor_purification ``fine_tune/ft.py``): α = 0.2,
+SGD lr 0.01, momentum 0.9, no weight decay, cosine schedule, 10 epochs.
 """
 
 from __future__ import annotations
@@ -30,7 +30,8 @@ from torchpurify.checks import default
 from torchpurify.defenses.base import Clean, Purified, register_defense
 from torchpurify.defenses.recipe import FineTuneRecipe
 from torchpurify.errors import UserError
-from torchpurify.neurons.layers import get_module, list_layers
+from torchpurify.neurons.layers import get_module
+from torchpurify.neurons.units import linear_head
 from torchpurify.train import fit
 
 # Where these defaults come from (methods.md, "Where each default comes from").
@@ -38,28 +39,6 @@ PAPER = (
     "paper: FST's code (AISafety-HKUST/stable_backdoor_purification fine_tune/ft.py), "
     "methods.md §6.2"
 )
-
-
-def linear_head(model: nn.Module, example: torch.Tensor) -> str:
-    """The name of the last ``nn.Linear`` whose output has one unit per logit."""
-    with torch.no_grad():
-        was_training = model.training
-        model.eval()
-        try:
-            outputs = model(example.to(next(model.parameters()).device)).shape[1]
-        finally:
-            model.train(was_training)
-    heads = [
-        info.name
-        for info in list_layers(model, example)
-        if isinstance(model.get_submodule(info.name), nn.Linear) and info.output_shape == (outputs,)
-    ]
-    if not heads:
-        raise UserError(
-            f"found no nn.Linear with {outputs} outputs (one per class); name the head with "
-            "--set head=MODULE"
-        )
-    return heads[-1]
 
 
 def reinitialise(layer: nn.Linear) -> None:

@@ -8,7 +8,8 @@ Each step on a ``tune`` batch, with L the label-smoothed cross-entropy:
 
 The perturbation is adaptive: scaled per weight by θ², so large weights — which the paper finds
 carry the backdoor — move furthest. ``adaptive=false`` gives plain SAM (ε = ρ·g/‖g‖). Two forward
-and two backward passes per step; the second pass leaves BatchNorm's running statistics alone.
+and two backward passes per step; the second pass leaves BatchNorm's running statistics alone
+(:mod:`~torchpurify.defenses.two_pass`, shared with GN-FT).
 Label smoothing puts ``1 − s`` on the true class and ``s/(K − 1)`` on each other class.
 
 Defaults from the authors' code (BackdoorBench ``defense/ft-sam.py`` and
@@ -29,7 +30,8 @@ from torch import nn
 from torchpurify.checks import default
 from torchpurify.defenses.base import Clean, Purified, register_defense
 from torchpurify.defenses.recipe import FineTuneRecipe
-from torchpurify.train import FrozenRunningStats, fit
+from torchpurify.defenses.two_pass import gradients, perturbed_gradient, step_along, trainable
+from torchpurify.train import fit
 
 # Where these defaults come from (methods.md, "Where each default comes from").
 PAPER = (
@@ -47,11 +49,6 @@ def smoothed_cross_entropy(logits: torch.Tensor, y: torch.Tensor, smoothing: flo
     return -(target * log_p).sum(1).mean()
 
 
-def _grads(loss: torch.Tensor, params: list[torch.Tensor]) -> list[torch.Tensor]:
-    grads = torch.autograd.grad(loss, params, allow_unused=True)
-    return [torch.zeros_like(p) if g is None else g for p, g in zip(params, grads, strict=True)]
-
-
 def sam_perturbation(
     params: list[torch.Tensor], grads: list[torch.Tensor], rho: float, adaptive: bool
 ) -> list[torch.Tensor]:
@@ -64,27 +61,18 @@ def sam_perturbation(
 
 
 def sam_step(rho: float, adaptive: bool, smoothing: float):
-    """A :data:`torchpurify.train.Step`: the SGD update uses the gradient at θ + ε."""
+    """A :data:`torchpurify.train.Step`: the SGD update uses the gradient at θ + ε
+    (:func:`~torchpurify.defenses.two_pass.perturbed_gradient`)."""
 
     def step(model, x, y, optimizer, cost):
-        params = [p for p in model.parameters() if p.requires_grad]
+        params = trainable(model)
         loss = smoothed_cross_entropy(model(x), y, smoothing)
         with torch.no_grad():
-            epsilon = sam_perturbation(params, _grads(loss, params), rho, adaptive)
-        originals = [p.detach().clone() for p in params]  # restore exactly, not by subtracting
-        with torch.no_grad():
-            for p, e in zip(params, epsilon, strict=True):
-                p.add_(e)
-        try:
-            with FrozenRunningStats(model):
-                sharp = _grads(smoothed_cross_entropy(model(x), y, smoothing), params)
-        finally:
-            with torch.no_grad():
-                for p, original in zip(params, originals, strict=True):
-                    p.copy_(original)
-        for p, g in zip(params, sharp, strict=True):
-            p.grad = g
-        optimizer.step()
+            epsilon = sam_perturbation(params, gradients(loss, params), rho, adaptive)
+        sharp = perturbed_gradient(
+            model, params, epsilon, lambda: smoothed_cross_entropy(model(x), y, smoothing)
+        )
+        step_along(params, sharp, optimizer)
         return loss.detach()
 
     return step

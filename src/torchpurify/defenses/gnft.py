@@ -8,7 +8,8 @@ two-pass estimate ``(1 − α)·g1 + α·g2`` with ``g2 = ∇L(θ + r·g1/‖g1�
 ``g2 ≈ g1 + r·H·g1/‖g1‖``. That holds for small r only; at the radii that remove backdoors
 (a few per cent of ‖θ‖) the two-pass step is sharpness-aware minimisation (SAM, ρ = r) mixed
 with the plain gradient — measured in methods.md §5. ``radius="relative"`` (default) gives r as
-a fraction of the weights' norm, so one default fits models of any scale.
+a fraction of the weights' norm, so one default fits models of any scale. The step itself,
+which TSBD's fine-tuning uses too, is in :mod:`~torchpurify.defenses.two_pass`.
 """
 
 from __future__ import annotations
@@ -17,100 +18,18 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from torchpurify.checks import default
 from torchpurify.defenses.base import Clean, Purified, register_defense
 from torchpurify.defenses.recipe import FineTuneRecipe
-from torchpurify.train import FrozenRunningStats, fit
+from torchpurify.defenses.two_pass import gradient_norm_step
+from torchpurify.train import fit
 
 DEV_RADIUS = (
     "dev: development seed 100 (configs/dev-image.yaml BadNets small-cnn, configs/dev-nobn.yaml), "
     "methods.md §5, §11.4"
 )
-
-
-def _norms(grads: list[torch.Tensor], per_tensor: bool) -> list[torch.Tensor]:
-    """‖g‖ for each tensor: the global norm repeated, or each tensor's own norm."""
-    if per_tensor:
-        return [g.norm().clamp_min(1e-12) for g in grads]
-    total = torch.sqrt(sum((g * g).sum() for g in grads)).clamp_min(1e-12)
-    return [total] * len(grads)
-
-
-def gradient_norm_direction(
-    model: nn.Module,
-    x: torch.Tensor,
-    y: torch.Tensor,
-    *,
-    mode: str = "approx",
-    r: float = 0.05,
-    alpha: float = 0.7,
-    per_tensor: bool = False,
-    second_pass: float = 1.0,
-) -> tuple[list[torch.Tensor], torch.Tensor]:
-    """The update direction of the gradient-norm-penalised loss, and the plain loss.
-
-    Returns one tensor per trainable parameter (same order as ``model.parameters()``);
-    the model's weights are unchanged on return. With ``second_pass`` < 1 (approx only) the
-    second pass sees just that leading fraction of the batch, and the direction is
-    ``g1 + α·(g2_sub − g1_sub)``: the same expectation for ~(1 + second_pass)× the plain cost
-    (passes are counted by the samples they see, :class:`torchpurify.train.count_passes`).
-    """
-    params = [p for p in model.parameters() if p.requires_grad]
-    if mode == "exact":
-        loss = F.cross_entropy(model(x), y)
-        grads = torch.autograd.grad(loss, params, create_graph=True)
-        norms = _norms(list(grads), per_tensor)
-        penalty = sum(g.norm() for g in grads) if per_tensor else norms[0]
-        direction = torch.autograd.grad(loss + alpha * r * penalty, params)
-        return [d.detach() for d in direction], loss.detach()
-    m = len(x) if alpha == 0 else max(1, min(len(x), round(second_pass * len(x))))
-    loss = F.cross_entropy(model(x[:m]), y[:m])
-    g1_sub = [g.detach() for g in torch.autograd.grad(loss, params)]
-    g1 = g1_sub
-    if m < len(x):  # the rest of the batch, so the plain part of the step sees all of it
-        rest = F.cross_entropy(model(x[m:]), y[m:])
-        g_rest = torch.autograd.grad(rest, params)
-        share = m / len(x)
-        g1 = [share * a + (1 - share) * b for a, b in zip(g1_sub, g_rest, strict=True)]
-        loss = share * loss + (1 - share) * rest
-    if alpha == 0:
-        return g1, loss.detach()
-    # Restore θ from a copy, not by subtracting the step: θ + s − s is not θ in floating point.
-    originals = [p.detach().clone() for p in params]
-    with torch.no_grad():
-        for p, g, n in zip(params, g1, _norms(g1, per_tensor), strict=True):
-            p.add_(g * (r / n))
-    try:
-        with FrozenRunningStats(model):
-            g2 = torch.autograd.grad(F.cross_entropy(model(x[:m]), y[:m]), params)
-    finally:
-        with torch.no_grad():
-            for p, original in zip(params, originals, strict=True):
-                p.copy_(original)
-    direction = [g + alpha * (b.detach() - a) for g, a, b in zip(g1, g1_sub, g2, strict=True)]
-    return direction, loss.detach()
-
-
-def gradient_norm_step(
-    mode: str, r: float, alpha: float, per_tensor: bool, second_pass: float = 1.0
-):
-    """A :data:`torchpurify.train.Step` applying :func:`gradient_norm_direction`."""
-
-    def step(model, x, y, optimizer, cost):
-        direction, loss = gradient_norm_direction(
-            model, x, y, mode=mode, r=r, alpha=alpha, per_tensor=per_tensor,
-            second_pass=second_pass,
-        )  # fmt: skip
-        params = [p for p in model.parameters() if p.requires_grad]
-        for p, d in zip(params, direction, strict=True):
-            p.grad = d
-        optimizer.step()
-        return loss
-
-    return step
 
 
 @register_defense

@@ -36,13 +36,8 @@ from torch import nn
 from torchpurify.checks import default
 from torchpurify.data.base import Split
 from torchpurify.defenses.base import Clean, Purified, register_defense
-from torchpurify.defenses.pruning import (
-    HoldoutProbe,
-    PruningDefense,
-    largest_passing,
-    prune_first,
-    scaled_count,
-)
+from torchpurify.defenses.budget import largest_passing
+from torchpurify.defenses.pruning import HoldoutProbe, PruningDefense, prune_first, scaled_count
 from torchpurify.errors import UserError
 from torchpurify.estimate import FLAG_ASR, SPACE_SOURCE, EstimateConfig, suspect
 from torchpurify.metrics import accuracy, predict
@@ -279,14 +274,18 @@ class LinfPruning(PruningDefense):
         """How many channels of ``probe.order`` to prune (at least ``start``, those already
         pruned): the fewest that bring the trigger's success under ``stop_asr`` if the budget
         allows it, else as many as the budget allows. Also whether the budget ran out."""
+        # Binary searches: both curves are taken as monotone in k (the scan below makes up for
+        # accuracy being only close to monotone).
         allowed = largest_passing(
-            start, len(probe.order) - 1, lambda k: probe.accuracy(k) >= threshold
+            start, len(probe.order) - 1, lambda k: probe.accuracy(k) >= threshold, search="binary"
         )
         if allowed is None:  # the channels already pruned use up the budget
             return start, True
         if success(allowed) >= self.stop_asr:
             return allowed, True
-        still_works = largest_passing(start, allowed, lambda k: success(k) >= self.stop_asr)
+        still_works = largest_passing(
+            start, allowed, lambda k: success(k) >= self.stop_asr, search="binary"
+        )
         if still_works is None:  # the trigger already fails: nothing more to prune
             return start, False
         # Accuracy is only close to monotone in k: the first count from there on that is

@@ -1,15 +1,15 @@
 """What the pruning defenses share: a base class with their common fields (the neuron layer, the
 holdout budget of the cut, the fine-tuning afterwards), pruning the first k channels of a
-ranking, measuring on the defender's holdout, and finding the cut by binary search (O(log C)
-evaluations) or a full sweep; and the guard's back-off of every pruning defense (methods.md §0):
-a smaller cut (``cut_scale`` halved), then, for those that fine-tune, no fine-tuning.
+ranking and measuring it on the defender's holdout (the cut itself is found by
+:mod:`~torchpurify.defenses.budget`); and the guard's back-off of every pruning defense
+(methods.md §0): a smaller cut (``cut_scale`` halved), then, for those that fine-tune, no
+fine-tuning. No defense is registered here.
 """
 
 from __future__ import annotations
 
 import copy
 import dataclasses
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -133,28 +133,6 @@ def fine_tune_if_no_worse(
         "holdout_acc_fine_tuned": holdout_acc,
         "fine_tune_kept": kept,
     }
-
-
-def largest_passing(low: int, high: int, passes: Callable[[int], bool]) -> int | None:
-    """The largest k in [low, high] with ``passes(k)``, for a monotone ``passes`` (true up to
-    some k, false after); None when even ``passes(low)`` fails."""
-    if not passes(low):
-        return None
-    while low < high:
-        middle = (low + high + 1) // 2
-        if passes(middle):
-            low = middle
-        else:
-            high = middle - 1
-    return low
-
-
-def first_failing(low: int, high: int, passes: Callable[[int], bool]) -> int:
-    """A full sweep: the last k before ``passes`` first fails, scanning up from ``low``."""
-    for k in range(low + 1, high + 1):
-        if not passes(k):
-            return k - 1
-    return high
 
 
 class HoldoutProbe:

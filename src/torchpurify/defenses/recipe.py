@@ -86,3 +86,28 @@ class FineTuneRecipe(Defense):
             device=self.device,
             progress=self.progress,
         )
+
+
+def constant_sgd(
+    defense: Defense,
+    epochs: int,
+    lr: float,
+    *,
+    weight_decay: float = 0.0,
+    progress: bool | None = None,
+) -> TrainConfig:
+    """SGD with momentum 0.9 at a constant rate, BatchNorm in training mode, on the defense's
+    batch size, seed and device: ANP's and RNP's mask optimiser (both reference
+    implementations'; no weight decay) and RNP's and TSBD's unlearning. ``progress``: the
+    defense's own setting unless given."""
+    return TrainConfig(
+        epochs=epochs,
+        batch_size=defense.batch_size,
+        lr=lr,
+        momentum=0.9,
+        weight_decay=weight_decay,
+        schedule="constant",
+        seed=defense.seed,
+        device=defense.device,
+        progress=defense.progress if progress is None else progress,
+    )

@@ -1,30 +1,30 @@
 """RNP: reconstructive neuron pruning (Li, Lyu, Ma, Koren, Lyu, Li, Jiang, ICML 2023;
 methods.md §6.8).
 
-1. **Unlearn**: on a copy of the model, gradient *ascent* on the clean ``tune`` data,
-   ``θ ← θ + η·∇θ L(θ)`` (SGD, lr 0.01, momentum 0.9, weight decay 5e-4, gradients clipped to
-   norm 20, the rate divided by 10 after epochs 10 and 20), until the accuracy falls to
-   ``clean_threshold`` (0.2) or after ``unlearning_epochs`` (20). The reference checks the
-   epoch's running accuracy once an epoch; here it is checked on every batch (before that
-   batch's step), so unlearning stops at its target instead of up to an epoch past it: a
-   model unlearned far past it has so large a loss that the best the recovery can do is to
-   switch a layer off (constant outputs, loss ln K).
+1. **Unlearn** (:mod:`~torchpurify.defenses.unlearning`, shared with TSBD): on a copy of the
+   model, gradient *ascent* on the clean ``tune`` data, ``θ ← θ + η·∇θ L(θ)`` (SGD, lr 0.01,
+   momentum 0.9, weight decay 5e-4, gradients clipped to norm 20, the rate divided by 10 after
+   epochs 10 and 20), until the accuracy falls to ``clean_threshold`` (0.2) or after
+   ``unlearning_epochs`` (20). The reference checks the epoch's running accuracy once an epoch;
+   here it is checked on every batch (before that batch's step), so unlearning stops at its
+   target instead of up to an epoch past it: a model unlearned far past it has so large a loss
+   that the best the recovery can do is to switch a layer off (constant outputs, loss ln K).
    Clean features are destroyed first; the backdoor, which clean data never exercised, survives.
-2. **Recover**: freeze the unlearned weights and learn one mask m_k ∈ [0, 1] per neuron of
-   ANP's neurons (``anp.mask_neurons``: the BatchNorm layers, or the hidden Conv/Linear units of
-   a model without one) by *minimising* ``α·L`` on ``tune`` (α = 0.2, SGD lr 0.2, momentum 0.9,
-   20 epochs, clipped to [0, 1]). As in the reference the mask scales the BatchNorm weight γ
-   only, β stays (:class:`WeightGates`; a Conv/Linear unit: its weights, not its bias). The
-   last of those layers is left out when switching it off leaves the model's outputs the same
-   for every input (:func:`switches_off`): the reference's ResNet-18 has a residual path around
-   its last BatchNorm, small-cnn, kws-cnn, res8 and PreAct-ResNet18 (whose final BatchNorm the
-   reference's PreAct lacks) have none. Restoring clean accuracy needs the clean neurons; the
-   backdoor neurons, which unlearning left intact and which hurt clean accuracy, end with
-   small masks.
-3. **Prune** the *original* model's neurons with mask values at or below a threshold: chosen on
-   the holdout as in ANP (the reference sweeps it against the test set). Pruning masks the
-   whole channel (the persistent neuron mask; the reference zeroes γ and keeps β): the
-   threshold is chosen on the model actually pruned.
+2. **Recover**: freeze the unlearned weights and learn one mask m_k ∈ [0, 1] per neuron of ANP's
+   neurons (:func:`~torchpurify.neurons.units.mask_neurons`: the BatchNorm layers, or the hidden
+   Conv/Linear units of a model without one) by *minimising* ``α·L`` on ``tune`` (α = 0.2, SGD lr
+   0.2, momentum 0.9, 20 epochs, clipped to [0, 1]). As in the reference the mask scales the
+   BatchNorm weight γ only, β stays (:class:`WeightGates`; a Conv/Linear unit: its weights, not its
+   bias). The last of those layers is left out when switching it off leaves the model's outputs the
+   same for every input (:func:`switches_off`): the reference's ResNet-18 has a residual path
+   around its last BatchNorm, small-cnn, kws-cnn, res8 and PreAct-ResNet18 (whose final BatchNorm
+   the reference's PreAct lacks) have none. Restoring clean accuracy needs the clean neurons; the
+   backdoor neurons, which unlearning left intact and which hurt clean accuracy, end with small
+   masks.
+3. **Prune** the *original* model's neurons with mask values at or below a threshold: chosen on the
+   holdout as in ANP (:mod:`~torchpurify.defenses.mask_pruning`; the reference sweeps it against
+   the test set). Pruning masks the whole channel (the persistent neuron mask; the reference zeroes
+   γ and keeps β): the threshold is chosen on the model actually pruned.
 """
 
 from __future__ import annotations
@@ -39,9 +39,13 @@ from torch import nn
 
 from torchpurify.checks import default
 from torchpurify.data.base import Split
-from torchpurify.defenses.anp import Gated, MaskPruning, NeuronGates, mask_neurons, mask_recipe
 from torchpurify.defenses.base import Clean, Purified, register_defense
-from torchpurify.train import TrainConfig, Trainer, fit
+from torchpurify.defenses.mask_pruning import MaskPruning
+from torchpurify.defenses.recipe import constant_sgd
+from torchpurify.defenses.unlearning import Unlearning, unlearn
+from torchpurify.neurons.gates import Gated, NeuronGates
+from torchpurify.neurons.units import mask_neurons
+from torchpurify.train import fit
 
 # Where these defaults come from (methods.md, "Where each default comes from").
 PAPER = "paper: RNP's code (bboylyg/RNP main.py), methods.md §6.8"
@@ -126,7 +130,7 @@ class ReconstructiveNeuronPruning(MaskPruning):
         recovered = fit(
             Gated(working, gates),
             clean.tune,
-            mask_recipe(self, self.recovering_epochs, self.recovering_lr),
+            constant_sgd(self, self.recovering_epochs, self.recovering_lr),
             step=recovery_step,
             description=f"{self.name} recover",
         )
@@ -141,53 +145,6 @@ class ReconstructiveNeuronPruning(MaskPruning):
     def unlearn(self, model: nn.Module, tune: Split) -> list[dict]:
         """Gradient ascent on ``tune`` until the accuracy on a batch, measured before its step,
         is at most the threshold (then no further step), or ``unlearning_epochs`` have run."""
-        seen: dict[str, Any] = {"correct": 0, "total": 0, "losses": [], "stopped": None}
-
-        def ascent_step(net, x, y, optimizer, cost):
-            if seen["stopped"] is not None:  # the target is reached: the epoch's rest is skipped
-                return torch.zeros((), device=x.device)
-            optimizer.zero_grad(set_to_none=True)
-            logits = net(x)
-            loss = F.cross_entropy(logits, y)
-            correct = int((logits.argmax(1) == y).sum())
-            seen["correct"] += correct
-            seen["total"] += len(y)
-            seen["losses"].append(float(loss.detach()))
-            if correct / len(y) <= self.clean_threshold:
-                seen["stopped"] = len(seen["losses"])
-                return loss.detach()
-            (-loss).backward()
-            nn.utils.clip_grad_norm_(net.parameters(), max_norm=20)
-            optimizer.step()
-            return loss.detach()
-
-        config = TrainConfig(
-            epochs=self.unlearning_epochs,
-            batch_size=self.batch_size,
-            lr=self.unlearning_lr,
-            momentum=0.9,
-            weight_decay=5e-4,
-            schedule="constant",
-            seed=self.seed,
-            device=self.device,
-            progress=self.progress,
-        )
-        history = []
-        with Trainer(model, tune, config, step=ascent_step, description="rnp unlearn") as trainer:
-            for epoch in range(1, self.unlearning_epochs + 1):
-                lr = self.unlearning_lr * 0.1 ** sum(epoch > m for m in MILESTONES)
-                for group in trainer.optimizer.param_groups:
-                    group["lr"] = lr
-                seen.update(correct=0, total=0, losses=[])
-                record = trainer.epoch()
-                record.update(
-                    lr=lr,
-                    loss=sum(seen["losses"]) / max(1, len(seen["losses"])),
-                    train_acc=seen["correct"] / max(1, seen["total"]),
-                )
-                if seen["stopped"] is not None:
-                    record["stopped_at_batch"] = seen["stopped"]
-                history.append(record)
-                if seen["stopped"] is not None or record["train_acc"] <= self.clean_threshold:
-                    break
-        return history
+        config = constant_sgd(self, self.unlearning_epochs, self.unlearning_lr, weight_decay=5e-4)
+        recipe = Unlearning(config, self.clean_threshold, clip=20, milestones=MILESTONES)
+        return unlearn(model, tune, recipe, description="rnp unlearn")

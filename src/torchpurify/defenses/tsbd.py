@@ -4,19 +4,22 @@ code linweiii/TSBD; methods.md §6). GN-FT (methods.md §5) is its second stage'
 
 Stage 1, neuron weight change (NWC) and zeroing:
 - unlearn a copy of the model by gradient *ascent* of L on ``tune`` (SGD, lr ``unlearn_lr``,
-  momentum 0.9) until holdout accuracy ≤ ``unlearn_acc`` (at most ``unlearn_epochs`` epochs);
+  momentum 0.9) until holdout accuracy ≤ ``unlearn_acc`` (at most ``unlearn_epochs`` epochs;
+  ``defenses/unlearning.py``, shared with RNP);
 - score every neuron (output channel) of every Conv1d/Conv2d by NWC = Σ_fan-in |w_unlearned − w|
   (a model without convolutions: every Linear but the head);
 - for the top fraction n of neurons by NWC, zero the fraction m of their weights that changed
   most (one threshold over all their weights), in the original model.
 
-Stage 2: fine-tune on ``tune`` with the gradient-norm step of GN-FT (``defenses/gnft.py``):
-g = (1 − α)·∇L(θ) + α·∇L(θ + r·∇L/‖∇L‖), norms per tensor as in the authors' code.
+Stage 2: fine-tune on ``tune`` with the gradient-norm step of GN-FT
+(``defenses/two_pass.py``): g = (1 − α)·∇L(θ) + α·∇L(θ + r·∇L/‖∇L‖), norms per tensor as in the
+authors' code.
 
 The authors sweep n ∈ {0.01, …, 0.9} and read each result's test ASR. Here n is chosen on the
 holdout: the largest n of that grid whose zeroed model keeps holdout accuracy within the
-defense's budget (``max_acc_drop``, by default the holdout-noise rule of methods.md §0); none
-within it zeroes nothing. ``fraction`` fixes n instead.
+defense's budget (``max_acc_drop``, by default the holdout-noise rule of methods.md §0), every
+n tried (``defenses/budget.py``'s ``search="every"``: no monotone curve assumed); none within
+it zeroes nothing. ``fraction`` fixes n instead.
 
 Defaults from the authors' code (``tsbd.py``, ``tsbd/config.yaml``): unlearning lr 1e-4 until
 accuracy ≤ 10 % (at most 1,000 epochs); m = 0.7; fine-tuning SGD lr 0.01, momentum 0.9, no
@@ -29,17 +32,18 @@ import copy
 from dataclasses import dataclass, replace
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from torchpurify.checks import default
 from torchpurify.defenses.base import Clean, Purified, register_defense
-from torchpurify.defenses.fst import linear_head
-from torchpurify.defenses.gnft import gradient_norm_step
+from torchpurify.defenses.budget import largest_passing
 from torchpurify.defenses.pruning import CUT_SCALE
-from torchpurify.defenses.recipe import FineTuneRecipe
+from torchpurify.defenses.recipe import FineTuneRecipe, constant_sgd
+from torchpurify.defenses.two_pass import gradient_norm_step
+from torchpurify.defenses.unlearning import Unlearning, unlearn
 from torchpurify.metrics import accuracy
-from torchpurify.train import TrainConfig, fit
+from torchpurify.neurons.units import linear_head
+from torchpurify.train import fit
 
 # Where these defaults come from (methods.md, "Where each default comes from").
 PAPER = "paper: TSBD's code (linweiii/TSBD tsbd.py, tsbd/config.yaml), methods.md §6.5"
@@ -107,15 +111,6 @@ def zero_changed_weights(
     return zeroed
 
 
-def ascent_step(model, x, y, optimizer, cost):
-    """Gradient ascent of the cross-entropy: one forward, one backward."""
-    optimizer.zero_grad(set_to_none=True)
-    loss = F.cross_entropy(model(x), y)
-    (-loss).backward()
-    optimizer.step()
-    return loss.detach()
-
-
 @register_defense
 @dataclass
 class TwoStageDefense(FineTuneRecipe):
@@ -158,22 +153,14 @@ class TwoStageDefense(FineTuneRecipe):
         return replace(self, cut_scale=self.cut_scale / 2, lr=self.lr / 2)
 
     def unlearn(self, model: nn.Module, clean: Clean) -> tuple[nn.Module, list[dict]]:
-        """A copy of ``model`` unlearnt until its holdout accuracy falls to ``unlearn_acc``."""
+        """A copy of ``model`` unlearnt until its holdout accuracy falls to ``unlearn_acc``
+        (each epoch its own run, as the authors' code; the holdout decides after each)."""
         unlearned = copy.deepcopy(model)
-        config = TrainConfig(
-            epochs=1, batch_size=self.batch_size, lr=self.unlearn_lr, momentum=0.9,
-            weight_decay=0.0, schedule="constant", seed=self.seed, device=self.device,
-            progress=False,
-        )  # fmt: skip
-        history = []
-        for epoch in range(1, self.unlearn_epochs + 1):
-            # One epoch per call: the holdout decides after each epoch whether to go on.
-            fit(unlearned, clean.tune, replace(config, seed=self.seed + epoch), step=ascent_step,
-                description="tsbd unlearn")  # fmt: skip
-            holdout_acc = accuracy(unlearned, clean.holdout, batch_size=self.batch_size)
-            history.append({"epoch": epoch, "holdout_acc": holdout_acc})
-            if holdout_acc <= self.unlearn_acc:
-                break
+        config = constant_sgd(self, self.unlearn_epochs, self.unlearn_lr, progress=False)
+        recipe = Unlearning(config, self.unlearn_acc, restart=True)
+        history = unlearn(
+            unlearned, clean.tune, recipe, holdout=clean.holdout, description="tsbd unlearn"
+        )
         return unlearned, history
 
     def run(self, model: nn.Module, clean: Clean) -> Purified:
@@ -185,18 +172,25 @@ class TwoStageDefense(FineTuneRecipe):
         base = accuracy(model, clean.holdout, batch_size=self.batch_size)
         threshold = base - self.budget(base, len(clean.holdout))
         curve: list[list[float]] = []
+
+        def zeroed_accuracy(position: int) -> float:
+            fraction = FRACTIONS[position]
+            trial = copy.deepcopy(model)
+            top = ranked[: int(len(ranked) * fraction)]
+            zero_changed_weights(trial, changes, top, self.weight_fraction)
+            acc = accuracy(trial, clean.holdout, batch_size=self.batch_size)
+            curve.append([fraction, acc])
+            return acc
+
         if self.fraction is not None:
             chosen = self.fraction
         else:
-            chosen = 0.0  # no fraction within the budget: zero nothing
-            for fraction in FRACTIONS:
-                trial = copy.deepcopy(model)
-                top = ranked[: int(len(ranked) * fraction)]
-                zero_changed_weights(trial, changes, top, self.weight_fraction)
-                acc = accuracy(trial, clean.holdout, batch_size=self.batch_size)
-                curve.append([fraction, acc])
-                if acc >= threshold:
-                    chosen = fraction
+            # Every fraction is tried (holdout accuracy need not fall monotonically in n); the
+            # largest within the budget is kept, none within it zeroes nothing.
+            position = largest_passing(
+                0, len(FRACTIONS) - 1, lambda p: zeroed_accuracy(p) >= threshold, search="every"
+            )
+            chosen = 0.0 if position is None else FRACTIONS[position]
         # The guard's back-off zeroes a share of them (cut_scale, methods.md §0).
         top = ranked[: int(len(ranked) * chosen * self.cut_scale)]
         zeroed = zero_changed_weights(model, changes, top, self.weight_fraction)
