@@ -148,14 +148,18 @@ def test_purify_model_records_the_estimate_on_the_holdout_and_reuses_the_one_bef
     config = TrainConfig(epochs=3, batch_size=64, lr=0.05, progress=False, device="cpu")
     trained = experiment.train_model(data, "small-cnn", attack, config)
     seen = []
-    real = estimate_module.estimate_backdoor
 
-    def spy(model, holdout, *args, **kwargs):
-        seen.append(len(holdout))
-        return real(model, holdout, *args, **kwargs)
+    def spy(real):
+        def counted(model, holdout, *args, **kwargs):
+            seen.append(len(holdout))
+            return real(model, holdout, *args, **kwargs)
 
-    monkeypatch.setattr(experiment, "estimate_backdoor", spy)
-    monkeypatch.setattr(estimate_module, "estimate_backdoor", spy)
+        return counted
+
+    for name in ("estimate_before", "estimate_after"):  # as the runner calls them
+        counted = spy(getattr(estimate_module, name))
+        monkeypatch.setattr(experiment, name, counted)
+        monkeypatch.setattr(estimate_module, name, counted)
     settings = EstimateConfig(steps=20, capped_steps=10, families=("mask",))
     cache = tmp_path / "estimate-before.json"
     for _ in range(2):

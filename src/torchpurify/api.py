@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from torchpurify.attacks.poison import target_labels
-from torchpurify.card import MAX_CLASSES, ModelCard, targeting
+from torchpurify.card import MAX_CLASSES, ModelCard, Targeting, targeting
 from torchpurify.data.base import Split
 from torchpurify.data.byo import OwnData, parse_classes, read_own
 from torchpurify.data.splits import TUNE_FRACTION, defender_split
@@ -225,15 +225,15 @@ def backdoor_estimate(
     """The defender-side backdoor estimate before and after (:mod:`torchpurify.estimate`, on the
     clean holdout only), with a one-line ``summary``; None where that module is unavailable."""
     try:
-        from torchpurify.estimate import compare, describe_change, estimate_backdoor
+        from torchpurify.estimate import compare, describe_change, estimate_after, estimate_before
     except ImportError:  # pragma: no cover - the module ships with torchpurify
         return None
     from torchpurify.train import resolve_device
 
     where = resolve_device(device)
     common = {"device": where, "progress": progress}
-    before = estimate_backdoor(model, clean.holdout, config, **common)
-    after = estimate_backdoor(purified, clean.holdout, config, before=before, **common)
+    before = estimate_before(model, clean.holdout, config, **common)
+    after = estimate_after(purified, clean.holdout, before, config, **common)
     model.to("cpu")
     purified.to("cpu")
     return {**compare(before, after), "summary": describe_change(before, after)}
@@ -618,82 +618,120 @@ def purify_own(
     ``out`` and ``export`` replace an earlier torchpurify artifact only with ``force`` (the
     library default; the CLI passes its ``--force``); ``export`` never replaces the input model
     or a file torchpurify did not write, and is checked before any work."""
-    from torchpurify.train import resolve_device
-
     if export is not None:  # before any work: never the input, never a file not ours
         inputs = [p for p in (model_path, clean_path, test_path, triggered_path) if p is not None]
         check_export(export, force=force, inputs=inputs, out=out)
     own = load_own(
-        model_path,
-        clean_path,
-        arch,
-        trust_code=trust_code,
-        normalize=normalize,
-        num_classes=num_classes,
-        sample_rate=sample_rate,
-        classes=classes,
-        allow_missing_classes=allow_missing_classes,
-        seed=defense.seed,
-        progress=defense.progress,
+        model_path, clean_path, arch, trust_code=trust_code, normalize=normalize,
+        num_classes=num_classes, sample_rate=sample_rate, classes=classes,
+        allow_missing_classes=allow_missing_classes, seed=defense.seed, progress=defense.progress,
+    )  # fmt: skip
+    test, triggered = read_test_files(own, test_path, triggered_path, classes, defense.progress)
+    measuring = Measuring.of(
+        own.card, attack, attack_params, target, target_mode, test, triggered, defense.device
     )
-    card, rate = own.card, own.data.source.get("sample_rate")
+    before = measuring.measure(own.model, test)
+    clean = split_clean(own.data.split, tune_fraction, defense.seed)
+    if estimate is None:
+        estimate = measuring.trigger is None and triggered is None
+    purified, record = run_defense(own.model, clean, defense, estimate=estimate)
+    after = measuring.measure(purified, test)
+    own.model.to("cpu")
+    purified.to("cpu")
+    card = own_card(own, defense.seed, tune_fraction, test, record, before, after, measuring)
+    if out is not None:
+        save_model(purified, out, card, force=force)
+    if export is not None:
+        export_weights(purified, export, force=force)
+    return OwnResult(purified, record, card, before, after, own.notes)
+
+
+def read_test_files(
+    own: Own, test_path: Any, triggered_path: Any, classes: Any, progress: bool
+) -> tuple[OwnData | None, OwnData | None]:
+    """``--test`` and ``--triggered``, read in the model's input shape, classes and sample rate
+    (None where not given)."""
     read = {
-        "input_shape": card.input_shape,
+        "input_shape": own.card.input_shape,
         "mapping": parse_classes(classes) or own.data.mapping,
-        "sample_rate": rate or 16000,
-        "progress": defense.progress,
+        "sample_rate": own.data.source.get("sample_rate") or 16000,
+        "progress": progress,
     }
     test = read_own(test_path, **read) if test_path is not None else None
     triggered = read_own(triggered_path, **read) if triggered_path is not None else None
-    trigger = trigger_for(
-        attack, attack_params or {}, card.input_shape, target, card.num_classes,
-        triggered is not None, tested=test is not None, mode=target_mode,
-    )  # fmt: skip
-    how = targeting(
-        {"target": 0 if target is None else target, "target_mode": target_mode},
-        card.num_classes,
-    )
-    device = resolve_device(defense.device)
-    measuring = {"trigger": trigger, "triggered": triggered, "device": device, **how.as_kwargs()}
-    before = measure(own.model, test, **measuring)
-    clean = split_clean(own.data.split, tune_fraction, defense.seed)
-    if estimate is None:
-        estimate = trigger is None and triggered is None
-    purified, record = run_defense(own.model, clean, defense, estimate=estimate)
-    after = measure(purified, test, **measuring)
-    own.model.to("cpu")
-    purified.to("cpu")
-    new_card = {
+    return test, triggered
+
+
+@dataclass(frozen=True)
+class Measuring:
+    """How :func:`purify_own` measures before and after: the trigger ``--attack`` names (or
+    None), the ``--triggered`` inputs (or None), the device and the targeting."""
+
+    trigger: Any
+    triggered: OwnData | None
+    device: torch.device | str
+    how: Targeting
+
+    @classmethod
+    def of(
+        cls, card: ModelCard, attack: str | None, attack_params: dict[str, Any] | None,
+        target: int | None, target_mode: str, test: OwnData | None, triggered: OwnData | None,
+        device: str,
+    ) -> Measuring:  # fmt: skip
+        from torchpurify.train import resolve_device
+
+        trigger = trigger_for(
+            attack, attack_params or {}, card.input_shape, target, card.num_classes,
+            triggered is not None, tested=test is not None, mode=target_mode,
+        )  # fmt: skip
+        how = targeting(
+            {"target": 0 if target is None else target, "target_mode": target_mode},
+            card.num_classes,
+        )
+        return cls(trigger, triggered, resolve_device(device), how)
+
+    def measure(self, model: nn.Module, test: OwnData | None) -> Metrics | None:
+        return measure(model, test, trigger=self.trigger, triggered=self.triggered,
+                       device=self.device, **self.how.as_kwargs())  # fmt: skip
+
+    def record(self) -> dict[str, Any] | None:
+        """The card's ``measured_with``: the trigger or the triggered folder, and the targeting."""
+        if self.trigger is not None:
+            return {"attack": self.trigger.to_dict(), **self.how.as_kwargs()}
+        if self.triggered:
+            return {"triggered": self.triggered.source["path"], **self.how.as_kwargs()}
+        return None
+
+
+def own_card(
+    own: Own, seed: int, tune_fraction: float, test: OwnData | None, record: Record,
+    before: Metrics | None, after: Metrics | None, measuring: Measuring,
+) -> dict[str, Any]:  # fmt: skip
+    """The purified model's card: the input's, with where its clean and test data came from,
+    and the defense's record with the metrics before and after and what measured them."""
+    card = {
         key: value
-        for key, value in card.to_dict().items()
+        for key, value in own.card.to_dict().items()
         if key not in ("format", "format_version", "versions", "masks", "defense", "metrics")
     }
-    new_card["clean"] = {
+    card["clean"] = {
         **own.data.source,
         "tune_fraction": tune_fraction,
-        "seed": defense.seed,
+        "seed": seed,
         "split_by": "sample" if own.data.split.groups is None else "speaker",
         "notes": own.notes,
     }
     if test is not None:
-        new_card["test"] = {k: test.source[k] for k in ("path", "kind", "files", "sha256")}
-        new_card["metrics"] = after.to_dict()
-    new_card["defense"] = {
+        card["test"] = {k: test.source[k] for k in ("path", "kind", "files", "sha256")}
+        card["metrics"] = after.to_dict()
+    card["defense"] = {
         **record.to_dict(),
         "name": record.defense,
         "before": before.to_dict() if before else None,
         "after": after.to_dict() if after else None,
-        "measured_with": (
-            {"attack": trigger.to_dict(), **how.as_kwargs()} if trigger is not None
-            else {"triggered": triggered.source["path"], **how.as_kwargs()} if triggered
-            else None
-        ),
-    }  # fmt: skip
-    if out is not None:
-        save_model(purified, out, new_card, force=force)
-    if export is not None:
-        export_weights(purified, export, force=force)
-    return OwnResult(purified, record, new_card, before, after, own.notes)
+        "measured_with": measuring.record(),
+    }
+    return card
 
 
 __all__ = [

@@ -1,7 +1,7 @@
 """``purify --defense auto`` (issue 28 item 3, methods.md §12.2): the defender-side estimate
 chooses whether to purify and, by the trigger family it suspects, which defenses to try.
 
-1. The estimate (:func:`torchpurify.estimate.estimate_backdoor`, every family of its
+1. The estimate (:func:`torchpurify.estimate.estimate_before`, every family of its
    ``families``) runs on the defender's *selection* holdout — the half every selection rule
    reads; the guard's half stays the guard's (methods.md §0).
 2. Nothing suspected: the model comes back unchanged, and the log says so (a clean model costs
@@ -36,7 +36,8 @@ from torchpurify.estimate import (
     EstimateConfig,
     compare,
     describe_change,
-    estimate_backdoor,
+    estimate_after,
+    estimate_before,
 )
 from torchpurify.train import Cost, console, resolve_device
 
@@ -106,7 +107,7 @@ class Auto(Defense):
         device = resolve_device(self.device)
         holdout = clean.for_selection(self.seed).holdout  # the guard's half stays unread
         say = console.print if self.progress else (lambda *_: None)
-        before = estimate_backdoor(model, holdout, config, device=device, progress=self.progress)
+        before = estimate_before(model, holdout, config, device=device, progress=self.progress)
         model.to("cpu")
         record: dict[str, Any] = {
             "estimate_before": before.to_dict(),
@@ -143,10 +144,9 @@ class Auto(Defense):
             kept = guard.get("action", "kept") != ROLLED_BACK
             accuracies = [a["holdout_acc"] for a in guard.get("attempts", [])]
             acc = accuracies[-1] if kept and accuracies else guard.get("holdout_acc_input")
-            after = estimate_backdoor(
-                result.model, holdout, config, before=before, device=device,
-                progress=self.progress,
-            )  # fmt: skip
+            after = estimate_after(
+                result.model, holdout, before, config, device=device, progress=self.progress
+            )
             result.model.to("cpu")
             trial = {
                 "defense": name,

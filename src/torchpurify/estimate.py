@@ -338,6 +338,66 @@ def suspect(
     return label, _capped_asr(model, holdout, label, budget, start, config, value_range, device)
 
 
+def estimate_before(
+    model: nn.Module,
+    holdout: Split,
+    config: EstimateConfig | None = None,
+    *,
+    value_range: tuple[float, float] | None = None,
+    device: torch.device | str | None = None,
+    progress: bool = False,
+) -> Estimate:
+    """The estimate for ``model`` on the clean ``holdout`` before purifying: every family of
+    ``config.families``, every label. The model is not changed. With ``config.space``
+    "features" (or "auto" and a model with a fixed front end) the triggers act on the front
+    end's features, and ``value_range`` is theirs. The rule that turns the families into one
+    verdict is the module docstring's (methods.md §12.2)."""
+    config = config or EstimateConfig()
+
+    def family_before(family: str, holdout: Split, config: EstimateConfig, value_range):
+        if family == "mask":
+            found = _mask_before(model, holdout, config, value_range, device, progress)
+            return FamilyEstimate.of_mask(found)
+        return _radius_before(model, holdout, family, config, value_range, device, progress)
+
+    return _estimate(model, holdout, config, config.families, "every label", family_before,
+                     value_range, progress)  # fmt: skip
+
+
+def estimate_after(
+    model: nn.Module,
+    holdout: Split,
+    before: Estimate,
+    config: EstimateConfig | None = None,
+    *,
+    value_range: tuple[float, float] | None = None,
+    device: torch.device | str | None = None,
+    progress: bool = False,
+) -> Estimate:
+    """The estimate for the purified ``model`` on the same clean ``holdout``, given ``before``
+    (:func:`estimate_before` of the model before purifying): only its family and suspected
+    label are searched again (every label of that family with ``config.all_labels_after``),
+    with the same reference size and budget. The model is not changed."""
+    config = config or EstimateConfig()
+    check(
+        before.family in before.families or before.family == "mask",
+        "the estimate before purification has no record of its family",
+    )
+
+    def family_after(family: str, holdout: Split, config: EstimateConfig, value_range):
+        if family == "mask":
+            earlier = before.of("mask").as_mask_estimate() if "mask" in before.families else before
+            found = _mask_after(model, holdout, earlier, config, value_range, device, progress)
+            return FamilyEstimate.of_mask(found)
+        earlier_family = before.of(family)
+        return _radius_after(
+            model, holdout, family, earlier_family, config, value_range, device, progress
+        )
+
+    return _estimate(model, holdout, config, (before.family,), f"label {before.label} again",
+                     family_after, value_range, progress)  # fmt: skip
+
+
 def estimate_backdoor(
     model: nn.Module,
     holdout: Split,
@@ -348,51 +408,33 @@ def estimate_backdoor(
     device: torch.device | str | None = None,
     progress: bool = False,
 ) -> Estimate:
-    """The estimate for ``model`` on the clean ``holdout``. Without ``before``: every family of
-    ``config.families``, every label (use before purifying). With ``before`` (the estimate of
-    the model before purifying): only its family and suspected label are searched again, with
-    the same budget. The model is not changed. With ``config.space`` "features" (or "auto" and
-    a model with a fixed front end) the triggers act on the front end's features, and
-    ``value_range`` is theirs. The rule that turns the families into one verdict is the module
-    docstring's (methods.md §12.2)."""
-    config = config or EstimateConfig()
+    """:func:`estimate_before` without ``before``, :func:`estimate_after` with it (the
+    estimate of the model before purifying)."""
+    common = {"value_range": value_range, "device": device, "progress": progress}
+    if before is None:
+        return estimate_before(model, holdout, config, **common)
+    return estimate_after(model, holdout, before, config, **common)
+
+
+def _estimate(
+    model, holdout, config, families, what, one_family, value_range, progress
+) -> Estimate:
+    """What the two moments share: the holdout checked, the front end's feature space entered
+    when ``config.space`` asks for it, ``one_family(family, holdout, config, value_range)`` run
+    for each of ``families``, and the family with the highest estimated ASR made the verdict."""
     check(isinstance(holdout, Split) and len(holdout) > 1, "holdout must be a Split of ≥ 2")
     if uses_features(model, config.space):
         with feature_space(model, holdout) as (features,):
             inside = dataclasses.replace(config, space="input")
-            return estimate_backdoor(
-                model, features, inside, before=before, value_range=value_range, device=device,
-                progress=progress,
-            )  # fmt: skip
+            return _estimate(model, features, inside, families, what, one_family, value_range,
+                             progress)  # fmt: skip
     value_range = value_range or value_range_of(holdout.x)
     started = time.perf_counter()
-    if before is None:
-        families = config.families
-    else:
-        check(
-            before.family in before.families or before.family == "mask",
-            "the estimate before purification has no record of its family",
-        )
-        families = (before.family,)
     records: dict[str, FamilyEstimate] = {}
     for number, family in enumerate(families, 1):
         if progress:  # each family's search shows its own bar (one live display at a time)
-            what = "every label" if before is None else f"label {before.label} again"
             console.print(f"estimate: {family} family, {what} ({number} of {len(families)})")
-        if family == "mask":
-            earlier = None
-            if before is not None:
-                earlier = (
-                    before.of("mask").as_mask_estimate() if "mask" in before.families
-                    else before
-                )  # fmt: skip
-            found = _mask_estimate(model, holdout, config, earlier, value_range, device, progress)
-            records[family] = FamilyEstimate.of_mask(found)
-        else:
-            earlier = before.of(family) if before is not None else None
-            records[family] = _radius_estimate(
-                model, holdout, family, config, earlier, value_range, device, progress
-            )
+        records[family] = one_family(family, holdout, config, value_range)
     # The verdict's family: the highest estimated ASR (ties: FAMILIES order, max keeps the first).
     chosen = max((records[f] for f in FAMILIES if f in records), key=lambda r: r.est_asr)
     return Estimate(
@@ -422,48 +464,69 @@ def _shrunk(trigger, cap: float):
     return dataclasses.replace(trigger, bound=trigger.bound * scale, radius=trigger.radius * scale)
 
 
-def _radius_estimate(
-    model, holdout, family, config, before, value_range, device, progress
-) -> FamilyEstimate:
-    """The perturbation or generator family's estimate (module docstring): the ladder search of
-    every label (before) or of ``before``'s label (after), and the success of its trigger
-    shrunk to ``radius_budget × the other labels' median radius`` on the half of the holdout
-    that no trigger was fitted on (:func:`.neurons.perturbation.halves`, the same ``seed``)."""
-    started = time.perf_counter()
+def _radius_search(model, holdout, family, config, value_range, device, progress, labels=None):
+    """The perturbation or generator family's ladder search of ``labels`` (None: every label)."""
     common = dict(
         start=config.ladder_start, steps=config.ladder_steps, fit_samples=config.fit_samples,
         batch_size=config.batch_size, value_range=value_range, seed=config.seed, device=device,
         progress=progress,
     )  # fmt: skip
     if family == "generator":
-        search_with = invert_generator
-        common["mask_steps"] = config.mask_steps
-    else:
-        search_with = invert_perturbations
-    if before is None or config.all_labels_after:
-        search = search_with(model, holdout, **common)
+        return invert_generator(model, holdout, labels=labels, mask_steps=config.mask_steps,
+                                **common)  # fmt: skip
+    return invert_perturbations(model, holdout, labels=labels, **common)
+
+
+def _radius_before(model, holdout, family, config, value_range, device, progress):
+    """A radius family before purifying (module docstring): every label searched; the smallest
+    radius is the suspect, the others' median its reference, the cap ``radius_budget ×
+    min(reference, 1)``, the target the family's own rule (§7.1)."""
+    started = time.perf_counter()
+    search = _radius_search(model, holdout, family, config, value_range, device, progress)
+    radii = search.radii.clone()
+    label = search.labels[int(radii.argmin())]
+    i = search.labels.index(label)
+    reference = float(torch.cat([radii[:i], radii[i + 1 :]]).median())
+    cap = config.radius_budget * min(reference, NATURAL_RADIUS)
+    return _radius_result(
+        model, holdout, family, config, started, device, label=label, radii=radii,
+        trigger=search.trigger(label), target=search.target, reference=reference, cap=cap,
+    )  # fmt: skip
+
+
+def _radius_after(model, holdout, family, before, config, value_range, device, progress):
+    """A radius family after purifying: ``before``'s label searched again (every label with
+    ``config.all_labels_after``; the others' radii otherwise from ``before``), with its
+    reference and cap; the target by the family's own rule (§7.1) for that label."""
+    started = time.perf_counter()
+    label, reference = before.label, before.reference_size
+    if config.all_labels_after:
+        search = _radius_search(model, holdout, family, config, value_range, device, progress)
         radii = search.radii.clone()
-        label = search.labels[int(radii.argmin())] if before is None else before.label
-        i = search.labels.index(label)
-        if before is None:
-            reference = float(torch.cat([radii[:i], radii[i + 1 :]]).median())
-            cap = config.radius_budget * min(reference, NATURAL_RADIUS)
-        else:
-            reference, cap = before.reference_size, before.budget
-        target = search.target if before is None else None
     else:
-        label, reference, cap = before.label, before.reference_size, before.budget
-        search = search_with(model, holdout, labels=[label], **common)
+        search = _radius_search(model, holdout, family, config, value_range, device, progress,
+                                labels=[label])  # fmt: skip
         radii = torch.tensor(before.sizes)
         radii[label] = search.radii[0]
-        target = None
-    index = radius_anomaly_index(radii)
     trigger = search.trigger(label)
-    if before is not None:  # the family's own rule (§7.1) for the re-searched label
-        target = (
-            label if index[label] > 2 and float(radii[label]) <= TARGET_RATIO * reference
-            and trigger.heldout_success >= 0.5 else None
-        )  # fmt: skip
+    target = (
+        label if radius_anomaly_index(radii)[label] > 2
+        and float(radii[label]) <= TARGET_RATIO * reference and trigger.heldout_success >= 0.5
+        else None
+    )  # fmt: skip
+    return _radius_result(
+        model, holdout, family, config, started, device, label=label, radii=radii,
+        trigger=trigger, target=target, reference=reference, cap=before.budget,
+    )  # fmt: skip
+
+
+def _radius_result(
+    model, holdout, family, config, started, device, *, label, radii, trigger, target, reference,
+    cap,
+) -> FamilyEstimate:  # fmt: skip
+    """A radius family's record: the success of the label's trigger shrunk to ``cap`` on the
+    half of the holdout no trigger was fitted on (:func:`.neurons.perturbation.halves`, the
+    same ``seed``)."""
     _, unseen = halves(holdout, config.seed)
     if not (unseen.y != label).any():
         unseen = holdout
@@ -473,7 +536,7 @@ def _radius_estimate(
         label=label,
         flagged=est_asr >= FLAG_ASR,
         target=target,
-        anomaly_index=float(index[label]),
+        anomaly_index=float(radius_anomaly_index(radii)[label]),
         size=float(radii[label]),
         reference_size=reference,
         success=trigger.heldout_success,
@@ -484,34 +547,62 @@ def _radius_estimate(
     )
 
 
-def _mask_estimate(model, holdout, config, before, value_range, device, progress) -> Estimate:
-    """The mask family (Neural Cleanse and its capped trigger, the module docstring)."""
-    value_range = value_range or value_range_of(holdout.x)
-    started = time.perf_counter()
-    common = dict(
+def _mask_search(config, value_range, device, progress) -> dict[str, Any]:
+    """The settings of the mask family's Neural-Cleanse inversion."""
+    return dict(
         steps=config.steps, batch_size=config.batch_size, value_range=value_range,
         seed=config.seed, device=device, progress=progress,
     )  # fmt: skip
-    if before is None or config.all_labels_after:
+
+
+def _mask_before(model, holdout, config, value_range, device, progress) -> Estimate:
+    """The mask family before purifying (Neural Cleanse and its capped trigger, the module
+    docstring): every label inverted; the smallest mask is the suspect, the others' median
+    its reference, ``config.budget ×`` that the capped trigger's budget."""
+    started = time.perf_counter()
+    inversion = invert_triggers(model, holdout, **_mask_search(config, value_range, device,
+                                                               progress))  # fmt: skip
+    norms = inversion.mask_norms
+    label = int(norms.argmin())
+    i = inversion.labels.index(label)
+    reference = float(torch.cat([norms[:i], norms[i + 1 :]]).median())
+    return _mask_result(
+        model, holdout, config, started, value_range, device, progress, label=label, norms=norms,
+        reference=reference, budget=config.budget * reference, nc_target=inversion.target,
+        trigger=inversion.trigger(label), success=float(inversion.success[i]),
+    )  # fmt: skip
+
+
+def _mask_after(model, holdout, before, config, value_range, device, progress) -> Estimate:
+    """The mask family after purifying: ``before``'s label inverted again (every label with
+    ``config.all_labels_after``; the others' masks otherwise from ``before``, and Neural
+    Cleanse's rule applied to that label), with its reference and budget."""
+    started = time.perf_counter()
+    label, common = before.label, _mask_search(config, value_range, device, progress)
+    if config.all_labels_after:
         inversion = invert_triggers(model, holdout, **common)
         norms = inversion.mask_norms
-        label = int(norms.argmin()) if before is None else before.label
-        i = inversion.labels.index(label)
-        others = torch.cat([norms[:i], norms[i + 1 :]])
-        reference = float(others.median()) if before is None else before.reference_size
-        budget = config.budget * reference if before is None else before.budget
+        success = float(inversion.success[inversion.labels.index(label)])
         nc_target = inversion.target
-        trigger, success = inversion.trigger(label), float(inversion.success[i])
     else:
-        label, reference, budget = before.label, before.reference_size, before.budget
         inversion = invert_triggers(model, holdout, labels=[label], **common)
         norms = torch.tensor(before.mask_norms)
         norms[label] = inversion.mask_norms[0]
-        trigger, success = inversion.trigger(label), float(inversion.success[0])
-        nc_target = None
-    index = anomaly_index(norms)
-    if before is not None and not config.all_labels_after:
-        nc_target = label if index[label] > 2 and success >= 0.5 else None
+        success = float(inversion.success[0])
+        nc_target = label if anomaly_index(norms)[label] > 2 and success >= 0.5 else None
+    return _mask_result(
+        model, holdout, config, started, value_range, device, progress, label=label, norms=norms,
+        reference=before.reference_size, budget=before.budget, nc_target=nc_target,
+        trigger=inversion.trigger(label), success=success,
+    )  # fmt: skip
+
+
+def _mask_result(
+    model, holdout, config, started, value_range, device, progress, *, label, norms, reference,
+    budget, nc_target, trigger, success,
+) -> Estimate:  # fmt: skip
+    """The mask family's record: the estimated ASR of the best trigger for ``label`` within
+    ``budget``, fitted from ``trigger`` (:func:`_capped_asr`)."""
     if progress:
         console.print(f"estimate: capped trigger for label {label} (ℓ1 ≤ {budget:.1f})")
     est_asr = _capped_asr(model, holdout, label, budget, trigger, config, value_range, device)
@@ -519,7 +610,7 @@ def _mask_estimate(model, holdout, config, before, value_range, device, progress
         label=label,
         flagged=est_asr >= FLAG_ASR,
         nc_target=nc_target,
-        anomaly_index=float(index[label]),
+        anomaly_index=float(anomaly_index(norms)[label]),
         trigger_size=float(norms[label]),
         reference_size=reference,
         success=success,
@@ -538,7 +629,7 @@ def estimate_cached(
     *,
     progress: bool = False,
 ) -> Estimate:
-    """:func:`estimate_backdoor` before purification, kept in the JSON file ``path`` (next to the
+    """:func:`estimate_before`, kept in the JSON file ``path`` (next to the
     model) and reused while the settings and the holdout are the same: every defense of a grid
     purifies the same model, and its estimate before purification is computed once."""
     config = config or EstimateConfig()
@@ -551,7 +642,7 @@ def estimate_cached(
             return Estimate.from_dict(stored["estimate"])
     except (OSError, ValueError, KeyError, TypeError):
         pass  # absent or unreadable: compute it again
-    estimate = estimate_backdoor(model, holdout, config, progress=progress)
+    estimate = estimate_before(model, holdout, config, progress=progress)
     staging = path.with_name(f".{path.name}.{os.getpid()}")
     staging.write_text(json.dumps({"key": key, "estimate": estimate.to_dict()}))
     os.replace(staging, path)  # atomic: parallel cells of one model never read half a file

@@ -26,7 +26,13 @@ from torchpurify.data.base import Dataset, Split
 from torchpurify.data.splits import defender_split, train_val_split
 from torchpurify.defenses import Clean, Defense, Purified
 from torchpurify.errors import UserError, check
-from torchpurify.estimate import EstimateConfig, compare, estimate_backdoor, estimate_cached
+from torchpurify.estimate import (
+    EstimateConfig,
+    compare,
+    estimate_after,
+    estimate_before,
+    estimate_cached,
+)
 from torchpurify.metrics import Metrics, der, evaluate
 from torchpurify.models import MODELS, build_model
 from torchpurify.models.io import save_model
@@ -375,7 +381,7 @@ def purify_model(
         guess_before = (
             estimate_cached(estimate_cache, model, holdout, estimate, progress=show)
             if estimate_cache is not None
-            else estimate_backdoor(model, holdout, estimate, progress=show)
+            else estimate_before(model, holdout, estimate, progress=show)
         )
     purified = defense.purify(model, clean)
     after = evaluate(purified.model, prepared.test, trigger, **how)
@@ -408,8 +414,8 @@ def purify_model(
         guess = {**estimate_record(purified.log), "config": estimate.to_dict()}
         new_card["estimate"] = guess
     elif guess_before is not None:
-        guess_after = estimate_backdoor(
-            purified.model, holdout, estimate, before=guess_before, progress=defense.progress
+        guess_after = estimate_after(
+            purified.model, holdout, guess_before, estimate, progress=defense.progress
         )
         guess = {**compare(guess_before, guess_after), "config": estimate.to_dict()}
         new_card["estimate"] = guess
