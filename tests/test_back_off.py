@@ -30,6 +30,8 @@ BACK_OFFS: dict[str, tuple[dict[str, float], dict | None | str]] = {
     "nad": ({"lr": HALVED, "beta": HALVED}, "endless"),
     "fst": ({"alpha": HALVED, "epochs": DOUBLED}, "endless"),
     "i-bau": ({"max_norm": HALVED}, "endless"),
+    "sau": ({"eps": HALVED}, "endless"),
+    "bti-dbf": ({"radius": HALVED}, "endless"),
     "tsbd": ({"lr": HALVED, "cut_scale": HALVED}, "endless"),
     "fine-pruning": ({"cut_scale": HALVED}, {"prune_only": True}),
     "linf-pruning": ({"cut_scale": HALVED}, {"fine_tune": False}),

@@ -3,6 +3,7 @@
 # Importing the modules registers their defenses.
 from torchpurify.defenses import (  # noqa: F401
     anp,
+    bti_dbf,
     clp,
     fine_pruning,
     fst,
@@ -13,6 +14,7 @@ from torchpurify.defenses import (  # noqa: F401
     nad,
     rnp,
     salience_ar,
+    sau,
     tsbd,
 )
 from torchpurify.defenses.base import DEFENSES, Clean, Defense, Purified, build_defense

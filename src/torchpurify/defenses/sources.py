@@ -34,6 +34,11 @@ KINDS = ("paper:", "dev:", "protocol:", "pending:", "run setting")
 # a default is re-chosen on development cells, its source changes and its entry goes.
 PENDING_RECHOICE: tuple[tuple[str, str], ...] = (
     ("auto", "order"),
+    ("bti-dbf", "generator_epochs"),
+    ("bti-dbf", "mask_epochs"),
+    ("bti-dbf", "rounds"),
+    ("bti-dbf", "target_rule"),
+    ("bti-dbf", "unlearn_epochs"),
     ("estimate", "fit_samples"),
     ("estimate", "ladder_start"),
     ("estimate", "ladder_steps"),
@@ -50,6 +55,7 @@ PENDING_RECHOICE: tuple[tuple[str, str], ...] = (
     ("linf-pruning", "stop_asr"),
     ("salience-ar", "lr"),
     ("salience-ar", "target"),
+    ("sau", "epochs"),
 )
 
 ESTIMATE = "estimate"  # the owner name of the backdoor estimate's settings in the table
