@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 from typer.main import get_command
+from typer.testing import CliRunner
 
 from torchpurify import catalogue
 from torchpurify.cli import app
@@ -166,3 +167,35 @@ def test_the_light_pass_leaves_ranges_of_the_live_classes_to_the_full_pass():
         assert Reader("spec.yaml", light=True).spec(data) is None
         with pytest.raises(SpecError):
             Reader("spec.yaml").spec(data)
+
+
+# Runs the app as the console script does; at exit, writes the top-level packages it loaded.
+LOADED_PROBE = """
+import atexit, sys
+def loaded():
+    names = sorted({name.split(".")[0] for name in sys.modules})
+    sys.__stderr__.write("\\nloaded: " + " ".join(names) + "\\n")
+atexit.register(loaded)
+from torchpurify.cli import app
+sys.argv = ["torchpurify", *sys.argv[1:]]
+app()
+"""
+
+
+@pytest.mark.parametrize("kind", ["defenses", "run"])
+def test_the_quick_answers_skip_pydantic_and_say_what_typer_says(tmp_path, kind):
+    """`list KIND` and a refused `run SPEC` are answered before typer converts an option (its
+    converters import pydantic): no pydantic is loaded, and the answer is the one typer's path
+    gives to the same line spelled otherwise (`list -- KIND`, `run --progress SPEC`)."""
+    spec = tmp_path / "bad.yaml"
+    spec.write_text(BAD_SPECS["unknown-key"][0])
+    quick = ["list", kind] if kind != "run" else ["run", str(spec)]
+    spelled = ["list", "--", kind] if kind != "run" else ["run", "--progress", str(spec)]
+    result = subprocess.run(
+        [sys.executable, "-c", LOADED_PROBE, *quick], capture_output=True, text=True, timeout=300
+    )
+    loaded = result.stderr.rsplit("loaded: ", 1)[1].split()
+    assert "typer" in loaded and "pydantic" not in loaded, result.stderr
+    answers = [CliRunner().invoke(app, args) for args in (quick, spelled)]
+    assert answers[0].exit_code == answers[1].exit_code == (2 if kind == "run" else 0)
+    assert answers[0].output == answers[1].output and answers[0].output.strip()

@@ -36,6 +36,11 @@ class OneLineErrors(TyperGroup):
     ``error: …``, exit code 2 — like every other user mistake — instead of a framed box."""
 
     def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        if standalone_mode:
+            try:
+                quick_answer(sys.argv[1:] if args is None else list(args))
+            except typer.Exit as done:
+                sys.exit(done.exit_code)
         try:
             result = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
         except click.exceptions.NoArgsIsHelpError as error:
@@ -145,35 +150,58 @@ def first_interrupt_only():
         signal.signal(signal.SIGINT, previous)
 
 
+def one_line_errors(function):
+    """``function`` with :class:`UserError` (and :class:`Divergence`) turned into one line on
+    stderr and its exit code, and Ctrl-C into what exists and exit code 130."""
+
+    @functools.wraps(function)
+    def run(*a, **k):
+        from rich.markup import escape
+
+        from torchpurify.outputs import WRITTEN, interrupted_message
+
+        WRITTEN.clear()
+        try:
+            with first_interrupt_only():
+                return function(*a, **k)
+        except UserError as error:
+            err.print(f"[bold red]error:[/] {escape(str(error))}", highlight=False,
+                      soft_wrap=True)  # fmt: skip
+            raise typer.Exit(UserError.exit_code) from None
+        except Divergence as error:  # not the user's mistake, but one line all the same
+            err.print(f"[bold red]error:[/] {escape(str(error))}", highlight=False,
+                      soft_wrap=True)  # fmt: skip
+            raise typer.Exit(Divergence.exit_code) from None
+        except KeyboardInterrupt:
+            err.print(interrupted_message(), markup=False, highlight=False, soft_wrap=True)
+            raise typer.Exit(130) from None
+
+    return run
+
+
 def command(*args, **kwargs):
     """``app.command`` that turns :class:`UserError` into one line on stderr and exit code 2."""
 
     def wrap(function):
-        @functools.wraps(function)
-        def run(*a, **k):
-            from rich.markup import escape
-
-            from torchpurify.outputs import WRITTEN, interrupted_message
-
-            WRITTEN.clear()
-            try:
-                with first_interrupt_only():
-                    return function(*a, **k)
-            except UserError as error:
-                err.print(f"[bold red]error:[/] {escape(str(error))}", highlight=False,
-                          soft_wrap=True)  # fmt: skip
-                raise typer.Exit(UserError.exit_code) from None
-            except Divergence as error:  # not the user's mistake, but one line all the same
-                err.print(f"[bold red]error:[/] {escape(str(error))}", highlight=False,
-                          soft_wrap=True)  # fmt: skip
-                raise typer.Exit(Divergence.exit_code) from None
-            except KeyboardInterrupt:
-                err.print(interrupted_message(), markup=False, highlight=False, soft_wrap=True)
-                raise typer.Exit(130) from None
-
-        return app.command(*args, **kwargs)(run)
+        return app.command(*args, **kwargs)(one_line_errors(function))
 
     return wrap
+
+
+def quick_answer(args: list[str]) -> None:
+    """``list KIND`` and ``run SPEC`` (nothing else on the line) answered before typer reads
+    any option: its converters import pydantic, which doubles the start-up of a one-line
+    answer. ``list`` prints and exits 0; a spec the first (torch-free) pass refuses is its one
+    line and exit code 2; any other line, or a spec that passes, goes on through typer."""
+    if len(args) != 2 or args[1].startswith("-"):
+        return
+    if args[0] == "list" and args[1] in {kind.value for kind in Listing}:
+        list_(Listing(args[1]))
+        raise typer.Exit(0)
+    if args[0] == "run":
+        from torchpurify.spec import check_spec_file
+
+        one_line_errors(check_spec_file)(Path(args[1]))
 
 
 def parse_settings(settings: list[str] | None, option: str = "--set") -> dict[str, Any]:
@@ -553,93 +581,234 @@ def purify(
     """Purify a model with a defense; print ACC, ASR and RA before and after, and DER.
 
     Your own model: --model FILE --arch NAME|module:function --clean PATH [--test PATH]."""
-    from torchpurify.auto import build_defense, describe
-    from torchpurify.estimate import EstimateConfig
-    from torchpurify.experiment import purify_model
-    from torchpurify.models.io import check_export, load_model
-    from torchpurify.outputs import check_output
+    from torchpurify.auto import build_defense
 
-    if not model.exists():
-        raise UserError(f"model {model} does not exist; give a model directory or weights file")
-    own_options = {
-        "--test": test, "--triggered": triggered, "--attack": attack,
-        "--attack-set": attack_settings, "--target": target, "--normalize": normalize,
-        "--num-classes": num_classes, "--sample-rate": sample_rate, "--export": export,
-        "--classes": classes, "--allow-missing-classes": allow_missing_classes,
-    }  # fmt: skip
-    if clean is None:
-        if not model.is_dir():
-            raise UserError(
-                f"{model} is a weights file: give your clean data with --clean PATH (and its "
-                "architecture with --arch); only a model directory written by `torchpurify "
-                "train` can rebuild its defender data from its card"
-            )
-        given = [option for option, value in own_options.items() if value]
-        if given:
-            raise UserError(f"{', '.join(given)} go with --clean PATH (your own clean data)")
+    inputs = PurifyInputs(
+        model=model, out=out_dir, force=force, arch=arch, trust_code=trust_code,
+        estimate=estimate, seed=seed, data_root=data_root, defender_fraction=defender_fraction,
+    )  # fmt: skip
+    own = OwnFiles(
+        clean=clean, test=test, triggered=triggered, attack=attack,
+        attack_settings=attack_settings, target=target, target_mode=target_mode.value,
+        tune_fraction=tune_fraction, normalize=normalize, num_classes=num_classes,
+        sample_rate=sample_rate, classes=classes, allow_missing_classes=allow_missing_classes,
+        export=export,
+    )  # fmt: skip
+    check_sources(inputs, own)
     chosen = build_defense(
         defense, device=device, seed=seed or 0, progress=progress, **parse_settings(settings)
     )
-    check_output(out_dir, "model", force)
-    if export is not None:
-        inputs = [path for path in (model, clean, test, triggered) if path is not None]
-        check_export(export, force=force, inputs=inputs, out=out_dir)
-    if clean is not None:
-        _purify_own(
-            model, clean, chosen, out_dir, arch=arch, trust_code=trust_code, test=test,
-            triggered=triggered, attack=attack, attack_settings=attack_settings, target=target,
-            target_mode=target_mode.value, tune_fraction=tune_fraction, normalize=normalize,
-            num_classes=num_classes, sample_rate=sample_rate, export=export, estimate=estimate,
-            as_json=as_json, force=force, classes=classes,
-            allow_missing_classes=allow_missing_classes,
-        )  # fmt: skip
+    check_outputs(inputs, own)
+    if own.clean is None:
+        shown = purify_directory(inputs, chosen)
+    else:
+        shown = purify_files(inputs, own, chosen)
+    print_purified(shown, as_json)
+
+
+@dataclasses.dataclass(frozen=True)
+class PurifyInputs:
+    """``purify``'s options that both sources read: the model, where the result goes, whose
+    code may build it, the estimate's switch and the defender's seed (for a model directory
+    also its data folder and share of the training set)."""
+
+    model: Path
+    out: Path
+    force: bool = False
+    arch: str | None = None
+    trust_code: bool = False
+    estimate: bool | None = None
+    seed: int | None = None
+    data_root: str | None = None
+    defender_fraction: float = 0.05
+
+
+@dataclasses.dataclass(frozen=True)
+class OwnFiles:
+    """``purify``'s options for your own files: ``--clean`` and the options that go with it
+    (:func:`torchpurify.api.purify_own` reads them)."""
+
+    clean: Path | None = None
+    test: Path | None = None
+    triggered: Path | None = None
+    attack: str | None = None
+    attack_settings: list[str] | None = None
+    target: int | None = None
+    target_mode: str = TargetMode.all_to_one.value
+    tune_fraction: float = 0.6
+    normalize: str | None = None
+    num_classes: int | None = None
+    sample_rate: int | None = None
+    classes: str | None = None
+    allow_missing_classes: bool = False
+    export: Path | None = None
+
+    # The options that need --clean, by their field (target_mode and tune_fraction have defaults).
+    WITH_CLEAN = {
+        "--test": "test", "--triggered": "triggered", "--attack": "attack",
+        "--attack-set": "attack_settings", "--target": "target", "--normalize": "normalize",
+        "--num-classes": "num_classes", "--sample-rate": "sample_rate", "--export": "export",
+        "--classes": "classes", "--allow-missing-classes": "allow_missing_classes",
+    }  # fmt: skip
+
+    def given_without_clean(self) -> list[str]:
+        """The options given that go with --clean, as they are spelled on the command line."""
+        return [option for option, field in self.WITH_CLEAN.items() if getattr(self, field)]
+
+
+@dataclasses.dataclass(frozen=True)
+class PurifyShown:
+    """What ``purify`` prints of a run, from either source: the ``--json`` summary, the metrics
+    table (``title`` None: no test data), the cost line, the estimate line and the rest."""
+
+    summary: dict[str, Any]
+    defense: str
+    title: str | None
+    before: dict[str, Any] | None
+    after: dict[str, Any] | None
+    cost: str
+    estimate: str | None
+    log: dict[str, Any]
+    out: Path
+    notes: list[str] = dataclasses.field(default_factory=list)
+    export: Path | None = None
+
+
+def check_sources(inputs: PurifyInputs, own: OwnFiles) -> None:
+    """The model exists; without --clean it is a model directory and no option that needs
+    --clean was given."""
+    model = inputs.model
+    if not model.exists():
+        raise UserError(f"model {model} does not exist; give a model directory or weights file")
+    if own.clean is not None:
         return
-    net, card = load_model(model, arch, trust_code=trust_code)
+    if not model.is_dir():
+        raise UserError(
+            f"{model} is a weights file: give your clean data with --clean PATH (and its "
+            "architecture with --arch); only a model directory written by `torchpurify "
+            "train` can rebuild its defender data from its card"
+        )
+    given = own.given_without_clean()
+    if given:
+        raise UserError(f"{', '.join(given)} go with --clean PATH (your own clean data)")
+
+
+def check_outputs(inputs: PurifyInputs, own: OwnFiles) -> None:
+    """Before any work: --out may be written (outputs.py), and --export is neither an input
+    nor a file torchpurify did not write (models.io.check_export)."""
+    from torchpurify.models.io import check_export
+    from torchpurify.outputs import check_output
+
+    check_output(inputs.out, "model", inputs.force)
+    if own.export is not None:
+        given = (inputs.model, own.clean, own.test, own.triggered)
+        check_export(own.export, force=inputs.force, inputs=[p for p in given if p is not None],
+                     out=inputs.out)  # fmt: skip
+
+
+def purify_directory(inputs: PurifyInputs, chosen) -> PurifyShown:
+    """A model directory written by ``torchpurify train``: its defender data and test split
+    rebuilt from its card, the estimate before, the defense, the estimate after — as the
+    runner's cells (:func:`torchpurify.experiment.purify_model`)."""
+    from torchpurify.estimate import EstimateConfig
+    from torchpurify.experiment import purify_model
+    from torchpurify.models.io import load_model
+
+    net, card = load_model(inputs.model, inputs.arch, trust_code=inputs.trust_code)
+    seed = inputs.seed
     if seed is None:  # the card's training seed, as the runner's cells use it
         seed = (card.get("data") or {}).get("seed", 0)
         chosen = dataclasses.replace(chosen, seed=seed)
     result = purify_model(
-        net,
-        card,
-        chosen,
-        root=data_root,
-        defender_fraction=defender_fraction,
-        seed=seed,
-        out=out_dir,
-        estimate=None if estimate is False else EstimateConfig(),
-        force=force,
-    )
+        net, card, chosen, root=inputs.data_root, defender_fraction=inputs.defender_fraction,
+        seed=seed, out=inputs.out, estimate=None if inputs.estimate is False else EstimateConfig(),
+        force=inputs.force,
+    )  # fmt: skip
     record = result.card["defense"]
-    if as_json:
-        keys = ("name", "before", "after", "der", "seconds", "forward_passes", "backward_passes")
-        print(json.dumps({**{k: record[k] for k in keys}, "estimate": result.estimate,
-                          "chosen": record.get("chosen")}))  # fmt: skip
-        return
-    table = metrics_table(
-        {"before": result.before.to_dict(), f"after {chosen.name}": result.after.to_dict()},
-        title=f"{model} — test split",
-    )
-    out.print(table)
-    der_text = "–" if result.der is None else f"{result.der:.4f}"
-    out.print(
-        f"DER {der_text}   {record['seconds']:.1f} s   {record['forward_passes']} forward / "
-        f"{record['backward_passes']} backward sample passes   defender data: "
-        f"{record['tune_size']} tune, "
-        f"{record['holdout_size']} holdout"
-    )
+    keys = ("name", "before", "after", "der", "seconds", "forward_passes", "backward_passes")
+    summary = {**{k: record[k] for k in keys}, "estimate": result.estimate,
+               "chosen": record.get("chosen")}  # fmt: skip
+    line = None
     if result.estimate is not None:
-        plain = {"markup": False, "highlight": False, "soft_wrap": True}
-        before = result.estimate["before"]
-        out.print(
+        flagged = result.estimate["before"]["flagged"]
+        line = (
             f"backdoor estimate (clean holdout only), before: "
-            f"{'backdoor suspected' if before['flagged'] else 'no backdoor found'}; "
-            f"{result.estimate['summary']}",
-            **plain,
+            f"{'backdoor suspected' if flagged else 'no backdoor found'}; "
+            f"{result.estimate['summary']}"
         )
-    print_guard(record["log"].get("guard"))
-    if describe(record["log"]):
-        out.print(describe(record["log"]), markup=False, highlight=False, soft_wrap=True)
-    out.print(f"saved {out_dir}")
+    return PurifyShown(
+        summary, chosen.name, f"{inputs.model} — test split", result.before.to_dict(),
+        result.after.to_dict(), f"DER {fmt(result.der)}   {cost_line(record)}", line,
+        record["log"], inputs.out,
+    )  # fmt: skip
+
+
+def purify_files(inputs: PurifyInputs, own: OwnFiles, chosen) -> PurifyShown:
+    """Your own weights and data files: :func:`torchpurify.api.purify_own` (read, check,
+    measure on --test, the defense with the estimate before and after, write --out and
+    --export)."""
+    from torchpurify.api import parse_normalize, purify_own
+
+    normalize = parse_normalize(own.normalize)
+    result = purify_own(
+        inputs.model, own.clean, chosen, inputs.out, arch=inputs.arch,
+        trust_code=inputs.trust_code, test_path=own.test, triggered_path=own.triggered,
+        attack=own.attack, attack_params=parse_settings(own.attack_settings, "--attack-set"),
+        target=own.target, target_mode=own.target_mode, tune_fraction=own.tune_fraction,
+        normalize=normalize, num_classes=own.num_classes, sample_rate=own.sample_rate,
+        export=own.export, estimate=inputs.estimate, force=inputs.force, classes=own.classes,
+        allow_missing_classes=own.allow_missing_classes,
+    )  # fmt: skip
+    record = result.record
+    keys = ("defense", "seconds", "forward_passes", "backward_passes", "estimate", "chosen")
+    summary = {k: v for k, v in record.to_dict().items() if k in keys}
+    summary["before"] = result.before.to_dict() if result.before else None
+    summary["after"] = result.after.to_dict() if result.after else None
+    line = None
+    if record.estimate is not None:
+        line = f"backdoor estimate (clean holdout only): {record.estimate['summary']}"
+    return PurifyShown(
+        summary, chosen.name, f"{inputs.model} — your test data", summary["before"],
+        summary["after"], cost_line(record.to_dict()), line, record.log, inputs.out,
+        result.notes, own.export,
+    )  # fmt: skip
+
+
+def cost_line(record: dict[str, Any]) -> str:
+    """Seconds, sample passes and the defender data's sizes of a defense's record."""
+    return (
+        f"{record['seconds']:.1f} s   {record['forward_passes']} forward / "
+        f"{record['backward_passes']} backward sample passes   defender data: "
+        f"{record['tune_size']} tune, {record['holdout_size']} holdout"
+    )
+
+
+def print_purified(shown: PurifyShown, as_json: bool) -> None:
+    """``purify``'s output: the JSON summary, or notes, metrics, cost, estimate, the guard's
+    and auto's lines, and what was written."""
+    from torchpurify.auto import describe
+
+    if as_json:
+        print(json.dumps(shown.summary))
+        return
+    plain = {"markup": False, "highlight": False, "soft_wrap": True}
+    for note in shown.notes:
+        err.print(f"note: {note}", **plain)
+    if shown.before is not None:
+        rows = {"before": shown.before, f"after {shown.defense}": shown.after}
+        out.print(metrics_table(rows, title=shown.title))
+    else:
+        out.print("no --test data: ACC/ASR not measured", **plain)
+    out.print(shown.cost, **plain)
+    if shown.estimate is not None:
+        out.print(shown.estimate, **plain)
+    print_guard(shown.log.get("guard"))
+    if describe(shown.log):
+        out.print(describe(shown.log), **plain)
+    out.print(f"saved {shown.out}", **plain)
+    if shown.export is not None:
+        out.print(f"exported {shown.export} (masks folded; load_state_dict into your class)",
+                  **plain)  # fmt: skip
 
 
 def print_guard(guard: dict | None) -> None:
@@ -658,54 +827,6 @@ def print_guard(guard: dict | None) -> None:
         highlight=False,
         soft_wrap=True,
     )
-
-
-def _purify_own(model: Path, clean: Path, chosen, out_dir: Path, *, as_json: bool, **options):
-    """``purify --clean``: your own model and data (torchpurify.api.purify_own); print it."""
-    from torchpurify.api import parse_normalize, purify_own
-
-    options["normalize"] = parse_normalize(options["normalize"])
-    options["attack_params"] = parse_settings(options.pop("attack_settings"), "--attack-set")
-    options["test_path"] = options.pop("test")
-    options["triggered_path"] = options.pop("triggered")
-    result = purify_own(model, clean, chosen, out_dir, **options)
-    record = result.record
-    if as_json:
-        keys = ("defense", "seconds", "forward_passes", "backward_passes", "estimate", "chosen")
-        summary = {k: v for k, v in record.to_dict().items() if k in keys}
-        summary["before"] = result.before.to_dict() if result.before else None
-        summary["after"] = result.after.to_dict() if result.after else None
-        print(json.dumps(summary))
-        return
-    plain = {"markup": False, "highlight": False, "soft_wrap": True}
-    for note in result.notes:
-        err.print(f"note: {note}", **plain)
-    if result.before is not None:
-        out.print(
-            metrics_table(
-                {"before": result.before.to_dict(), f"after {chosen.name}": result.after.to_dict()},
-                title=f"{model} — your test data",
-            )
-        )
-    else:
-        out.print("no --test data: ACC/ASR not measured", **plain)
-    if record.estimate is not None:
-        out.print(f"backdoor estimate (clean holdout only): {record.estimate['summary']}", **plain)
-    out.print(
-        f"{record.seconds:.1f} s   {record.forward_passes} forward / {record.backward_passes} "
-        f"backward sample passes   defender data: {record.tune_size} tune, "
-        f"{record.holdout_size} holdout",
-        **plain,
-    )
-    print_guard(record.log.get("guard"))
-    if record.chosen is not None or "auto" in record.log:
-        from torchpurify.auto import describe
-
-        out.print(describe(record.log), **plain)
-    out.print(f"saved {out_dir}", **plain)
-    if options.get("export") is not None:
-        out.print(f"exported {options['export']} (masks folded; load_state_dict into your class)",
-                  **plain)  # fmt: skip
 
 
 def _model_and_holdout(

@@ -355,6 +355,18 @@ def split_groups(dataset: str) -> str:
 
 def load_spec(path: str | Path) -> ExperimentSpec:
     """Read and validate a YAML spec; any mistake is a one-line :class:`SpecError`."""
+    return parse_spec(read_spec_file(path), source=str(Path(path)))
+
+
+def check_spec_file(path: str | Path) -> None:
+    """The first pass of :func:`load_spec` alone, from the catalogue (no torch imported): a
+    mistake of shape, name or kind is the same one-line :class:`SpecError`."""
+    Reader(str(Path(path)), light=True).spec(read_spec_file(path))
+
+
+def read_spec_file(path: str | Path) -> Any:
+    """A spec file's YAML, read within the bounds of :func:`read_yaml` (a file of at most
+    :data:`MAX_BYTES`, UTF-8)."""
     path = Path(path)
     if not path.is_file():
         what = "is a folder" if path.is_dir() else "does not exist"
@@ -365,7 +377,7 @@ def load_spec(path: str | Path) -> ExperimentSpec:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError:
         raise UserError(f"{path}: not a text file; a spec is YAML") from None
-    return parse_spec(read_yaml(text, str(path)), source=str(path))
+    return read_yaml(text, str(path))
 
 
 def parse_spec(data: Any, source: str = "spec") -> ExperimentSpec:
