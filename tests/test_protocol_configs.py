@@ -73,6 +73,12 @@ def test_the_defender_data_of_every_image_grid_come_from_the_held_out_split():
             assert round(fraction * (job.dataset.train_size - n_val)) <= n_val, (path, job.name)
 
 
+# Registered after the evaluation grids of seeds 0–2 ran (issue 27 item 5): their first
+# evaluation is the confirmation grid on seeds 3–5 (issue 27 item 6). A defense added later
+# must be listed here or evaluated; one listed here must not also be in the old grids.
+AWAITING_EVALUATION = {"sau", "bti-dbf"}
+
+
 def test_the_baselines_run_on_the_evaluation_models_and_every_defense_is_evaluated():
     """The baselines' specs add cells to the evaluation models (same keys, same store),
     so every defense is compared on the same backdoored models; none is left out of the grid."""
@@ -94,4 +100,5 @@ def test_the_baselines_run_on_the_evaluation_models_and_every_defense_is_evaluat
             for cell in cell_jobs(load_spec(path), model_jobs(load_spec(path)))
             if cell.model.dataset.name == dataset
         }
-        assert evaluated == set(DEFENSES.names()), dataset
+        assert evaluated | AWAITING_EVALUATION == set(DEFENSES.names()), dataset
+        assert not evaluated & AWAITING_EVALUATION, dataset
