@@ -329,4 +329,4 @@ def test_purify_follows_the_cards_seed_unless_one_is_given(tmp_path):
                      "--no-progress", "--out", folder, *given)  # fmt: skip
         assert result.exit_code == 0, result.output
         card = json.loads((folder / "model.json").read_text())
-        assert card["defense"]["params"]["seed"] == expected
+        assert card["defense"]["context"]["seed"] == expected  # the run context, apart

@@ -279,3 +279,20 @@ def test_the_guard_says_when_its_samples_cannot_vouch_for_every_class(tiny_backd
     assert guard["note"].startswith("the guard's samples hold 1 of the model's 6 classes")
     full = defense.purify(tiny_backdoor.model, Clean(tiny_backdoor.tune, tiny_backdoor.holdout))
     assert "note" not in full.log["guard"]
+
+
+@pytest.mark.parametrize("name", ["gnft", "clp"])
+def test_run_settings_by_name_go_to_the_context_and_the_guard(name):
+    """``seed``, ``batch_size``, ``device``, ``max_acc_drop``... are taken by name as before,
+    held apart from the hyper-parameters (``params()``), and checked in one line each."""
+    defense = build_defense(name, seed=4, batch_size=16, device="cpu", max_acc_drop=0.02)
+    assert (defense.context.seed, defense.context.batch_size) == (4, 16)
+    assert defense.guard.max_acc_drop == 0.02 and defense.guard_retries == 1
+    assert not {"seed", "batch_size", "device", "progress", "max_acc_drop"} & set(defense.params())
+    assert defense.keyed_settings()["seed"] == 4 and "device" not in defense.keyed_settings()
+    direct = DEFENSES.get(name)(seed=4, batch_size=16, device="cpu", max_acc_drop=0.02)
+    assert direct.params() == defense.params() and direct.context == defense.context
+    for setting in ("device", "seed", "batch_size", "progress", "max_acc_drop", "guard_retries"):
+        with pytest.raises(UserError) as caught:
+            build_defense(name, **{setting: ["x"]})
+        assert "\n" not in str(caught.value) and setting in str(caught.value)

@@ -205,12 +205,13 @@ def test_a_store_of_the_older_layout_gains_the_estimate_columns(tmp_path):
 
     from torchpurify.store import CELL_COLUMNS, SCHEMA, Store
 
-    # The cells table as first released: without the last four columns (the estimate's three,
-    # then the weights' hash).
+    # The cells table as first released: without the last six columns (the estimate's three,
+    # the weights' hash, then the run context and the guard settings).
     cells = SCHEMA.index("CREATE TABLE IF NOT EXISTS cells")
     head, tail = SCHEMA[:cells], SCHEMA[cells:]
     lines = [line for line in tail.splitlines() if "estimate TEXT" not in line
-             and "est_asr_before REAL" not in line and "weights_sha256" not in line]  # fmt: skip
+             and "est_asr_before REAL" not in line and "weights_sha256" not in line
+             and "run_context" not in line and "guard_settings" not in line]  # fmt: skip
     old = head + "\n".join(lines).replace("finished_at TEXT NOT NULL,", "finished_at TEXT NOT NULL")
     connection = sqlite3.connect(tmp_path / "old.db")
     connection.executescript(old)
@@ -218,7 +219,7 @@ def test_a_store_of_the_older_layout_gains_the_estimate_columns(tmp_path):
     with Store(tmp_path / "old.db", readonly=True) as store:
         assert store.cells() == []  # read as it is, nothing written
     found = [r[1] for r in sqlite3.connect(tmp_path / "old.db").execute("PRAGMA table_info(cells)")]
-    assert found == list(CELL_COLUMNS[:-4])
+    assert found == list(CELL_COLUMNS[:-6])
     with Store(tmp_path / "old.db"):
         pass
     found = [r[1] for r in sqlite3.connect(tmp_path / "old.db").execute("PRAGMA table_info(cells)")]

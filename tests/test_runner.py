@@ -78,7 +78,7 @@ def test_every_cell_is_stored_once_with_its_results(finished):
     assert read(results, "SELECT COUNT(*) FROM models") == [(4,)]
     for row in rows:
         assert 0 <= row["acc_after"] <= 1 and row["seconds"] >= 0 and row["forward_passes"] > 0
-        assert row["versions"]["numpy"] and row["defense_params"]["seed"] == row["seed"]
+        assert row["versions"]["numpy"] and row["run_context"]["seed"] == row["seed"]
         backdoored = row["attack"] == "badnets"
         assert (row["asr_before"] is not None) == backdoored == (row["der"] is not None)
     labels = {r["label"] for r in rows}

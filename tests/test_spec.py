@@ -286,3 +286,21 @@ def test_auto_is_a_defense_of_a_grid(tmp_path):
     assert same == {c.key for c in cell_jobs(spec) if c.label != "auto"}
     message, path = error_of(tmp_path, text.replace("gnft,ft", "gnft,fft"))
     assert message == f"{path}: defenses[2].params: auto: order names an unknown defense 'fft'"
+
+
+def test_cell_keys_are_those_of_the_stores_written_before_run_settings_moved_apart(tmp_path):
+    """The run context and the guard's settings are no longer hyper-parameters (params()), but
+    a cell's key hashes them (seed, batch size, max_acc_drop, guard_retries; not the device) as
+    before: these digests of SPEC's 24 cell keys were computed by the code of 2026-12-06."""
+    import hashlib
+
+    run = replace("params: {alpha: 0.5, epochs: 1}", "params: {alpha: 0.5, epochs: 1, "
+                  "max_acc_drop: 0.02, batch_size: 64, device: cpu, seed: 7}")  # fmt: skip
+    expected = {
+        SPEC: "343c4e3ccaf3176af3439be110b0559fe59f336629b2f44e6acaa86abb602ac6",
+        run: "23e61edad25795f2a549da1b571d7cc4aabeec8feffcb38f2bb3e13cd390ee38",
+    }
+    for i, (text, digest) in enumerate(expected.items()):
+        _, cells = keys(tmp_path, text, f"{i}.yaml")
+        assert len(cells) == 24
+        assert hashlib.sha256("".join(cells).encode()).hexdigest() == digest

@@ -53,9 +53,10 @@ def test_the_schema_is_the_agreed_one(tmp_path):
         "identification", "neuron_table", "pruning_curve", "created_at"
     )  # fmt: skip
     assert MODEL_COLUMNS[-2:] == ("weights_sha256", "versions")  # added later
-    assert CELL_COLUMNS[-8:-4] == ("log", "versions", "started_at", "finished_at")
-    assert CELL_COLUMNS[-4:] == (  # added later
-        "estimate", "est_asr_before", "est_asr_after", "weights_sha256"
+    assert CELL_COLUMNS[-10:-6] == ("log", "versions", "started_at", "finished_at")
+    assert CELL_COLUMNS[-6:] == (  # added later
+        "estimate", "est_asr_before", "est_asr_after", "weights_sha256", "run_context",
+        "guard_settings",
     )  # fmt: skip
 
 
@@ -66,7 +67,7 @@ def test_an_older_store_gains_the_provenance_columns_and_keeps_its_rows(tmp_path
         store.add_model(model_row())
         store.add_cell(cell_row())
     connection = sqlite3.connect(tmp_path / "r.db")
-    for table, columns in (("models", MODEL_COLUMNS[:-2]), ("cells", CELL_COLUMNS[:-1])):
+    for table, columns in (("models", MODEL_COLUMNS[:-2]), ("cells", CELL_COLUMNS[:-3])):
         connection.executescript(  # the table as it was before the provenance columns
             f"CREATE TABLE old AS SELECT {', '.join(columns)} FROM {table}; "
             f"DROP TABLE {table}; ALTER TABLE old RENAME TO {table};"

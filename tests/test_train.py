@@ -13,6 +13,7 @@ from torchpurify.train import (
     Trainer,
     augment_batch,
     count_passes,
+    descend,
     fit,
     resolve_device,
     standard_step,
@@ -129,11 +130,11 @@ def _pushed_off(distill: float, batchnorm: bool = False):
     fit(model, data, config(epochs=5))
     start = copy.deepcopy(model)
 
-    def shrink(model, x, y, optimizer, cost):
+    def shrink(model, x, y, optimizer, cost, distill=None):
         optimizer.zero_grad(set_to_none=True)
         loss = sum((p * p).sum() for p in model.parameters())
         loss.backward()
-        optimizer.step()
+        descend(model, x, optimizer, distill)  # the step adds the distillation term itself
         return loss.detach()
 
     fit(model, data, config(epochs=3, lr=0.05, momentum=0, distill=distill), step=shrink)
@@ -252,3 +253,15 @@ def test_frozen_batchnorm_statistics_stay_put_while_weights_train():
     assert not torch.equal(weight, model.block1[0][1].weight)
     fit(model, bright_or_dark(), config(epochs=1))
     assert not torch.equal(before["block1.0.1.running_mean"], model.block1[0][1].running_mean)
+
+
+def test_a_step_without_the_distillation_term_is_refused_a_recipe_that_distils():
+    """Distillation is the step's to add (Step, descend): a step that takes no ``distill``
+    cannot be handed a recipe with distill > 0, so no step ignores it unseen."""
+
+    def plain(model, x, y, optimizer, cost):
+        return standard_step(model, x, y, optimizer, cost)
+
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 2))
+    with pytest.raises(ValueError, match="takes no distillation term"):
+        fit(model, bright_or_dark(64), config(epochs=1, distill=1.0), step=plain)

@@ -45,7 +45,9 @@ CHANCE_Z = 2.0
 
 @dataclass
 class Record:
-    """What a defense did and cost: its hyper-parameters, its log, seconds and passes, the
+    """What a defense did and cost: its hyper-parameters, its run context and guard settings
+    (:class:`~torchpurify.defenses.base.RunContext`,
+    :class:`~torchpurify.defenses.base.GuardSettings`), its log, seconds and passes, the
     defender data's sizes, and ``estimate`` — the defender-side backdoor estimate (suspected
     target, anomaly index, estimated ASR before and after) when one was computed, else None."""
 
@@ -59,6 +61,8 @@ class Record:
     holdout_size: int
     estimate: dict[str, Any] | None = None
     chosen: str | None = None  # defense "auto": the defense it kept (None: the input model)
+    context: dict[str, Any] | None = None  # device, seed, batch size
+    guard_settings: dict[str, Any] | None = None  # max_acc_drop, guard_retries
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -260,6 +264,8 @@ def run_defense(
         backward_passes=purified.cost.backward,
         tune_size=len(clean.tune),
         holdout_size=len(clean.holdout),
+        context=defense.context.to_dict(),
+        guard_settings=defense.guard.to_dict(),
     )
     if auto:
         record.estimate = estimate_record(purified.log)

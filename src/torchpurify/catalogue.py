@@ -155,7 +155,9 @@ def defaults(kind: str, name: str | None = None) -> dict[str, Any]:
             if f.name not in skip
         }  # fmt: skip
     if kind == "defenses":  # a default made by a factory is MISSING: not checked by kind
-        return {f.name: f.default for f in dataclasses.fields(factory) if f.name not in skip}
+        from torchpurify.defenses.base import setting_fields  # the context's, guard's, method's
+
+        return {f.name: f.default for f in setting_fields(factory) if f.name not in skip}
     raise ValueError(f"{kind} have no settings")
 
 

@@ -718,7 +718,7 @@ def purify_directory(inputs: PurifyInputs, chosen) -> PurifyShown:
     seed = inputs.seed
     if seed is None:  # the card's training seed, as the runner's cells use it
         seed = (card.get("data") or {}).get("seed", 0)
-        chosen = dataclasses.replace(chosen, seed=seed)
+        chosen = chosen.with_context(seed=seed)
     result = purify_model(
         net, card, chosen, root=inputs.data_root, defender_fraction=inputs.defender_fraction,
         seed=seed, out=inputs.out, estimate=None if inputs.estimate is False else EstimateConfig(),

@@ -393,6 +393,8 @@ def purify_model(
     new_card["defense"] = {
         "name": defense.name,
         "params": defense.params(),
+        "context": defense.context.to_dict(),
+        "guard_settings": defense.guard.to_dict(),
         "oracle_trigger": defense.uses_known_trigger,
         "defender_fraction": defender_fraction,
         "defender_pool": defender_pool(prepared, defender_fraction),

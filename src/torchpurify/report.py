@@ -27,6 +27,7 @@ from torchpurify.diagnostics import (
     plot_pruning_curve,
 )
 from torchpurify.errors import UserError, check
+from torchpurify.logs import AutoLog, DefenseLog, parse_log
 from torchpurify.outputs import check_output, staged_output
 from torchpurify.store import Store
 
@@ -345,16 +346,16 @@ def auto_details(setting: Setting) -> list[str]:
     chose, what it tried (guard action, estimated ASR after) and why it stopped."""
     lines = []
     for cell in _latest_runs(setting.cells):
-        record = (cell["log"] or {}).get("auto")
-        if record is None:
+        log = parse_log(cell["log"])
+        if not isinstance(log, AutoLog) or log.auto is None:
             continue
         tried = ", ".join(
             f"{t['defense']} ({t.get('guard') or 'no guard'}, estimated ASR after "
             f"{fmt(t.get('est_asr_after'))})"
-            for t in record.get("tried", [])
+            for t in log.tried
         )
-        chosen = record.get("chosen") or "none (the input model)"
-        stopped = f"; {record['stopped']}" if record.get("stopped") else ""
+        chosen = log.chosen or "none (the input model)"
+        stopped = f"; {log.auto['stopped']}" if log.auto.get("stopped") else ""
         lines.append(
             f"{cell['label']}, seed {cell['seed']}: chose {chosen}; tried {tried or 'nothing'}"
             + stopped
@@ -515,30 +516,25 @@ def overview_section(settings: list[Setting]) -> list:
 # ----------------------------------------------------------------------------- pruning curves
 
 
-def search_points(log: dict | None) -> list[list[float]]:
-    """The (k, holdout ACC) points a pruning defense evaluated while searching for its cut:
-    the log's ``curve``, or every round's curve when the defense logs rounds (linf-pruning).
-    A point without a cut (ANP/RNP log the unpruned model as threshold ``None``) is left out."""
-    if not log:
-        return []
-    points = log.get("curve") or [
-        point for round_ in log.get("rounds", []) for point in round_.get("curve", [])
-    ]
-    return sorted(point for point in points if point[0] is not None)
+def search_points(log: dict | DefenseLog | None) -> list[list[float]]:
+    """The (k, holdout ACC) points a pruning defense evaluated while searching for its cut,
+    sorted (:meth:`~torchpurify.defenses.logs.DefenseLog.search_points`)."""
+    return sorted(parse_log(log).search_points())
 
 
 def plot_search(cells: list[dict], path: Path) -> Path:
     """Holdout ACC at every cut each pruning run evaluated, its chosen cut starred."""
     figure, (axis,) = _figure()
-    for i, cell in enumerate(cells):
-        points = search_points(cell["log"])
+    logs = [parse_log(cell["log"]) for cell in cells]
+    for i, (cell, log) in enumerate(zip(cells, logs, strict=True)):
+        points = search_points(log)
         colour = f"C{i % 10}"
         label = f"{cell['label']}, seed {cell['seed']}"
         axis.plot(*zip(*points, strict=True), "o-", ms=4, lw=0.8, color=colour, label=label)
-        chosen = {k: acc for k, acc in points}.get(cell["log"].get("num_pruned"))
+        chosen = {k: acc for k, acc in points}.get(log.get("num_pruned"))
         if chosen is not None:
-            axis.plot(cell["log"]["num_pruned"], chosen, "*", ms=12, color=colour, mec="k")
-    layers = {cell["log"]["layer"] for cell in cells if cell["log"].get("layer")}
+            axis.plot(log.get("num_pruned"), chosen, "*", ms=12, color=colour, mec="k")
+    layers = {log.get("layer") for log in logs if log.get("layer")}
     axis.set_xlabel("channels pruned" + (f" of {layers.pop()}" if len(layers) == 1 else ""))
     axis.set_ylabel("holdout ACC")
     axis.set_title("Cuts evaluated by the pruning search (★ chosen)")
@@ -974,13 +970,8 @@ SELECT_CLEAN_COST = 0.01
 def guard_cost(row: dict) -> tuple[float | None, bool]:
     """(holdout accuracy lost on the guard's half, rolled back) for one cell; the cost is None
     for a cell stored without a guard record."""
-    guard = (row.get("log") or {}).get("guard") or {}
-    attempts = guard.get("attempts") or []
-    if not attempts:
-        return None, False
-    if str(guard.get("action", "")).startswith("rolled back"):
-        return 0.0, True
-    return guard["holdout_acc_input"] - attempts[-1]["holdout_acc"], False
+    guard = parse_log(row.get("log")).guard
+    return (None, False) if guard is None else guard.cost()
 
 
 def _mean(values: list) -> float | None:

@@ -308,6 +308,8 @@ def run_cell(
         "defense": cell.defense.name,
         "label": cell.label,
         "defense_params": record["params"],
+        "run_context": record["context"],
+        "guard_settings": record["guard_settings"],
         "defender_fraction": cell.defender_fraction,
         **{f"{m}_before": getattr(result.before, m) for m in ("acc", "asr", "ra")},
         **{f"{m}_after": getattr(result.after, m) for m in ("acc", "asr", "ra")},

@@ -9,9 +9,13 @@ the file is loaded, before any work, and each mistake is one line that says wher
 Keys are SHA-256 digests of everything that determines a result, so a finished model or cell is
 recognised in the results store and never computed twice: the model key covers the data (dataset,
 train size, validation fraction, seed), the architecture, the attack and the training recipe; the
-cell key covers the model key, the defense's name and full resolved hyper-parameters and the
-defender's fraction. The device and progress display are left out: they do not change what is
-computed.
+cell key covers the model key, the defense's name, everything of the defense that changes its
+result (:meth:`~torchpurify.defenses.base.Defense.keyed_settings`: its hyper-parameters, the
+guard's settings, and the run context's seed and batch size) and the defender's fraction. The
+device and progress display are left out: they do not change what is computed. The keyed
+settings are hashed as one flat mapping under the names they had when they were all fields of
+the defense, so the keys of stored cells did not change when the run context and the guard's
+settings moved apart from the hyper-parameters.
 
 The YAML is read with the numbers of YAML 1.2 (``1e-3`` is a number, as in JSON) and with
 aliases bounded: a file whose aliases would expand to more than :data:`MAX_VALUES` values (a
@@ -57,8 +61,6 @@ ATTACK_KEYS = ("name", "params", "poison_rate", "target", "target_mode", "clean_
 DEFENSE_KEYS = ("name", "params", "label")
 # The recipe a spec may set (TrainConfig's fields less those of catalogue.NOT_SETTINGS).
 TRAINING_KEYS = tuple(catalogue.settings("training"))
-# Parameters that do not change a result, left out of keys.
-UNHASHED = ("device", "progress")
 # Defense parameters added after stores were written, at the value that reproduces the earlier
 # behaviour: left out of a cell's key at that value, so the stored cells stay valid.
 NEUTRAL = {"augment": False, "distill": 0.0, "cut_scale": 1.0}
@@ -280,7 +282,7 @@ class CellJob:
     key: str
     model: ModelJob
     defense: DefenseEntry
-    params: dict[str, Any]  # the defense's full resolved hyper-parameters
+    params: dict[str, Any]  # the defense's resolved settings that enter the key (keyed_settings)
     defender_fraction: float
 
     @property
@@ -323,14 +325,12 @@ def cell_jobs(spec: ExperimentSpec, models: list[ModelJob] | None = None) -> lis
     estimate = None if settings is None else settings.to_dict()
     for job in model_jobs(spec) if models is None else models:
         for defense in spec.defenses:
-            params = defense.build(job.seed, spec.device).params()
+            params = defense.build(job.seed, spec.device).keyed_settings()
             content = {
                 "model": job.key,
                 "defense": defense.name,
                 "params": {
-                    k: v
-                    for k, v in params.items()
-                    if k not in UNHASHED and not (k in NEUTRAL and v == NEUTRAL[k])
+                    k: v for k, v in params.items() if not (k in NEUTRAL and v == NEUTRAL[k])
                 },
                 "defender_fraction": spec.defender_fraction,
                 "estimate": estimate,

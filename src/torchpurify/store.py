@@ -49,7 +49,8 @@ CREATE TABLE IF NOT EXISTS cells (
   dataset TEXT NOT NULL, model TEXT NOT NULL, attack TEXT NOT NULL, attack_params TEXT NOT NULL,
   poison_rate REAL, target_mode TEXT, seed INTEGER NOT NULL,
   defense TEXT NOT NULL, label TEXT NOT NULL,   -- label: the spec's label, else the defense name
-  defense_params TEXT NOT NULL,    -- JSON: the defense's full resolved params (Defense.params())
+  defense_params TEXT NOT NULL,    -- JSON: the defense's hyper-parameters, Defense.params()
+                                   -- (before 12-07 also its run context and guard settings)
   defender_fraction REAL NOT NULL,
   acc_before REAL, asr_before REAL, ra_before REAL,
   acc_after REAL, asr_after REAL, ra_after REAL, der REAL,
@@ -59,7 +60,9 @@ CREATE TABLE IF NOT EXISTS cells (
   started_at TEXT NOT NULL, finished_at TEXT NOT NULL,
   estimate TEXT,                   -- JSON: the backdoor estimate before/after (estimate.compare)
   est_asr_before REAL, est_asr_after REAL,  -- its estimated ASR, for plain SQL
-  weights_sha256 TEXT              -- SHA-256 of the weights it purified (NULL: before 12-06)
+  weights_sha256 TEXT,             -- SHA-256 of the weights it purified (NULL: before 12-06)
+  run_context TEXT,                -- JSON: device, seed, batch size (NULL: before 12-07)
+  guard_settings TEXT              -- JSON: max_acc_drop, guard_retries (NULL: before 12-07)
 );
 CREATE TABLE IF NOT EXISTS leases (
   key TEXT PRIMARY KEY,            -- a cell key, or 'model:' + a model key
@@ -78,14 +81,17 @@ MODEL_JSON = (
     "pruning_curve",
     "versions",
 )
-CELL_JSON = ("attack_params", "defense_params", "log", "versions", "estimate")
+CELL_JSON = (
+    "attack_params", "defense_params", "log", "versions", "estimate", "run_context",
+    "guard_settings",
+)  # fmt: skip
 # Columns added to a table after its first release: a store without them gains them (NULL for
 # the rows already there) when opened for writing, and reads as if they were NULL when not.
 ADDED_COLUMNS = {
     "models": {"weights_sha256": "TEXT", "versions": "TEXT"},
     "cells": {
         "estimate": "TEXT", "est_asr_before": "REAL", "est_asr_after": "REAL",
-        "weights_sha256": "TEXT",
+        "weights_sha256": "TEXT", "run_context": "TEXT", "guard_settings": "TEXT",
     },
 }  # fmt: skip
 

@@ -8,6 +8,7 @@ regularised fine-tuning reuse the same loop, schedule, progress display and pass
 from __future__ import annotations
 
 import copy
+import inspect
 import math
 import os
 import time
@@ -176,7 +177,10 @@ class Step(Protocol):
     """One update on a batch; returns the (detached) training loss.
 
     Passes are counted by :func:`fit` (:class:`count_passes`), not by the step; ``cost`` is
-    the run's :class:`Cost`, for a step that wants to read it.
+    the run's :class:`Cost`, for a step that wants to read it. A recipe with ``distill`` > 0
+    hands the step a :class:`Distillation` term as the keyword ``distill``: a step that
+    fine-tunes takes it and adds its gradient before the optimiser steps (:func:`descend`); a
+    step without the keyword is refused such a recipe (:class:`Trainer`).
     """
 
     def __call__(
@@ -189,12 +193,55 @@ class Step(Protocol):
     ) -> torch.Tensor: ...
 
 
-def standard_step(model, x, y, optimizer, cost) -> torch.Tensor:
-    """Plain empirical-risk minimisation: one forward, one backward, one optimiser step."""
+class Distillation:
+    """The term ``β·KL(p_teacher ‖ p_model)`` on a batch: the model's clean outputs held near
+    those of the model training started from (``teacher``, a frozen copy in evaluation mode),
+    while a step's own objective (a penalty, a mask, a regulariser) moves it. A recipe's
+    ``distill`` is β; the :class:`Trainer` makes the term once, before the first step.
+    """
+
+    def __init__(self, model: nn.Module, beta: float) -> None:
+        self.beta = beta
+        self.teacher = copy.deepcopy(model).eval()
+        for p in self.teacher.parameters():
+            p.requires_grad_(False)
+
+    def add_gradient(self, model: nn.Module, x: torch.Tensor) -> None:
+        """Add ``∇ β·KL`` on the batch ``x`` to the gradient already in ``model``'s trainable
+        parameters. One more forward and backward of the model; BatchNorm's running statistics
+        are not touched by it (:class:`FrozenRunningStats`)."""
+        params = [p for p in model.parameters() if p.requires_grad]
+        with torch.no_grad():
+            target = F.log_softmax(self.teacher(x), dim=1)
+        with torch.enable_grad(), FrozenRunningStats(model):
+            log_p = F.log_softmax(model(x), dim=1)
+            kl = F.kl_div(log_p, target, reduction="batchmean", log_target=True)
+            grads = torch.autograd.grad(self.beta * kl, params, allow_unused=True)
+        for p, g in zip(params, grads, strict=True):
+            if g is not None:
+                p.grad = g if p.grad is None else p.grad + g
+
+
+def descend(
+    model: nn.Module,
+    x: torch.Tensor,
+    optimizer: torch.optim.Optimizer,
+    distill: Distillation | None = None,
+) -> None:
+    """The optimiser's step on the gradient a step computed, with the distillation term's
+    gradient on the batch ``x`` added first when there is one."""
+    if distill is not None:
+        distill.add_gradient(model, x)
+    optimizer.step()
+
+
+def standard_step(model, x, y, optimizer, cost, distill=None) -> torch.Tensor:
+    """Plain empirical-risk minimisation: one forward, one backward, one optimiser step (with
+    the distillation term's gradient added, when the recipe distils)."""
     optimizer.zero_grad(set_to_none=True)
     loss = F.cross_entropy(model(x), y)
     loss.backward()
-    optimizer.step()
+    descend(model, x, optimizer, distill)
     return loss.detach()
 
 
@@ -213,7 +260,7 @@ class TrainConfig:
     channels_last: bool | None = None  # None: the model's own preference (see fit)
     freeze_bn_stats: bool = False  # BatchNorm in evaluation mode while training (see fit)
     # A defense's fine-tuning only: the weight β of β·KL(p_input ‖ p_model) on each batch, the
-    # model's outputs distilled towards those of the model it started from (see Trainer).
+    # model's outputs distilled towards those of the model it started from (Distillation).
     distill: float = 0.0
     seed: int = 0
     device: str = "auto"
@@ -345,36 +392,13 @@ class Trainer:
         self.result = TrainResult()
         self.epochs_done = 0
         self.counter = count_passes(model, self.result.cost)
-        self.batch: torch.Tensor | None = None
+        # The distillation term, handed to every step (the step adds it: Step, descend).
+        self.distill: Distillation | None = None
         if config.distill > 0:
-            self.add_distillation(config.distill)
+            if "distill" not in inspect.signature(step).parameters:
+                raise ValueError(f"{description}: its step takes no distillation term (distill)")
+            self.distill = Distillation(model, config.distill)
         self.start = time.perf_counter()
-
-    def add_distillation(self, beta: float) -> None:
-        """Before every optimiser step, add the gradient of ``β·KL(p_input ‖ p_model)`` on the
-        step's batch to whatever gradient the step computed: the model's clean outputs are
-        held near those of the model it started from (a frozen copy in evaluation mode), while
-        the step's own objective (a penalty, a mask, a regulariser) moves it. One more forward
-        and backward of the model per step; BatchNorm running statistics are not touched by it.
-        """
-        teacher = copy.deepcopy(self.model).eval()
-        for p in teacher.parameters():
-            p.requires_grad_(False)
-        params = [p for p in self.model.parameters() if p.requires_grad]
-
-        def hook(optimizer, args, kwargs) -> None:
-            x = self.batch
-            with torch.no_grad():
-                target = F.log_softmax(teacher(x), dim=1)
-            with torch.enable_grad(), FrozenRunningStats(self.model):
-                log_p = F.log_softmax(self.model(x), dim=1)
-                kl = F.kl_div(log_p, target, reduction="batchmean", log_target=True)
-                grads = torch.autograd.grad(beta * kl, params, allow_unused=True)
-            for p, g in zip(params, grads, strict=True):
-                if g is not None:
-                    p.grad = g if p.grad is None else p.grad + g
-
-        self.optimizer.register_step_pre_hook(hook)
 
     def __enter__(self) -> Trainer:
         self.counter.__enter__()
@@ -432,8 +456,12 @@ class Trainer:
                         f"shape {tuple(x.shape[1:])} per sample; leave augment off"
                     )
                 x = x.contiguous(memory_format=self.memory_format) if x.dim() == 4 else x
-                self.batch = x
-                loss = self.step(model, x, y, self.optimizer, self.result.cost)
+                if self.distill is None:
+                    loss = self.step(model, x, y, self.optimizer, self.result.cost)
+                else:
+                    loss = self.step(
+                        model, x, y, self.optimizer, self.result.cost, distill=self.distill
+                    )
                 if self.scheduler is not None:
                     self.scheduler.step()
                 loss_sum += loss

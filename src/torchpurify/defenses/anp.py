@@ -90,8 +90,8 @@ class AdversarialNeuronPruning(MaskPruning):
         )
         gates.remove()
         log = self.prune(model, gates.values(), clean.holdout)
-        log["history"] = result.history
-        return Purified(model, log)
+        log.history = result.history
+        return Purified(model, log.to_dict())
 
     def step(self, gated: Gated, x, y, optimizer, cost: Cost) -> torch.Tensor:
         """One ANP iteration: perturb the neurons adversarially, then step the masks."""

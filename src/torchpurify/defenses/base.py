@@ -1,7 +1,10 @@
 """The defense contract: ``purify(model, clean) -> Purified``.
 
 A defense is configured by its hyper-parameters (a dataclass with defaults, checked when it is
-built, however it is built) and receives only the defender's clean data: ``tune`` for training
+built, however it is built), and holds apart from them how it is run (:class:`RunContext`:
+device, seed, batch size, progress bar) and the guard's settings (:class:`GuardSettings`);
+``params()`` is the hyper-parameters alone, ``keyed_settings()`` what a cell's key covers. It
+receives only the defender's clean data: ``tune`` for training
 and ``holdout`` for every stopping or selection rule. It never sees the test split, and never
 mutates the model it was given.
 
@@ -20,6 +23,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 import math
 import time
 from collections.abc import Callable
@@ -29,10 +33,11 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from torchpurify.checks import check_fields, require
+from torchpurify.checks import check_fields, default, require
 from torchpurify.data.base import Split
 from torchpurify.data.splits import split_guard
 from torchpurify.errors import Divergence, check
+from torchpurify.logs import DefenseLog
 from torchpurify.metrics import accuracy
 from torchpurify.registry import Registry
 from torchpurify.train import Cost, count_passes, resolve_device
@@ -87,7 +92,9 @@ class Clean:
 
 @dataclass
 class Purified:
-    """A defense's result: the new model, what it did (JSON-able) and what it cost.
+    """A defense's result: the new model, what it did and what it cost. ``log`` is the JSON of
+    the defense's typed record (:mod:`torchpurify.logs`: ``record.to_dict()``; readers get the
+    record back with :func:`~torchpurify.logs.parse_log`), the guard's record under ``guard``.
 
     ``cost`` is filled in by :meth:`Defense.purify` (a defense's ``run`` need not count)."""
 
@@ -96,9 +103,66 @@ class Purified:
     cost: Cost = field(default_factory=Cost)
 
 
+RUN_SETTING = "run setting"
+
+
+@dataclass(frozen=True)
+class RunContext:
+    """How a defense is run, not what it computes: where (``device``), with which random draws
+    (``seed``), in batches of what size (``batch_size``), and whether it shows a progress bar.
+    Held by every defense beside its hyper-parameters (:attr:`Defense.context`). The seed and
+    the batch size change the numbers a run gives, so a cell's key covers them
+    (:data:`KEYED`); the device and the progress bar do not."""
+
+    KEYED: ClassVar[tuple[str, ...]] = ("seed", "batch_size")
+
+    device: str = default("auto", RUN_SETTING)
+    seed: int = default(0, RUN_SETTING)
+    batch_size: int = default(128, RUN_SETTING)
+    progress: bool = default(False, RUN_SETTING)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The context as a card records it (the progress bar left out)."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
+                if f.name != "progress"}  # fmt: skip
+
+    def keyed(self) -> dict[str, Any]:
+        """The settings of the context that change results (:data:`KEYED`)."""
+        return {name: getattr(self, name) for name in self.KEYED}
+
+
+@dataclass(frozen=True)
+class GuardSettings:
+    """The guard's settings (methods.md §0), the same for every defense: how much holdout
+    accuracy the result may lose against the input (``max_acc_drop``; None: GUARD_Z standard
+    errors of holdout accuracy), and how often to back off before rolling back to the input
+    model (``guard_retries``). Held by every defense (:attr:`Defense.guard`)."""
+
+    max_acc_drop: float | None = default(None, "protocol: "
+        "3 standard errors of holdout accuracy, a statistical rule not tuned on any cell, "
+        "methods.md §0")  # fmt: skip
+    guard_retries: int = default(1, "protocol: one back-off, "
+        "methods.md §0; three back-offs on configs/dev-audio-candidates.yaml kept more "
+        "backdoor for 2-4 points (§12.7)")  # fmt: skip
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+# The settings every defense takes beside its hyper-parameters, by name, and where each lives:
+# ``build_defense("gnft", seed=1, max_acc_drop=0.02)`` routes them to the context and the guard.
+SHARED_SETTINGS: dict[str, type] = {
+    **{f.name: RunContext for f in dataclasses.fields(RunContext)},
+    **{f.name: GuardSettings for f in dataclasses.fields(GuardSettings)},
+}
+HELD = ("context", "guard")  # the fields of a defense that hold the shared settings
+
+
 @dataclass
 class Defense:
-    """Base class. Subclasses are dataclasses of hyper-parameters with a ``run`` method."""
+    """Base class. Subclasses are dataclasses of hyper-parameters with a ``run`` method; every
+    defense also holds a :class:`RunContext` (``context``) and :class:`GuardSettings`
+    (``guard``), keyword-only and apart from its hyper-parameters (:meth:`params`)."""
 
     name: ClassVar[str]
     summary: ClassVar[str]
@@ -106,22 +170,21 @@ class Defense:
     # epochs=1 where the defense trains); a defense with a costly step of its own adds to them.
     quick: ClassVar[dict[str, Any]] = {}
 
-    device: str = field(default="auto", metadata={"source": "run setting"})
-    seed: int = field(default=0, metadata={"source": "run setting"})
-    batch_size: int = field(default=128, metadata={"source": "run setting"})
-    progress: bool = field(default=False, metadata={"source": "run setting"})
-    # The guard's budget: how much holdout accuracy the result may lose against the input
-    # (None: GUARD_Z standard errors of holdout accuracy), and how often to back off before
-    # rolling back to the input model.
-    max_acc_drop: float | None = field(default=None, metadata={"source": "protocol: "
-        "3 standard errors of holdout accuracy, a statistical rule not tuned on any cell, "
-        "methods.md §0"})  # fmt: skip
-    guard_retries: int = field(default=1, metadata={"source": "protocol: one back-off, "
-        "methods.md §0; three back-offs on configs/dev-audio-candidates.yaml kept more "
-        "backdoor for 2-4 points (§12.7)"})  # fmt: skip
+    context: RunContext = field(default_factory=RunContext, kw_only=True, repr=False)
+    guard: GuardSettings = field(default_factory=GuardSettings, kw_only=True, repr=False)
+
+    # The shared settings by their names, read-only (build_defense and spec entries set them).
+    device = property(lambda self: self.context.device)
+    seed = property(lambda self: self.context.seed)
+    batch_size = property(lambda self: self.context.batch_size)
+    progress = property(lambda self: self.context.progress)
+    max_acc_drop = property(lambda self: self.guard.max_acc_drop)
+    guard_retries = property(lambda self: self.guard.guard_retries)
 
     def __post_init__(self) -> None:
-        check_fields(self, self.name)
+        check_fields(self, self.name)  # the context and guard are of their classes, too
+        check_fields(self.context, self.name)
+        check_fields(self.guard, self.name)
         self.require("batch_size", self.batch_size >= 2, "at least 2")
         self.require(
             "max_acc_drop",
@@ -143,9 +206,20 @@ class Defense:
         require(self.name, param, getattr(self, param), ok, allowed)
 
     def params(self) -> dict[str, Any]:
-        return {
-            f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "progress"
-        }
+        """The method's hyper-parameters (the run context and the guard's settings apart)."""
+        return {f.name: getattr(self, f.name) for f in hyper_fields(self)}
+
+    def with_context(self, **changes: Any) -> Defense:
+        """This defense with its run context changed (``seed=3``); hyper-parameters kept."""
+        return dataclasses.replace(self, context=dataclasses.replace(self.context, **changes))
+
+    def keyed_settings(self) -> dict[str, Any]:
+        """Everything of this defense that changes its result, as one flat mapping: the
+        hyper-parameters, the guard's settings and the run context's seed and batch size (not
+        its device or progress bar). A cell's key hashes it (:func:`torchpurify.spec.cell_jobs`);
+        its names are those the settings had when they were all fields of the defense, so the
+        keys of stored cells stay what they were."""
+        return {**self.context.keyed(), **self.guard.to_dict(), **self.params()}
 
     def budget(self, holdout_acc: float, holdout_size: int) -> float:
         """The holdout accuracy this defense may lose: ``max_acc_drop``, or the noise rule."""
@@ -164,7 +238,7 @@ class Defense:
     def purify(self, model: nn.Module, clean: Clean) -> Purified:
         """Return a purified copy of ``model`` on the defense's device; ``model`` is untouched."""
         start = time.perf_counter()
-        device = resolve_device(self.device)
+        device = resolve_device(self.context.device)
         given = copy.deepcopy(model).to(device)
         counter = count_passes(given)
         # The defense seeds torch's generators; the caller's random state is given back after.
@@ -214,7 +288,8 @@ class Defense:
                 retry = len(guard["attempts"]) <= self.guard_retries
                 defense = defense.back_off() if retry else None
             else:  # nothing within the budget: the input model comes back
-                result = Purified(copy.deepcopy(given), {"rolled_back": last_log})
+                log = DefenseLog(rolled_back=last_log).to_dict()
+                result = Purified(copy.deepcopy(given), log)
             if defense is None:
                 guard["action"] = "rolled back to the input model"
             elif len(guard["attempts"]) > 1:
@@ -261,8 +336,31 @@ def _describe(changed: dict[str, Any]) -> str:
 
 
 def register_defense(cls: type[Defense]) -> type[Defense]:
+    """Register ``cls`` by its name; its constructor takes the run context's and the guard's
+    settings by name too (``GradientNormFineTuning(seed=1, alpha=0.5)``, :func:`route_shared`)."""
+    init = cls.__init__
+
+    @functools.wraps(init)
+    def __init__(self, *args: Any, **params: Any) -> None:
+        init(self, *args, **route_shared(params))
+
+    cls.__init__ = __init__  # type: ignore[method-assign]
     DEFENSES.register(cls.name, cls.summary)(cls)
     return cls
+
+
+def route_shared(params: dict[str, Any]) -> dict[str, Any]:
+    """``params`` with the run context's settings (device, seed, …) and the guard's
+    (max_acc_drop, guard_retries), given by name, moved into ``context`` and ``guard``."""
+    params = dict(params)
+    shared = {key: params.pop(key) for key in list(params) if key in SHARED_SETTINGS}
+    context = {k: v for k, v in shared.items() if SHARED_SETTINGS[k] is RunContext}
+    guard = {k: v for k, v in shared.items() if SHARED_SETTINGS[k] is GuardSettings}
+    if context:
+        params["context"] = dataclasses.replace(params.get("context", RunContext()), **context)
+    if guard:
+        params["guard"] = dataclasses.replace(params.get("guard", GuardSettings()), **guard)
+    return params
 
 
 def build_defense(name: str, **params: Any) -> Defense:
@@ -271,12 +369,29 @@ def build_defense(name: str, **params: Any) -> Defense:
     return build_checked(DEFENSES.get(name), name, **params)
 
 
+def hyper_fields(cls: type | Defense) -> list[dataclasses.Field]:
+    """A defense's hyper-parameter fields: its dataclass fields less the context and guard."""
+    return [f for f in dataclasses.fields(cls) if f.name not in HELD]
+
+
+def setting_fields(cls: type | Defense) -> list[dataclasses.Field]:
+    """Every setting a defense takes by name, in the order ``list defenses`` shows them: the run
+    context's, the guard's, then the method's hyper-parameters."""
+    if not any(f.name in HELD for f in dataclasses.fields(cls)):
+        return list(dataclasses.fields(cls))  # not a defense (build_checked's other classes)
+    shared = [*dataclasses.fields(RunContext), *dataclasses.fields(GuardSettings)]
+    return [*shared, *hyper_fields(cls)]
+
+
 def build_checked(cls: type, name: str, **params: Any) -> Any:
-    """``cls(**params)`` after refusing, in one line, a parameter ``cls`` has no field for."""
-    allowed = [f.name for f in dataclasses.fields(cls)]
+    """``cls(**params)`` after refusing, in one line, a parameter ``cls`` has no setting for; a
+    defense's run-context and guard settings, given by name, go to its ``context`` and
+    ``guard``."""
+    allowed = [f.name for f in setting_fields(cls)]
+    held = [f.name for f in dataclasses.fields(cls) if f.name in HELD]
     for key in params:
         check(
-            key in allowed,
+            key in allowed or key in held,
             f"unknown parameter {key!r} for defense {name!r}; allowed: {', '.join(allowed)}",
         )
-    return cls(**params)
+    return cls(**route_shared(params)) if held else cls(**params)

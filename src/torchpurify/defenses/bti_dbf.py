@@ -62,6 +62,7 @@ from torch import nn
 from torchpurify.checks import default
 from torchpurify.data.base import Split
 from torchpurify.defenses.base import Clean, Defense, Purified, register_defense
+from torchpurify.logs import GeneratorUnlearningLog
 from torchpurify.neurons.generator import (
     TriggerGenerator,
     _benign_mask,
@@ -161,11 +162,11 @@ class BackdoorTriggerInversionUnlearning(Defense):
             return (x + bounded(generator(x), "l2", bound)).clamp(low, high)
 
         target: int | None = None
-        log: dict = {"layer": layer, "scale": scale, "bound": bound}
+        log = GeneratorUnlearningLog(layer=layer, scale=scale, bound=bound)
         if self.target_rule == "search":
             search = invert_generator(model, tune, seed=self.seed, device=device)
             target = search.target
-            log["search"] = {"radii": search.radii.tolist(), "target": target}
+            log.search = {"radii": search.radii.tolist(), "target": target}
             if target is not None:  # G starts as the search's generator for the target
                 generator.load_state_dict(search.trigger(target).generator.state_dict())
         rounds = []
@@ -191,8 +192,8 @@ class BackdoorTriggerInversionUnlearning(Defense):
             with _tapped(model, layer) as tap:
                 record["unlearning"] = self._unlearn(model, tune, tap, generated, number)
             rounds.append(record)
-        log.update(target=target, rounds=rounds)
-        return Purified(model, log)
+        log.target, log.rounds = target, rounds
+        return Purified(model, log.to_dict())
 
     def _invert(self, model, tap, tune, generated, optimizer, mask, target, draw) -> dict:
         """Train G for ``generator_epochs`` passes over ``tune`` (whole shuffled batches);

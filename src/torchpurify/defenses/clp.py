@@ -31,6 +31,7 @@ from torch import nn
 from torchpurify.checks import default
 from torchpurify.defenses.base import Clean, Defense, Purified, register_defense
 from torchpurify.defenses.pruning import CUT_SCALE, scaled_count, smaller_cut
+from torchpurify.logs import ChannelLipschitzLog
 from torchpurify.neurons import mask_channels
 from torchpurify.neurons.units import CONVS, Unit, weighted_units
 from torchpurify.train import Cost
@@ -103,18 +104,16 @@ class ChannelLipschitzPruning(Defense):
             if index:
                 mask_channels(model, unit.masked_at, index, num_channels=unit.channels)
                 pruned[unit.masked_at] = index
-        log = {
-            "u": self.u,
-            "cut_scale": self.cut_scale,
-            "num_within_threshold": len(outliers),
-            "units": [
-                {"layer": u.layer, "batchnorm": u.norm, "channels": u.channels} for u in units
-            ],
-            "pruned": pruned,
-            "num_pruned": sum(len(v) for v in pruned.values()),
-            "uclc": scores,
-        }
-        return Purified(model, log, Cost(forward=1))
+        log = ChannelLipschitzLog(
+            u=self.u,
+            cut_scale=self.cut_scale,
+            num_within_threshold=len(outliers),
+            units=[{"layer": u.layer, "batchnorm": u.norm, "channels": u.channels} for u in units],
+            pruned=pruned,
+            num_pruned=sum(len(v) for v in pruned.values()),
+            uclc=scores,
+        )
+        return Purified(model, log.to_dict(), Cost(forward=1))
 
     def back_off(self) -> ChannelLipschitzPruning | None:
         """The guard's gentler version: half the outlying channels, the most outlying kept, down

@@ -17,6 +17,7 @@ from torchpurify.checks import default
 from torchpurify.defenses.base import Clean, Purified, register_defense
 from torchpurify.defenses.budget import largest_passing
 from torchpurify.defenses.pruning import HoldoutProbe, PruningDefense, prune_first, scaled_count
+from torchpurify.logs import FinePruningLog
 from torchpurify.neurons import activation_stats
 
 # Where the fine-tuning step comes from (methods.md, "Where each default comes from").
@@ -76,20 +77,20 @@ class FinePruning(PruningDefense):
         cut = scaled_count(within, self.cut_scale)
         pruned_acc = probe.accuracy(cut)
         prune_first(model, layer, order, cut)
-        log = {
-            "layer": layer,
-            "channels": len(order),
-            "pruned": order[:cut].tolist(),
-            "num_pruned": cut,
-            "num_within_budget": within,
-            "cut_scale": self.cut_scale,
-            "holdout_acc_before": base,
-            "holdout_acc_pruned": pruned_acc,
-            "threshold": threshold,
-            "search": self.search,
-            "holdout_evaluations": len(probe.curve),
-            "curve": probe.sorted_curve(),
-        }
+        log = FinePruningLog(
+            layer=layer,
+            channels=len(order),
+            pruned=order[:cut].tolist(),
+            num_pruned=cut,
+            num_within_budget=within,
+            cut_scale=self.cut_scale,
+            holdout_acc_before=base,
+            holdout_acc_pruned=pruned_acc,
+            threshold=threshold,
+            search=self.search,
+            holdout_evaluations=len(probe.curve),
+            curve=probe.sorted_curve(),
+        )
         # 3. Fine-tune with the masks in place; keep the better of pruned and fine-tuned.
-        log.update(self.fine_tune_pruned(model, clean, pruned_acc))
-        return Purified(model, log)
+        log = dataclasses.replace(log, **self.fine_tune_pruned(model, clean, pruned_acc))
+        return Purified(model, log.to_dict())

@@ -30,9 +30,10 @@ from torchpurify.checks import default
 from torchpurify.defenses.base import Clean, Purified, register_defense
 from torchpurify.defenses.recipe import FineTuneRecipe
 from torchpurify.errors import UserError
+from torchpurify.logs import FeatureShiftLog
 from torchpurify.neurons.layers import get_module
 from torchpurify.neurons.units import linear_head
-from torchpurify.train import fit
+from torchpurify.train import descend, fit
 
 # Where these defaults come from (methods.md, "Where each default comes from").
 PAPER = (
@@ -51,15 +52,16 @@ def reinitialise(layer: nn.Linear) -> None:
 
 
 def feature_shift_step(head: nn.Linear, original: torch.Tensor, alpha: float):
-    """A :data:`torchpurify.train.Step`: CE + α·⟨W, W₀⟩, then W rescaled to ‖W₀‖."""
+    """A :data:`torchpurify.train.Step`: CE + α·⟨W, W₀⟩ (+ the recipe's distillation term),
+    then W rescaled to ‖W₀‖."""
     target_norm = original.norm()
 
-    def step(model, x, y, optimizer, cost):
+    def step(model, x, y, optimizer, cost, distill=None):
         reference = original.to(head.weight.device)
         optimizer.zero_grad(set_to_none=True)
         loss = F.cross_entropy(model(x), y)
         (loss + alpha * (head.weight * reference).sum()).backward()
-        optimizer.step()
+        descend(model, x, optimizer, distill)
         with torch.no_grad():
             head.weight.mul_(target_norm.to(head.weight.device) / head.weight.norm())
         return loss.detach()
@@ -106,10 +108,10 @@ class FeatureShiftTuning(FineTuneRecipe):
         )
         weight = head.weight.detach().cpu()
         cosine = F.cosine_similarity(weight.flatten(), original.cpu().flatten(), dim=0)
-        log = {
-            "head": name,
-            "head_norm": float(original.norm()),
-            "head_cosine_to_original": float(cosine),
-            "history": result.history,
-        }
-        return Purified(model, log)
+        log = FeatureShiftLog(
+            head=name,
+            head_norm=float(original.norm()),
+            head_cosine_to_original=float(cosine),
+            history=result.history,
+        )
+        return Purified(model, log.to_dict())

@@ -31,6 +31,7 @@ from torchpurify.checks import default
 from torchpurify.defenses.base import Clean, Purified, register_defense
 from torchpurify.defenses.recipe import FineTuneRecipe
 from torchpurify.defenses.two_pass import gradients, perturbed_gradient, step_along, trainable
+from torchpurify.logs import FineTuneLog
 from torchpurify.train import fit
 
 # Where these defaults come from (methods.md, "Where each default comes from").
@@ -64,7 +65,7 @@ def sam_step(rho: float, adaptive: bool, smoothing: float):
     """A :data:`torchpurify.train.Step`: the SGD update uses the gradient at θ + ε
     (:func:`~torchpurify.defenses.two_pass.perturbed_gradient`)."""
 
-    def step(model, x, y, optimizer, cost):
+    def step(model, x, y, optimizer, cost, distill=None):
         params = trainable(model)
         loss = smoothed_cross_entropy(model(x), y, smoothing)
         with torch.no_grad():
@@ -72,7 +73,7 @@ def sam_step(rho: float, adaptive: bool, smoothing: float):
         sharp = perturbed_gradient(
             model, params, epsilon, lambda: smoothed_cross_entropy(model(x), y, smoothing)
         )
-        step_along(params, sharp, optimizer)
+        step_along(model, x, sharp, optimizer, distill)
         return loss.detach()
 
     return step
@@ -111,4 +112,4 @@ class FineTuningSAM(FineTuneRecipe):
             step=sam_step(self.rho, self.adaptive, self.label_smoothing),
             description=self.name,
         )
-        return Purified(model, {"history": result.history})
+        return Purified(model, FineTuneLog(history=result.history).to_dict())

@@ -24,6 +24,7 @@ from torchpurify.checks import default
 from torchpurify.defenses.base import Clean, Purified, register_defense
 from torchpurify.defenses.recipe import FineTuneRecipe
 from torchpurify.defenses.two_pass import gradient_norm_step
+from torchpurify.logs import FineTuneLog, GradientNormLog
 from torchpurify.train import fit
 
 DEV_RADIUS = (
@@ -90,7 +91,8 @@ class GradientNormFineTuning(FineTuneRecipe):
             step=gradient_norm_step(self.mode, r, self.alpha, self.per_tensor, self.second_pass),
             description=self.name,
         )
-        return Purified(model, {"radius": r, "lambda": self.alpha * r, "history": result.history})
+        log = GradientNormLog(radius=r, lambda_=self.alpha * r, history=result.history)
+        return Purified(model, log.to_dict())
 
 
 @register_defense
@@ -101,4 +103,4 @@ class FineTuning(FineTuneRecipe):
 
     def run(self, model: nn.Module, clean: Clean) -> Purified:
         result = fit(model, clean.tune, self.train_config(), description=self.name)
-        return Purified(model, {"history": result.history})
+        return Purified(model, FineTuneLog(history=result.history).to_dict())

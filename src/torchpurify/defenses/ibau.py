@@ -48,6 +48,7 @@ from torchpurify.checks import default
 from torchpurify.data.base import Split
 from torchpurify.defenses.base import Clean, Defense, Purified, register_defense
 from torchpurify.errors import Divergence
+from torchpurify.logs import ImplicitUnlearningLog
 from torchpurify.train import TrainConfig, fit
 
 # Where these defaults come from (methods.md, "Where each default comes from").
@@ -252,12 +253,12 @@ class ImplicitBackdoorAdversarialUnlearning(Defense):
             )
             result = fit(model, clean.tune, config, step=step, on_epoch=next_round,
                          description=self.name)  # fmt: skip
-        log = {
-            "input_norm": scale,
-            "radius": radius,
-            "perturbation_norms": norms,
-            "rounds": rounds,
-            "diverging": any(r.get("diverging_steps", 0) for r in rounds),
-            "history": result.history,
-        }
-        return Purified(model, log)
+        log = ImplicitUnlearningLog(
+            input_norm=scale,
+            radius=radius,
+            perturbation_norms=norms,
+            rounds=rounds,
+            diverging=any(r.get("diverging_steps", 0) for r in rounds),
+            history=result.history,
+        )
+        return Purified(model, log.to_dict())

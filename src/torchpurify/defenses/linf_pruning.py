@@ -40,6 +40,7 @@ from torchpurify.defenses.budget import largest_passing
 from torchpurify.defenses.pruning import HoldoutProbe, PruningDefense, prune_first, scaled_count
 from torchpurify.errors import UserError
 from torchpurify.estimate import FLAG_ASR, SPACE_SOURCE, EstimateConfig, suspect
+from torchpurify.logs import RoundsLog
 from torchpurify.metrics import accuracy, predict
 from torchpurify.neurons import Inversion, activation_stats, anomaly_index, invert_triggers
 from torchpurify.neurons.inversion import SPACES, feature_space, uses_features, value_range_of
@@ -139,18 +140,18 @@ class LinfPruning(PruningDefense):
         # 1. The trigger to inspect with, and the label it aims at; none that works: abstain.
         trigger, target, inversion, log = self.find_trigger(model, clean)
         if trigger is None:
-            log["abstained"] = (
+            log.abstained = (
                 "no label has a small trigger that works (backdoor estimate's test); "
                 "nothing was pruned"
             )
-            return Purified(model, log)
+            return Purified(model, log.to_dict())
         layer = self.neuron_layer(model, clean)
         base = accuracy(model, holdout, batch_size=self.batch_size)
         threshold = base - self.budget(base, len(holdout))
         pruned = torch.empty(0, dtype=torch.long)
         rounds = self.rounds if inversion is not None else 1  # a known trigger does not change
         first_trigger = trigger
-        log["rounds"] = []
+        log.rounds = []
         for round_index in range(rounds):
             # 2. Rank the channels not yet pruned by the ℓ∞ bias the trigger causes.
             scores = self.activation_bias(model, layer, holdout, trigger)
@@ -172,7 +173,7 @@ class LinfPruning(PruningDefense):
                 "curve": probe.sorted_curve(),
                 "trigger_success_curve": success.sorted_curve(),
             }
-            log["rounds"].append(record)
+            log.rounds.append(record)
             if exhausted or round_index == rounds - 1:
                 break
             # 4. Another round while the pruned model still has an anomalously small trigger.
@@ -186,7 +187,8 @@ class LinfPruning(PruningDefense):
             pruned_acc = probe.accuracy(kept)
             prune_first(model, layer, order, kept)
             pruned = order[:kept]
-        log.update(
+        log = dataclasses.replace(
+            log,
             layer=layer,
             holdout_acc_before=base,
             threshold=threshold,
@@ -200,9 +202,11 @@ class LinfPruning(PruningDefense):
         tune = clean.tune
         if self.fine_tunes and self.unlearn > 0:
             tune = self.stamped(clean.tune, first_trigger)
-            log["unlearn"] = {"samples": round(self.unlearn * len(tune)), "of": len(tune)}
-        log.update(self.fine_tune_pruned(model, Clean(tune, holdout), pruned_acc))
-        return Purified(model, log)
+            log.unlearn = {"samples": round(self.unlearn * len(tune)), "of": len(tune)}
+        log = dataclasses.replace(
+            log, **self.fine_tune_pruned(model, Clean(tune, holdout), pruned_acc)
+        )
+        return Purified(model, log.to_dict())
 
     def stamped(self, tune: Split, trigger: Trigger) -> Split:
         """``tune`` with the trigger stamped on a random ``unlearn`` fraction, labels kept."""
@@ -217,7 +221,7 @@ class LinfPruning(PruningDefense):
 
     def find_trigger(
         self, model: nn.Module, clean: Clean
-    ) -> tuple[Trigger | None, int | None, Inversion | None, dict]:
+    ) -> tuple[Trigger | None, int | None, Inversion | None, RoundsLog]:
         """The trigger to inspect with, the label it drives inputs to, the inversion (None for
         the known trigger) and the log so far; no trigger when inversion finds no outlier."""
         if self.trigger == "known":
@@ -228,8 +232,8 @@ class LinfPruning(PruningDefense):
                 model, clean.holdout.x, transform=clean.known_trigger, batch_size=self.batch_size
             )
             target = int(torch.mode(guesses).values)
-            return clean.known_trigger, target, None, {"trigger": {"kind": "known (oracle)",
-                                                                   "target": target}}  # fmt: skip
+            found = {"kind": "known (oracle)", "target": target}
+            return clean.known_trigger, target, None, RoundsLog(trigger=found)
         inversion = invert_triggers(
             model, clean.holdout, steps=self.inversion_steps, seed=self.seed,
             value_range=value_range_of(clean.holdout.x), progress=self.progress,
@@ -251,7 +255,7 @@ class LinfPruning(PruningDefense):
             "nc_target": inversion.target,
             "anomaly_index": inversion.anomaly_index.tolist(),
         }
-        log = {"trigger": found}
+        log = RoundsLog(trigger=found)
         if target is None:
             return None, None, inversion, log
         return inversion.trigger(target), target, inversion, log

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 from torch import nn
@@ -24,6 +23,7 @@ from torchpurify.data.base import Split
 from torchpurify.defenses.base import Defense
 from torchpurify.defenses.budget import largest_passing
 from torchpurify.defenses.pruning import CUT_SCALE, scaled_count, smaller_cut
+from torchpurify.logs import MaskPruningLog
 from torchpurify.metrics import accuracy
 from torchpurify.neurons import mask_channels, masked_layers, unmask
 
@@ -40,7 +40,7 @@ def prune_by_mask_values(
     threshold: float | None,
     batch_size: int,
     cut_scale: float = 1.0,
-) -> dict[str, Any]:
+) -> MaskPruningLog:
     """Mask every neuron whose learned mask value is ≤ the chosen threshold (see the module
     docstring); with ``cut_scale`` < 1 (the guard's back-off, methods.md §0) only that share of
     them, those with the smallest mask values."""
@@ -106,20 +106,19 @@ def prune_by_mask_values(
         for layer, mask in masked_layers(model).items()
         if layer in values
     }
-    log = {
-        "threshold": grid[chosen - 1] if chosen else None,
-        "holdout_acc_before": base,
-        "holdout_acc_pruned": after,
-        "floor": floor,
-        "pruned": pruned,
-        "num_pruned": sum(len(v) for v in pruned.values()),
-        "num_within_budget": within,
-        "cut_scale": cut_scale,
-        "neurons": sum(len(v) for v in values.values()),
-        "curve": [[grid[p - 1] if p else None, curve[p]] for p in sorted(curve)],
-        "mask_values": {k: [round(float(x), 4) for x in v] for k, v in values.items()},
-    }
-    return log
+    return MaskPruningLog(
+        threshold=grid[chosen - 1] if chosen else None,
+        holdout_acc_before=base,
+        holdout_acc_pruned=after,
+        floor=floor,
+        pruned=pruned,
+        num_pruned=sum(len(v) for v in pruned.values()),
+        num_within_budget=within,
+        cut_scale=cut_scale,
+        neurons=sum(len(v) for v in values.values()),
+        curve=[[grid[p - 1] if p else None, curve[p]] for p in sorted(curve)],
+        mask_values={k: [round(float(x), 4) for x in v] for k, v in values.items()},
+    )
 
 
 @dataclass
@@ -148,7 +147,7 @@ class MaskPruning(Defense):
 
     def prune(
         self, model: nn.Module, values: dict[str, torch.Tensor], holdout: Split
-    ) -> dict[str, Any]:
+    ) -> MaskPruningLog:
         return prune_by_mask_values(
             model,
             values,

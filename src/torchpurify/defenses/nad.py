@@ -43,9 +43,10 @@ from torch import nn
 from torchpurify.checks import default
 from torchpurify.defenses.base import Clean, Purified, register_defense
 from torchpurify.defenses.recipe import FineTuneRecipe
+from torchpurify.logs import AttentionDistillationLog
 from torchpurify.neurons import default_neuron_layer
 from torchpurify.neurons.layers import WEIGHTED, get_module, list_layers
-from torchpurify.train import fit
+from torchpurify.train import descend, fit
 
 # Where these defaults come from (methods.md, "Where each default comes from").
 PAPER = "paper: NAD's code (bboylyg/NAD config.py, main.py), methods.md §6.3"
@@ -140,10 +141,11 @@ def captured(model: nn.Module, layers: list[str]):
 def distillation_step(
     teacher: nn.Module, layers: list[str], betas: list[float], power: float, sink
 ):
-    """A :data:`torchpurify.train.Step`: CE + Σ βᵢ·attention lossᵢ against the frozen teacher;
-    ``sink`` receives the weighted attention loss of each batch."""
+    """A :data:`torchpurify.train.Step`: CE + Σ βᵢ·attention lossᵢ against the frozen teacher
+    (+ the recipe's output distillation term, towards the input model); ``sink`` receives the
+    weighted attention loss of each batch."""
 
-    def step(model, x, y, optimizer, cost):
+    def step(model, x, y, optimizer, cost, distill=None):
         teacher.to(x.device)
         optimizer.zero_grad(set_to_none=True)
         with captured(model, layers) as student_maps:
@@ -155,7 +157,7 @@ def distillation_step(
             for name, beta in zip(layers, betas, strict=True)
         )
         (loss + at).backward()
-        optimizer.step()
+        descend(model, x, optimizer, distill)
         sink.append(float(at.detach()))
         return loss.detach()
 
@@ -229,11 +231,11 @@ class NeuralAttentionDistillation(FineTuneRecipe):
             on_epoch=close_epoch,
             description=self.name,
         )
-        log = {
-            "layers": layers,
-            "betas": betas,
-            "attention_loss": per_epoch,
-            "teacher_history": taught.history,
-            "history": result.history,
-        }
-        return Purified(model, log)
+        log = AttentionDistillationLog(
+            layers=layers,
+            betas=betas,
+            attention_loss=per_epoch,
+            teacher_history=taught.history,
+            history=result.history,
+        )
+        return Purified(model, log.to_dict())

@@ -136,11 +136,11 @@ class ReconstructiveNeuronPruning(MaskPruning):
         )
         gates.remove()
         log = self.prune(model, gates.values(), clean.holdout)
-        log["unlearning"] = unlearning
-        log["recovering"] = recovered.history
-        log["left_out"] = left_out
-        log["zeroed_layers"] = [n for n, v in gates.values().items() if bool((v == 0).all())]
-        return Purified(model, log)
+        log.unlearning = unlearning
+        log.recovering = recovered.history
+        log.left_out = left_out
+        log.zeroed_layers = [n for n, v in gates.values().items() if bool((v == 0).all())]
+        return Purified(model, log.to_dict())
 
     def unlearn(self, model: nn.Module, tune: Split) -> list[dict]:
         """Gradient ascent on ``tune`` until the accuracy on a batch, measured before its step,

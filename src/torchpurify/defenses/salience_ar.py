@@ -36,9 +36,10 @@ from torchpurify.checks import default
 from torchpurify.defenses.base import Clean, Purified, register_defense
 from torchpurify.defenses.recipe import FineTuneRecipe
 from torchpurify.errors import check
+from torchpurify.logs import SalienceLog
 from torchpurify.neurons import default_neuron_layer, list_layers, producer_of
 from torchpurify.neurons.layers import WEIGHTED
-from torchpurify.train import FrozenRunningStats, Trainer
+from torchpurify.train import FrozenRunningStats, Trainer, descend
 
 # Past |θ| = (1 + MAX_EXPONENT)·τ the exponential branch stops growing (e⁴ ≈ 55× the L1 push),
 # so one step cannot throw an outlier far past zero.
@@ -263,17 +264,15 @@ class SalienceAR(FineTuneRecipe):
                 step.selected = {g.layer: self.infected(salience[g.layer], ratio) for g in groups}
                 trainer.epoch()
                 ratios.append(ratio)
-        log = {
-            "layers": layers,
-            "regularised": {g.layer: g.owner for g in groups},
-            "unit": {g.layer: "channel" if g.per_channel else "weight" for g in groups},
-            "ratios": ratios,
-            "neuron_salience": {
-                g.layer: salience[g.layer].tolist() for g in groups if g.per_channel
-            },
-            "history": trainer.result.history,
-        }
-        return Purified(model, log)
+        log = SalienceLog(
+            layers=layers,
+            regularised={g.layer: g.owner for g in groups},
+            unit={g.layer: "channel" if g.per_channel else "weight" for g in groups},
+            ratios=ratios,
+            neuron_salience={g.layer: salience[g.layer].tolist() for g in groups if g.per_channel},
+            history=trainer.result.history,
+        )
+        return Purified(model, log.to_dict())
 
     def ratio(self, epoch: int) -> float:
         """The share of each purified layer's units AR acts on in ``epoch`` (from 0): β in the
@@ -301,7 +300,7 @@ class AdaptiveRegularisedStep:
         self.salience, self.groups, self.alpha = salience, groups, alpha
         self.selected: dict[str, torch.Tensor] = {}
 
-    def __call__(self, model, x, y, optimizer, cost) -> torch.Tensor:
+    def __call__(self, model, x, y, optimizer, cost, distill=None) -> torch.Tensor:
         optimizer.zero_grad(set_to_none=True)
         loss = F.cross_entropy(model(x), y)
         loss.backward()
@@ -313,5 +312,5 @@ class AdaptiveRegularisedStep:
                     push = mask.view(group.shape_of(param)).to(param.device)
                     push = push * adaptive_penalty_grad(param, self.alpha, scale)
                     param.grad = push if param.grad is None else param.grad + push
-        optimizer.step()
+        descend(model, x, optimizer, distill)  # the distillation term, when the recipe has one
         return loss.detach()

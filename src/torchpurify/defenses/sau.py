@@ -54,6 +54,7 @@ from torch import nn
 
 from torchpurify.checks import default
 from torchpurify.defenses.base import Clean, Defense, Purified, register_defense
+from torchpurify.logs import SharedUnlearningLog
 from torchpurify.neurons.perturbation import data_scale
 from torchpurify.train import TrainConfig, fit
 
@@ -240,8 +241,8 @@ class SharedAdversarialUnlearning(Defense):
         with torch.backends.cudnn.flags(enabled=False):
             result = fit(model, clean.tune, config, step=step, on_epoch=summarise,
                          description=self.name)  # fmt: skip
-        log = {"value_spread": spread, "radius": radius, "history": result.history}
-        return Purified(model, log)
+        log = SharedUnlearningLog(value_spread=spread, radius=radius, history=result.history)
+        return Purified(model, log.to_dict())
 
 
 def _frozen_copy(model: nn.Module) -> nn.Module:

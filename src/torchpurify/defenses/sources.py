@@ -24,7 +24,7 @@ import dataclasses
 from typing import Any
 
 from torchpurify.checks import source_of
-from torchpurify.defenses.base import DEFENSES
+from torchpurify.defenses.base import DEFENSES, setting_fields
 from torchpurify.estimate import EstimateConfig
 
 KINDS = ("paper:", "dev:", "protocol:", "pending:", "run setting")
@@ -81,12 +81,14 @@ def owners() -> dict[str, type]:
 
 
 def default_sources() -> list[dict[str, Any]]:
-    """One row per field of every registered defense and of the estimate's settings:
+    """One row per setting of every registered defense (its run context's and guard's too, as
+    :func:`~torchpurify.defenses.base.setting_fields` lists them) and of the estimate's settings:
     ``{"owner", "field", "default", "kind", "source"}`` (``source`` None where none is named).
     """
     rows = []
     for owner, cls in owners().items():
-        for field in dataclasses.fields(cls):
+        fields = dataclasses.fields(cls) if owner == ESTIMATE else setting_fields(cls)
+        for field in fields:
             source = source_of(field)
             rows.append(
                 {

@@ -21,6 +21,10 @@ defense's budget (``max_acc_drop``, by default the holdout-noise rule of methods
 n tried (``defenses/budget.py``'s ``search="every"``: no monotone curve assumed); none within
 it zeroes nothing. ``fraction`` fixes n instead.
 
+The fine-tuning recipe's fields (``epochs``, ``lr``, ``momentum``, ``weight_decay``,
+``freeze_bn_stats``, ``augment``, ``distill``) are stage 2's; stage 1's unlearning has its own
+(``unlearn_*``: constant-rate SGD with momentum 0.9, no augmentation, no distillation).
+
 Defaults from the authors' code (``tsbd.py``, ``tsbd/config.yaml``): unlearning lr 1e-4 until
 accuracy ≤ 10 % (at most 1,000 epochs); m = 0.7; fine-tuning SGD lr 0.01, momentum 0.9, no
 weight decay, constant learning rate, 21 epochs (their ``ft_epoch + 1``), r = 0.05, α = 0.7.
@@ -41,6 +45,7 @@ from torchpurify.defenses.pruning import CUT_SCALE
 from torchpurify.defenses.recipe import FineTuneRecipe, constant_sgd
 from torchpurify.defenses.two_pass import gradient_norm_step
 from torchpurify.defenses.unlearning import Unlearning, unlearn
+from torchpurify.logs import TwoStageLog
 from torchpurify.metrics import accuracy
 from torchpurify.neurons.units import linear_head
 from torchpurify.train import fit
@@ -201,18 +206,11 @@ class TwoStageDefense(FineTuneRecipe):
             step=gradient_norm_step("approx", self.r, self.alpha, per_tensor=True),
             description=self.name,
         )
-        log = {
-            "layers": layers,
-            "unlearning": unlearning,
-            "holdout_acc_before": base,
-            "threshold": threshold,
-            "curve": curve,
-            "fraction": chosen,
-            "cut_scale": self.cut_scale,
-            "neurons": len(ranked),
-            "zeroed_neurons": [[name, channel] for name, channel, _ in top],
-            "nwc_top": [list(neuron) for neuron in ranked[: len(top) + 20]],
-            "zeroed_weights": zeroed,
-            "history": tuned.history,
-        }
-        return Purified(model, log)
+        log = TwoStageLog(
+            layers=layers, unlearning=unlearning, holdout_acc_before=base, threshold=threshold,
+            curve=curve, fraction=chosen, cut_scale=self.cut_scale, neurons=len(ranked),
+            zeroed_neurons=[[name, channel] for name, channel, _ in top],
+            nwc_top=[list(neuron) for neuron in ranked[: len(top) + 20]],
+            zeroed_weights=zeroed, history=tuned.history,
+        )  # fmt: skip
+        return Purified(model, log.to_dict())

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from torchpurify.train import FrozenRunningStats
+from torchpurify.train import Distillation, FrozenRunningStats, descend
 
 
 def trainable(model: nn.Module) -> list[nn.Parameter]:
@@ -54,12 +54,17 @@ def gradients(loss: torch.Tensor, params: list[torch.Tensor]) -> list[torch.Tens
 
 
 def step_along(
-    params: list[torch.Tensor], direction: list[torch.Tensor], optimizer: torch.optim.Optimizer
+    model: nn.Module,
+    x: torch.Tensor,
+    direction: list[torch.Tensor],
+    optimizer: torch.optim.Optimizer,
+    distill: Distillation | None = None,
 ) -> None:
-    """One optimiser step with ``direction`` as the gradient of ``params``."""
-    for p, d in zip(params, direction, strict=True):
+    """One optimiser step with ``direction`` as the gradient of ``model``'s trainable
+    parameters, plus the distillation term's gradient on the batch ``x`` when there is one."""
+    for p, d in zip(trainable(model), direction, strict=True):
         p.grad = d
-    optimizer.step()
+    descend(model, x, optimizer, distill)
 
 
 def _norms(grads: list[torch.Tensor], per_tensor: bool) -> list[torch.Tensor]:
@@ -121,14 +126,15 @@ def gradient_norm_direction(
 def gradient_norm_step(
     mode: str, r: float, alpha: float, per_tensor: bool, second_pass: float = 1.0
 ):
-    """A :data:`torchpurify.train.Step` applying :func:`gradient_norm_direction`."""
+    """A :data:`torchpurify.train.Step` applying :func:`gradient_norm_direction` (and the
+    recipe's distillation term, :class:`~torchpurify.train.Distillation`, when it has one)."""
 
-    def step(model, x, y, optimizer, cost):
+    def step(model, x, y, optimizer, cost, distill=None):
         direction, loss = gradient_norm_direction(
             model, x, y, mode=mode, r=r, alpha=alpha, per_tensor=per_tensor,
             second_pass=second_pass,
         )  # fmt: skip
-        step_along(trainable(model), direction, optimizer)
+        step_along(model, x, direction, optimizer, distill)
         return loss
 
     return step
