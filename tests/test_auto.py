@@ -81,3 +81,14 @@ def test_auto_is_listed_and_checked():
         build_defense("auto", epochs=3)
     assert build_defense("ft").name == "ft"  # every other name: the registry's
     assert TINY_CLASSES == 6
+
+
+def test_auto_built_directly_takes_the_run_settings_by_name_as_a_registered_defense_does():
+    """``Auto(seed=3, max_acc_drop=0.02)`` routes them to its run context and guard, as
+    ``GradientNormFineTuning(seed=3)`` does; its hyper-parameters stay apart."""
+    from torchpurify.auto import Auto
+
+    auto = Auto(seed=3, max_acc_drop=0.02, order="ft")
+    assert (auto.seed, auto.max_acc_drop) == (3, 0.02)
+    assert auto.params() == {"order": "ft", "settings": {}}
+    assert auto.params() == build_defense("auto", seed=3, max_acc_drop=0.02, order="ft").params()

@@ -29,7 +29,7 @@ from torch import nn
 from torchpurify.checks import default
 from torchpurify.defenses import DEFENSES, Clean, Defense, Purified
 from torchpurify.defenses import build_defense as build_registered
-from torchpurify.defenses.base import build_checked
+from torchpurify.defenses.base import build_checked, takes_shared_settings
 from torchpurify.errors import check
 from torchpurify.estimate import (
     Estimate,
@@ -61,6 +61,7 @@ ORDER: dict[str, tuple[str, ...]] = {
 ROLLED_BACK = "rolled back to the input model"
 
 
+@takes_shared_settings  # Auto(seed=1) as a registered defense takes it
 @dataclass
 class Auto(Defense):
     """Estimate, then purify only if a backdoor is suspected (module docstring). ``order``:

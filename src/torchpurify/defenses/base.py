@@ -337,7 +337,15 @@ def _describe(changed: dict[str, Any]) -> str:
 
 def register_defense(cls: type[Defense]) -> type[Defense]:
     """Register ``cls`` by its name; its constructor takes the run context's and the guard's
-    settings by name too (``GradientNormFineTuning(seed=1, alpha=0.5)``, :func:`route_shared`)."""
+    settings by name too (:func:`takes_shared_settings`)."""
+    DEFENSES.register(cls.name, cls.summary)(takes_shared_settings(cls))
+    return cls
+
+
+def takes_shared_settings(cls: type[Defense]) -> type[Defense]:
+    """``cls`` whose constructor takes the run context's and the guard's settings by name
+    (``GradientNormFineTuning(seed=1, alpha=0.5)``, :func:`route_shared`): every registered
+    defense, and a chooser such as ``auto``."""
     init = cls.__init__
 
     @functools.wraps(init)
@@ -345,7 +353,6 @@ def register_defense(cls: type[Defense]) -> type[Defense]:
         init(self, *args, **route_shared(params))
 
     cls.__init__ = __init__  # type: ignore[method-assign]
-    DEFENSES.register(cls.name, cls.summary)(cls)
     return cls
 
 
