@@ -62,6 +62,7 @@ from torch import nn
 from torchpurify.checks import default
 from torchpurify.data.base import Split
 from torchpurify.defenses.base import Clean, Defense, Purified, register_defense
+from torchpurify.defenses.recipe import adam
 from torchpurify.logs import GeneratorUnlearningLog
 from torchpurify.neurons.generator import (
     TriggerGenerator,
@@ -73,7 +74,7 @@ from torchpurify.neurons.generator import (
 from torchpurify.neurons.inversion import value_range_of
 from torchpurify.neurons.layers import default_neuron_layer, model_device
 from torchpurify.neurons.perturbation import data_scale
-from torchpurify.train import TrainConfig, fit
+from torchpurify.train import fit
 
 # Where these defaults come from (methods.md, "Where each default comes from").
 PAPER = "paper: BTI-DBF's code (xuxiong0214/BTIDBF btidbfu.py, cfg.py), methods.md §6.12"
@@ -246,17 +247,7 @@ class BackdoorTriggerInversionUnlearning(Defense):
             optimizer.step()
             return loss.detach()
 
-        config = TrainConfig(
-            epochs=self.unlearn_epochs,
-            batch_size=self.batch_size,
-            lr=self.lr,
-            optimizer="adam",
-            weight_decay=0.0,
-            schedule="constant",
-            seed=self.seed + number,
-            device=self.device,
-            progress=self.progress,
-        )
+        config = adam(self, self.unlearn_epochs, self.lr, seed=self.seed + number)
         return fit(model, tune, config, step=step, description=self.name).history
 
 

@@ -47,9 +47,10 @@ from torch import nn
 from torchpurify.checks import default
 from torchpurify.data.base import Split
 from torchpurify.defenses.base import Clean, Defense, Purified, register_defense
+from torchpurify.defenses.recipe import adam
 from torchpurify.errors import Divergence
 from torchpurify.logs import ImplicitUnlearningLog
-from torchpurify.train import TrainConfig, fit
+from torchpurify.train import fit
 
 # Where these defaults come from (methods.md, "Where each default comes from").
 PAPER = "paper: I-BAU's code (YiZeng623/I-BAU defense.py, hypergrad.py), methods.md §6.4"
@@ -228,18 +229,7 @@ class ImplicitBackdoorAdversarialUnlearning(Defense):
                     )
                     norms.append(float(state["delta"].norm()))
 
-            config = TrainConfig(
-                epochs=self.rounds,
-                batch_size=self.batch_size,
-                lr=self.lr,
-                optimizer="adam",
-                weight_decay=0.0,
-                schedule="constant",
-                freeze_bn_stats=True,
-                seed=self.seed,
-                device=self.device,
-                progress=self.progress,
-            )
+            config = adam(self, self.rounds, self.lr, freeze_bn_stats=True)
             first = (clean.tune.x[: self.batch_size], clean.tune.y[: self.batch_size])
             step = hypergradient_step(
                 state,

@@ -88,6 +88,32 @@ class FineTuneRecipe(Defense):
         )
 
 
+def adam(
+    defense: Defense,
+    epochs: int,
+    lr: float,
+    *,
+    schedule: str = "constant",
+    freeze_bn_stats: bool = False,
+    seed: int | None = None,
+) -> TrainConfig:
+    """Adam without weight decay on the defense's batch size, seed (unless given), device and
+    progress: the unlearning step of I-BAU, SAU and BTI-DBF(U) (their reference
+    implementations' optimiser)."""
+    return TrainConfig(
+        epochs=epochs,
+        batch_size=defense.batch_size,
+        lr=lr,
+        optimizer="adam",
+        weight_decay=0.0,
+        schedule=schedule,
+        freeze_bn_stats=freeze_bn_stats,
+        seed=defense.seed if seed is None else seed,
+        device=defense.device,
+        progress=defense.progress,
+    )
+
+
 def constant_sgd(
     defense: Defense,
     epochs: int,

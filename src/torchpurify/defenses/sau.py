@@ -54,9 +54,10 @@ from torch import nn
 
 from torchpurify.checks import default
 from torchpurify.defenses.base import Clean, Defense, Purified, register_defense
+from torchpurify.defenses.recipe import adam
 from torchpurify.logs import SharedUnlearningLog
 from torchpurify.neurons.perturbation import data_scale
-from torchpurify.train import TrainConfig, fit
+from torchpurify.train import fit
 
 # Where these defaults come from (methods.md, "Where each default comes from").
 PAPER = (
@@ -225,18 +226,7 @@ class SharedAdversarialUnlearning(Defense):
                 record[key] = sum(r[key] for r in records) / max(1, len(records))
             records.clear()
 
-        config = TrainConfig(
-            epochs=self.epochs,
-            batch_size=self.batch_size,
-            lr=self.lr,
-            optimizer="adam",
-            weight_decay=0.0,
-            schedule="cosine",
-            freeze_bn_stats=True,
-            seed=self.seed,
-            device=self.device,
-            progress=self.progress,
-        )
+        config = adam(self, self.epochs, self.lr, schedule="cosine", freeze_bn_stats=True)
         # cuDNN's recurrent layers have no backward pass in evaluation mode (the lstm model).
         with torch.backends.cudnn.flags(enabled=False):
             result = fit(model, clean.tune, config, step=step, on_epoch=summarise,
