@@ -16,6 +16,7 @@ from torchpurify.estimate import (
     FAMILIES,
     Estimate,
     EstimateConfig,
+    FamilyEstimate,
     compare,
     estimate_backdoor,
 )
@@ -122,8 +123,9 @@ def test_estimate_works_on_waveforms(wave_net):
     assert 0 <= estimate.est_asr <= 1 and mask.budget == pytest.approx(0.08 * mask.reference_size)
     assert estimate.est_asr == max(r["est_asr"] for r in estimate.families.values())
     after = estimate_backdoor(wave_net, data, config, before=estimate)
-    assert after.label == estimate.label and after.reference_size == estimate.reference_size
-    assert set(after.families) == {estimate.family}
+    same = estimate.in_family(after.family)  # every family that flagged is re-checked
+    assert set(after.families) == set(estimate.rechecked) and after.family in estimate.rechecked
+    assert after.label == same.label and after.reference_size == same.reference_size
     inversion = invert_triggers(wave_net, data, labels=[0], steps=5)
     assert inversion.masks.shape == (1, 64)
 
@@ -400,3 +402,51 @@ if __name__ == "__main__":  # python -m tests.test_estimate: every family on the
         estimate = estimate_backdoor(model, holdout, every)
         print(f"{name}: {estimate.describe()} [{estimate.seconds:.0f} s]")
         print(f"  {family_rows(estimate)}")
+
+
+def _record(family: str, label: int, est_asr: float, size: float) -> dict:
+    sizes = [1.0] * 3
+    sizes[label] = size
+    return FamilyEstimate(
+        family, label, est_asr >= 0.5, None, 0.0, size, 1.0, est_asr, est_asr, 0.4, 0.0, sizes
+    ).to_dict()
+
+
+def test_every_family_that_flagged_before_is_rechecked_and_the_highest_decides(monkeypatch):
+    """After GN-FT on the Blended development model the verdict's family (perturbation) read
+    0.369 while the generator family still read 0.803 (true ASR 0.904, methods.md §12.2):
+    so every family that flagged before is searched again, and the highest estimate after is
+    the verdict, its numbers compared with that family's before."""
+    from torchpurify import estimate as module
+
+    families = {
+        "mask": _record("mask", 2, 0.10, 0.9),  # did not flag: not searched again
+        "perturbation": _record("perturbation", 0, 0.89, 0.30),
+        "generator": _record("generator", 1, 0.87, 0.25),
+    }
+    before = Estimate(0, True, None, 0.0, 0.30, 1.0, 0.89, 0.89, 0.4, 0.0, [0.3, 1.0, 1.0],
+                      family="perturbation", families=families)  # fmt: skip
+    assert before.rechecked == ("perturbation", "generator")
+    searched = []
+    after_values = {"perturbation": (0.37, 0.57), "generator": (0.80, 0.44)}
+
+    def radius_after(model, holdout, family, earlier, *args):
+        searched.append((family, earlier.label))
+        est_asr, size = after_values[family]
+        return FamilyEstimate.from_dict(_record(family, earlier.label, est_asr, size))
+
+    monkeypatch.setattr(module, "_radius_after", radius_after)
+    monkeypatch.setattr(module, "_mask_after", lambda *a: pytest.fail("mask did not flag"))
+    holdout = Split(torch.rand(8, 4), torch.arange(8) % 3)
+    after = module.estimate_after(torch.nn.Linear(4, 3), holdout, before)
+    assert searched == [("perturbation", 0), ("generator", 1)]
+    assert after.family == "generator" and after.label == 1 and after.flagged
+    assert set(after.families) == {"perturbation", "generator"}
+    record = compare(before, after)
+    assert record["size_growth"] == pytest.approx(0.44 / 0.25)  # against the generator's before
+    assert "generator family" in record["summary"] and "0.25 → 0.44" in record["summary"]
+    assert "likely still there" in record["summary"]
+    # None flagged before: the verdict's family alone, as before this rule.
+    quiet = {name: _record(name, 0, 0.2, 0.9) for name in ("perturbation", "generator")}
+    calm = dataclasses.replace(before, flagged=False, est_asr=0.2, families=quiet)
+    assert calm.rechecked == ("perturbation",)
