@@ -450,3 +450,33 @@ def test_every_family_that_flagged_before_is_rechecked_and_the_highest_decides(m
     quiet = {name: _record(name, 0, 0.2, 0.9) for name in ("perturbation", "generator")}
     calm = dataclasses.replace(before, flagged=False, est_asr=0.2, families=quiet)
     assert calm.rechecked == ("perturbation",)
+
+
+def test_a_model_not_suspected_before_is_not_flagged_after(monkeypatch):
+    """On the clean development model (seed 100, not suspected: 0.321) Fine-Pruning made label
+    6 reachable by a capped perturbation (0.620 after): a defense that trains on clean data
+    changes which labels are easy to reach but plants no trigger, so the after-check does not
+    call that a backdoor; its numbers stay in the record and the line says what they mean."""
+    from torchpurify import estimate as module
+
+    quiet = {"perturbation": _record("perturbation", 0, 0.32, 0.66)}
+    before = Estimate(0, False, None, 0.0, 0.66, 1.0, 0.32, 0.32, 0.4, 0.0, [0.66, 1.0, 1.0],
+                      family="perturbation", families=quiet)  # fmt: skip
+    monkeypatch.setattr(
+        module, "_radius_after",
+        lambda m, h, family, earlier, *a: FamilyEstimate.from_dict(
+            _record(family, earlier.label, 0.62, 0.54)),
+    )  # fmt: skip
+    holdout = Split(torch.rand(8, 4), torch.arange(8) % 3)
+    after = module.estimate_after(torch.nn.Linear(4, 3), holdout, before)
+    assert after.est_asr == 0.62 and not after.flagged and after.suspected_before is False
+    assert after.reading == "easier" and "plants no trigger" in after.describe()
+    line = compare(before, after)["summary"]
+    assert "no backdoor was suspected before" in line and "easier" in line
+    assert Estimate.from_dict(after.to_dict()) == after  # the record keeps it
+    # Suspected before: the same numbers after still flag.
+    flagged = dataclasses.replace(
+        before, flagged=True, est_asr=0.9, families={
+            "perturbation": _record("perturbation", 0, 0.9, 0.3)})  # fmt: skip
+    again = module.estimate_after(torch.nn.Linear(4, 3), holdout, flagged)
+    assert again.flagged and again.reading == "backdoor" and again.suspected_before is True

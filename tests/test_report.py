@@ -517,7 +517,8 @@ def _sweep_cell(label, model_key, guard, est_after, flagged, asr_before=1.0, asr
         "defense": "fst", "label": label, "model_key": model_key, "finished_at": "12:00:00",
         "asr_before": asr_before, "asr_after": asr_after, "acc_after": 0.5, "seconds": 10.0,
         "log": {"guard": guard},
-        "estimate": {"after": {"est_asr": est_after, "flagged": flagged}},
+        "estimate": {"before": {"est_asr": 0.9, "flagged": True},
+                     "after": {"est_asr": est_after, "flagged": flagged}},
     }  # fmt: skip
 
 
@@ -557,3 +558,24 @@ def test_the_development_rule_reads_guard_and_estimate_never_test_numbers():
     assert [s["label"] for s in sweep_summary(cells)["fst"] if s["chosen"]] == ["b"]
     rows = {row[0]: row for row in sweep_section(cells)[-1].rows}
     assert rows["b"][-1] == "✓" and rows["c"][-1] == "inadmissible" and rows["c"][4] == "-2.0"
+
+
+def test_a_clean_model_not_suspected_before_counts_no_false_alarm_after():
+    """Cells stored before the rule of methods.md §12.2 (a model not suspected before is not
+    flagged after) read by it: the clean model's after-flag counts only when it was suspected
+    before."""
+    from torchpurify.report import false_alarms_after
+
+    def clean(label, seed, before, after):
+        model = {"key": f"m{seed}", "seed": seed, **CLEAN}
+        row = cell_row(
+            f"{label}{seed}", model, label, (0.9, None, None), (0.9, None, None), None, 1
+        )
+        flags = {"before": before, "after": after}
+        row["estimate"] = {k: {"est_asr": v, "flagged": v >= 0.5} for k, v in flags.items()}
+        return row
+
+    cells = [clean("fine-pruning", 0, 0.32, 0.62), clean("ft", 0, 0.32, 0.40),
+             clean("gnft", 0, 0.81, 0.82)]  # fmt: skip
+    counts = false_alarms_after(cells)
+    assert counts == {"fine-pruning": (0, 1), "ft": (0, 1), "gnft": (1, 1)}

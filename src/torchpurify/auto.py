@@ -8,10 +8,10 @@ chooses whether to purify and, by the trigger family it suspects, which defenses
    nothing but the estimate).
 3. Suspected: the defenses of :data:`ORDER` for the suspected family are tried in turn, each at
    its defaults, each under its own guard. After each, the estimate's after-check re-checks
-   the suspected label of every family that suspected a backdoor. The first result that the guard kept and whose
-   after-estimate no longer suspects a backdoor (estimated ASR < 0.5) is returned; if none,
-   the kept result with the lowest estimated ASR after (ties: the highest guard holdout
-   accuracy); if the guard rolled every one back, the input model.
+   the suspected label of every family that suspected a backdoor. The first result that the
+   guard kept and whose after-estimate no longer suspects a backdoor (estimated ASR < 0.5) is
+   returned; if none, the kept result with the lowest estimated ASR after (ties: the highest
+   guard holdout accuracy); if the guard rolled every one back, the input model.
 
 ``log["auto"]`` records the estimate before, every defense tried (its guard's action and holdout
 accuracy, its estimate after, its seconds), the chosen defense and why the search stopped.

@@ -202,6 +202,10 @@ class Estimate:
     # family's record (FamilyEstimate.to_dict) that was run at this moment.
     family: str = "mask"
     families: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
+    # After purification: whether the estimate before suspected a backdoor (None: this is an
+    # estimate before). A model nobody suspected is not flagged after, whatever its estimated
+    # ASR: a defense that trains on clean data cannot plant a trigger (methods.md §12.2).
+    suspected_before: bool | None = None
 
     @property
     def size_ratio(self) -> float:
@@ -246,15 +250,18 @@ class Estimate:
         """What this estimate's own printed numbers say (methods.md §12.2): ``"backdoor"`` when
         the estimated ASR is at least :data:`FLAG_ASR`; ``"unclear"`` when it is below but the
         anomaly index is above :data:`OUTLIER_INDEX` (an outlier label the capped trigger did
-        not confirm); ``"clean"`` when neither."""
+        not confirm); ``"clean"`` when neither. After purification of a model the estimate
+        before did not suspect, an estimated ASR of at least :data:`FLAG_ASR` reads as
+        ``"easier"``: a label the defense made easier to reach, not a trigger."""
         if self.est_asr >= FLAG_ASR:
-            return "backdoor"
+            return "easier" if self.suspected_before is False else "backdoor"
         return "unclear" if self.anomaly_index > OUTLIER_INDEX else "clean"
 
     def describe(self) -> str:
         """One line for people."""
         verdict = {
             "backdoor": "backdoor suspected",
+            "easier": "not suspected before, and a defense on clean data plants no trigger",
             "unclear": "unclear (an outlier label whose capped trigger does not work)",
             "clean": "no backdoor found",
         }[self.reading]
@@ -424,8 +431,11 @@ def estimate_after(
         )
 
     labels = ", ".join(f"{f} {before.in_family(f).label}" for f in families)
-    return _estimate(model, holdout, config, families, f"the suspected labels again ({labels})",
-                     family_after, value_range, progress)  # fmt: skip
+    after = _estimate(model, holdout, config, families, f"the suspected labels again ({labels})",
+                      family_after, value_range, progress)  # fmt: skip
+    return dataclasses.replace(
+        after, suspected_before=before.flagged, flagged=after.flagged and before.flagged
+    )
 
 
 def estimate_backdoor(
@@ -703,6 +713,12 @@ def verdict(before: Estimate, after: Estimate) -> str:
             "the backdoor is likely still there"
             if was != "clean"
             else "a backdoor is suspected after purification, not before"
+        )
+    if now == "easier":
+        return (
+            f"no backdoor was suspected before; the defense made label {after.label} easier "
+            f"to reach (estimated ASR {after.est_asr:.3f}), which a defense on clean data "
+            "does by changing the model, not by planting a trigger"
         )
     if now == "unclear":
         return (

@@ -645,6 +645,13 @@ def _flagged(record: dict) -> bool:
     return bool(record["est_asr"] >= HIGH_ASR if flagged is None else flagged)
 
 
+def _flagged_after(estimate: dict) -> bool:
+    """The verdict after purification: flagged after *and* before — a model nobody suspected is
+    not flagged after (``Estimate.suspected_before``, methods.md §12.2); applied here too to
+    cells stored before that rule."""
+    return _flagged(estimate["after"]) and _flagged(estimate["before"])
+
+
 def _family_estimates(record: dict) -> dict[str, float]:
     """Family → estimated ASR at one moment: every family record it holds (after
     purification, the suspected one), or — a cell from before the families — ``mask``."""
@@ -685,7 +692,7 @@ def estimate_points(cells: list[dict]) -> list[dict]:
                 "attack": cell["attack"],
                 "asr": cell["asr_after"],
                 "est": after["est_asr"],
-                "flagged": _flagged(after),
+                "flagged": _flagged_after(cell["estimate"]),
                 "family": after.get("family") or "mask",
                 "families": _family_estimates(after),
                 "modality": modality(cell),
@@ -711,7 +718,7 @@ def false_alarms_after(cells: list[dict], of: str | None = None) -> dict[str, tu
     counts: dict[str, list[int]] = defaultdict(lambda: [0, 0])
     for cell in _estimated_cells(cells):
         if cell["attack"] == "none" and of in (None, modality(cell)):
-            counts[cell["label"]][0] += _flagged(cell["estimate"]["after"])
+            counts[cell["label"]][0] += _flagged_after(cell["estimate"])
             counts[cell["label"]][1] += 1
     return {label: (k, n) for label, (k, n) in sorted(counts.items())}
 
@@ -996,15 +1003,16 @@ def sweep_summary(cells: list[dict]) -> dict[str, list[dict]]:
             costs = [guard_cost(r) for r in rows]
             bad = [(r, c) for r, c in zip(rows, costs, strict=True) if r["asr_before"] is not None]
             good = [c for r, c in zip(rows, costs, strict=True) if r["asr_before"] is None]
-            after = [(r.get("estimate") or {}).get("after") for r, _ in bad]
-            after = [a for a in after if a]
+            estimates = [r.get("estimate") for r, _ in bad]
+            estimates = [e for e in estimates if e and e.get("after")]
+            after = [e["after"] for e in estimates]
             summary = {
                 "label": label,
                 "models": len(rows),
                 "rolled_back": sum(rolled for _, rolled in costs),
                 "cost": _mean([c[0] for _, c in bad]),
                 "clean_cost": _mean([c[0] for c in good]),
-                "suspected": sum(_flagged(a) for a in after) if after else None,
+                "suspected": sum(_flagged_after(e) for e in estimates) if after else None,
                 "est_asr": _mean([a["est_asr"] for a in after]),
                 "seconds": _mean([r["seconds"] for r in rows]) or 0.0,
             }
