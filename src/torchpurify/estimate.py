@@ -229,14 +229,9 @@ class Estimate:
         verdict's family): what an after-check of that family compares with."""
         if family == self.family or family not in self.families:
             return self
-        record = self.of(family)
-        return dataclasses.replace(
-            self, label=record.label, flagged=record.flagged, nc_target=record.target,
-            anomaly_index=record.anomaly_index, trigger_size=record.size,
-            reference_size=record.reference_size, success=record.success,
-            est_asr=record.est_asr, budget=record.budget, mask_norms=list(record.sizes),
-            family=family,
-        )  # fmt: skip
+        return self.of(family).as_estimate(
+            seconds=self.seconds, families=self.families, suspected_before=self.suspected_before
+        )
 
     @property
     def rechecked(self) -> tuple[str, ...]:
@@ -319,12 +314,17 @@ class FamilyEstimate:
             estimate.budget, estimate.seconds, list(estimate.mask_norms),
         )  # fmt: skip
 
-    def as_mask_estimate(self) -> Estimate:
-        return Estimate(
-            self.label, self.flagged, self.target, self.anomaly_index, self.size,
-            self.reference_size, self.success, self.est_asr, self.budget, self.seconds,
-            list(self.sizes),
+    def as_estimate(self, **rest: Any) -> Estimate:
+        """This family's numbers as an :class:`Estimate`'s top level; ``rest`` sets the other
+        fields (``families``, ``suspected_before``) or replaces these (``seconds``)."""
+        own = dict(
+            label=self.label, flagged=self.flagged, nc_target=self.target,
+            anomaly_index=self.anomaly_index, trigger_size=self.size,
+            reference_size=self.reference_size, success=self.success, est_asr=self.est_asr,
+            budget=self.budget, seconds=self.seconds, mask_norms=list(self.sizes),
+            family=self.family,
         )  # fmt: skip
+        return Estimate(**{**own, **rest})
 
 
 def _halves(holdout: Split, seed: int) -> tuple[Split, Split]:
@@ -422,7 +422,7 @@ def estimate_after(
 
     def family_after(family: str, holdout: Split, config: EstimateConfig, value_range):
         if family == "mask":
-            earlier = before.of("mask").as_mask_estimate() if "mask" in before.families else before
+            earlier = before.of("mask").as_estimate() if "mask" in before.families else before
             found = _mask_after(model, holdout, earlier, config, value_range, device, progress)
             return FamilyEstimate.of_mask(found)
         earlier_family = before.of(family)
@@ -477,19 +477,9 @@ def _estimate(
         records[family] = one_family(family, holdout, config, value_range)
     # The verdict's family: the highest estimated ASR (ties: FAMILIES order, max keeps the first).
     chosen = max((records[f] for f in FAMILIES if f in records), key=lambda r: r.est_asr)
-    return Estimate(
-        label=chosen.label,
+    return chosen.as_estimate(
         flagged=chosen.est_asr >= FLAG_ASR,
-        nc_target=chosen.target,
-        anomaly_index=chosen.anomaly_index,
-        trigger_size=chosen.size,
-        reference_size=chosen.reference_size,
-        success=chosen.success,
-        est_asr=chosen.est_asr,
-        budget=chosen.budget,
         seconds=round(time.perf_counter() - started, 2),
-        mask_norms=list(chosen.sizes),
-        family=chosen.family,
         families={f: records[f].to_dict() for f in FAMILIES if f in records},
     )
 

@@ -1012,7 +1012,7 @@ def sweep_summary(cells: list[dict]) -> dict[str, list[dict]]:
                 "rolled_back": sum(rolled for _, rolled in costs),
                 "cost": _mean([c[0] for _, c in bad]),
                 "clean_cost": _mean([c[0] for c in good]),
-                "suspected": sum(_flagged_after(e) for e in estimates) if after else None,
+                "suspected": sum(_flagged_after(e) for e in estimates) if estimates else None,
                 "est_asr": _mean([a["est_asr"] for a in after]),
                 "seconds": _mean([r["seconds"] for r in rows]) or 0.0,
             }
