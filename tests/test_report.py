@@ -560,6 +560,28 @@ def test_the_development_rule_reads_guard_and_estimate_never_test_numbers():
     assert rows["b"][-1] == "✓" and rows["c"][-1] == "inadmissible" and rows["c"][4] == "-2.0"
 
 
+def test_the_development_rule_ranks_only_settings_run_on_every_model():
+    """A setting run on fewer models than its defense's others is not compared with them: its
+    mean over an easier subset would win by absence (methods.md §12.12)."""
+    from torchpurify.report import sweep_section, sweep_summary
+
+    cells = [
+        _sweep_cell("a", "bad", _guard(0.90, 0.89), 0.30, False),
+        _sweep_cell("a", "bad2", _guard(0.90, 0.89), 0.60, True),
+        _sweep_cell("a", "clean", _guard(0.90, 0.90), 0.10, False, asr_before=None),
+        # the lowest estimate, but never run on the harder model bad2
+        _sweep_cell("b", "bad", _guard(0.90, 0.89), 0.05, False),
+        _sweep_cell("b", "clean", _guard(0.90, 0.90), 0.10, False, asr_before=None),
+    ]
+    summary = {s["label"]: s for s in sweep_summary(cells)["fst"]}
+    assert summary["a"]["complete"] and not summary["b"]["complete"]
+    assert summary["b"]["admissible"] and summary["a"]["chosen"] and not summary["b"]["chosen"]
+    rows = {row[0]: row for row in sweep_section(cells)[-1].rows}
+    assert rows["b"][-1] == "incomplete" and rows["a"][-1] == "✓"
+    cells.append(_sweep_cell("b", "bad2", _guard(0.90, 0.89), 0.20, False))
+    assert [s["label"] for s in sweep_summary(cells)["fst"] if s["chosen"]] == ["b"]
+
+
 def test_a_clean_model_not_suspected_before_counts_no_false_alarm_after():
     """Cells stored before the rule of methods.md §12.2 (a model not suspected before is not
     flagged after) read by it: the clean model's after-flag counts only when it was suspected

@@ -968,7 +968,9 @@ def _write_pages(db: Path, out: Path, models: list[dict], cells: list[dict]) -> 
 # this share of the models, and its mean guard-half cost is at most SELECT_COST on the
 # backdoored models and at most SELECT_CLEAN_COST on the clean ones; among those, the fewest
 # backdoored models still suspected after, then the lowest mean estimated ASR after, then the
-# fewest seconds.
+# fewest seconds. Settings are compared on the same models only: a setting that has not run on
+# every model its defense ran on is "incomplete" and not ranked (a mean over two models is not
+# comparable with one over four).
 SELECT_ROLLBACKS = 0.25
 SELECT_COST = 0.02
 SELECT_CLEAN_COST = 0.01
@@ -989,7 +991,9 @@ def _mean(values: list) -> float | None:
 def sweep_summary(cells: list[dict]) -> dict[str, list[dict]]:
     """Defense → one summary per label (in the order first seen) of the latest cells: models,
     rollbacks, mean guard-half cost on backdoored and clean models, backdoored models suspected
-    after, mean estimated ASR after, mean seconds; ``chosen`` marks the rule's pick."""
+    after, mean estimated ASR after, mean seconds; ``complete`` says whether the label ran on
+    every model of its defense (only complete labels are ranked); ``chosen`` marks the rule's
+    pick."""
     latest: dict[tuple, dict] = {}  # a repeated run replaces its earlier record
     for row in sorted(cells, key=lambda r: r["finished_at"]):
         latest[row["label"], row["model_key"]] = row
@@ -999,6 +1003,7 @@ def sweep_summary(cells: list[dict]) -> dict[str, list[dict]]:
     out: dict[str, list[dict]] = {}
     for defense, labels in by.items():
         summaries = []
+        models = {r["model_key"] for rows in labels.values() for r in rows}
         for label, rows in labels.items():
             costs = [guard_cost(r) for r in rows]
             bad = [(r, c) for r, c in zip(rows, costs, strict=True) if r["asr_before"] is not None]
@@ -1015,6 +1020,7 @@ def sweep_summary(cells: list[dict]) -> dict[str, list[dict]]:
                 "suspected": sum(_flagged_after(e) for e in estimates) if estimates else None,
                 "est_asr": _mean([a["est_asr"] for a in after]),
                 "seconds": _mean([r["seconds"] for r in rows]) or 0.0,
+                "complete": {r["model_key"] for r in rows} == models,
             }
             summary["admissible"] = (
                 summary["rolled_back"] <= SELECT_ROLLBACKS * len(rows)
@@ -1022,7 +1028,7 @@ def sweep_summary(cells: list[dict]) -> dict[str, list[dict]]:
                 and (summary["clean_cost"] is None or summary["clean_cost"] <= SELECT_CLEAN_COST)
             )
             summaries.append(summary)
-        ranked = [s for s in summaries if s["admissible"]]
+        ranked = [s for s in summaries if s["admissible"] and s["complete"]]
         ranked.sort(key=lambda s: (s["suspected"] or 0, s["est_asr"] or 0, s["seconds"]))
         for s in summaries:
             s["chosen"] = bool(ranked) and s is ranked[0]
@@ -1032,6 +1038,14 @@ def sweep_summary(cells: list[dict]) -> dict[str, list[dict]]:
 
 def _points(value: float | None) -> str:
     return "–" if value is None else f"{-100 * value:+.1f}"
+
+
+def _sweep_mark(summary: dict) -> str:
+    if summary["chosen"]:
+        return "✓"
+    if not summary["admissible"]:
+        return "inadmissible"
+    return "" if summary["complete"] else "incomplete"
 
 
 def sweep_section(cells: list[dict]) -> list:
@@ -1049,7 +1063,9 @@ def sweep_section(cells: list[dict]) -> list:
             "purification and their mean estimated ASR. The rule (methods.md §12.12): at most "
             f"{SELECT_ROLLBACKS:.0%} rolled back, a mean cost of at most {100 * SELECT_COST:g} "
             f"points (backdoored) and {100 * SELECT_CLEAN_COST:g} (clean), then the fewest "
-            "suspected, the lowest estimated ASR, the fewest seconds. No test number is read."
+            "suspected, the lowest estimated ASR, the fewest seconds. Only settings run on every "
+            'model of their defense are ranked (the others read "incomplete"). No test number '
+            "is read."
         ),
     ]
     header = ["setting", "models", "rolled back", "guard Δ backdoored", "guard Δ clean",
@@ -1061,7 +1077,7 @@ def sweep_section(cells: list[dict]) -> list:
                 s["label"], str(s["models"]), str(s["rolled_back"]), _points(s["cost"]),
                 _points(s["clean_cost"]), "–" if s["suspected"] is None else str(s["suspected"]),
                 fmt(s["est_asr"]), f"{s['seconds']:.0f}",
-                "✓" if s["chosen"] else ("" if s["admissible"] else "inadmissible"),
+                _sweep_mark(s),
             ])  # fmt: skip
         blocks += [Heading(defense, 3), table]
     return blocks
