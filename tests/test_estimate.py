@@ -404,11 +404,11 @@ if __name__ == "__main__":  # python -m tests.test_estimate: every family on the
         print(f"  {family_rows(estimate)}")
 
 
-def _record(family: str, label: int, est_asr: float, size: float) -> dict:
+def _record(family: str, label: int, est_asr: float, size: float, anomaly: float = 0.0) -> dict:
     sizes = [1.0] * 3
     sizes[label] = size
     return FamilyEstimate(
-        family, label, est_asr >= 0.5, None, 0.0, size, 1.0, est_asr, est_asr, 0.4, 0.0, sizes
+        family, label, est_asr >= 0.5, None, anomaly, size, 1.0, est_asr, est_asr, 0.4, 0.0, sizes
     ).to_dict()
 
 
@@ -454,9 +454,10 @@ def test_every_family_that_flagged_before_is_rechecked_and_the_highest_decides(m
 
 def test_a_model_not_suspected_before_is_not_flagged_after(monkeypatch):
     """On the clean development model (seed 100, not suspected: 0.321) Fine-Pruning made label
-    6 reachable by a capped perturbation (0.620 after): a defense that trains on clean data
-    changes which labels are easy to reach but plants no trigger, so the after-check does not
-    call that a backdoor; its numbers stay in the record and the line says what they mean."""
+    6 reachable by a capped perturbation (0.620 after; size ratio 0.54, which the size test
+    alone already reads as natural — here 0.4): a defense that trains on clean data changes
+    which labels are easy to reach but plants no trigger, so the after-check does not call that
+    a backdoor; its numbers stay in the record and the line says what they mean."""
     from torchpurify import estimate as module
 
     quiet = {"perturbation": _record("perturbation", 0, 0.32, 0.66)}
@@ -465,7 +466,7 @@ def test_a_model_not_suspected_before_is_not_flagged_after(monkeypatch):
     monkeypatch.setattr(
         module, "_radius_after",
         lambda m, h, family, earlier, *a: FamilyEstimate.from_dict(
-            _record(family, earlier.label, 0.62, 0.54)),
+            _record(family, earlier.label, 0.62, 0.4)),
     )  # fmt: skip
     holdout = Split(torch.rand(8, 4), torch.arange(8) % 3)
     after = module.estimate_after(torch.nn.Linear(4, 3), holdout, before)
@@ -480,3 +481,65 @@ def test_a_model_not_suspected_before_is_not_flagged_after(monkeypatch):
             "perturbation": _record("perturbation", 0, 0.9, 0.3)})  # fmt: skip
     again = module.estimate_after(torch.nn.Linear(4, 3), holdout, flagged)
     assert again.flagged and again.reading == "backdoor" and again.suspected_before is True
+
+
+def test_a_working_trigger_no_smaller_than_the_others_is_a_natural_shortcut():
+    """The size test of the verdict (methods.md §12.2): a capped trigger that works is a
+    backdoor only when the label's trigger is much smaller than the other labels' (or, for
+    an outlier among them). The clean development kws-cnn reached "stop" with a capped
+    mask (0.83, size ratio 0.47, anomaly index 1.1) and label 5 with a capped perturbation
+    (0.69, ratio 0.61): natural shortcuts, no backdoor. The Blended development model's
+    perturbation (0.89, ratio 0.31) is one, and it is the verdict even beside a higher
+    estimate that is not."""
+    from torchpurify.estimate import EstimateConfig, judge
+
+    config = EstimateConfig()
+    clean_audio = {
+        "mask": FamilyEstimate.from_dict(_record("mask", 2, 0.83, 0.47, anomaly=1.1)),
+        "perturbation": FamilyEstimate.from_dict(_record("perturbation", 1, 0.69, 0.61)),
+    }
+    found = judge(clean_audio, config, seconds=1.0)
+    assert not found.flagged and found.family == "mask" and found.est_asr == 0.83
+    assert found.reading == "natural" and "natural shortcut" in found.describe()
+    assert not any(r["flagged"] for r in found.families.values())
+    # the same mask as an outlier among the labels' masks (the tiny test task's patch: 5.9)
+    # and a perturbation (the pitch-style kws-cnn's target: ratio 0.53, anomaly index 4.05)
+    outlier = {"mask": FamilyEstimate.from_dict(_record("mask", 2, 0.83, 0.47, anomaly=3.5))}
+    assert judge(outlier, config, seconds=1.0).flagged
+    pitch = {"perturbation": FamilyEstimate.from_dict(_record("perturbation", 0, 0.59, 0.53, 4.05))}
+    assert judge(pitch, config, seconds=1.0).flagged
+    # a suspecting family is the verdict even beside a higher estimate that does not suspect
+    both = {
+        "mask": FamilyEstimate.from_dict(_record("mask", 2, 0.95, 0.4, anomaly=1.0)),
+        "perturbation": FamilyEstimate.from_dict(_record("perturbation", 0, 0.89, 0.31)),
+    }
+    verdict = judge(both, config, seconds=1.0)
+    assert verdict.flagged and verdict.family == "perturbation" and verdict.label == 0
+    assert verdict.reading == "backdoor" and verdict.rechecked == ("perturbation",)
+    # the thresholds are settings: a looser radius ratio reads the clean model as suspected
+    loose = dataclasses.replace(config, radius_ratio=0.7)
+    assert judge(clean_audio, loose, seconds=1.0).family == "perturbation"
+
+
+def test_a_cached_estimate_is_judged_again_with_the_verdict_settings(tmp_path, monkeypatch):
+    """The size test's thresholds change the verdict, not the searches: a cached estimate
+    before purification is reused under other thresholds and judged again, not recomputed."""
+    from torchpurify import estimate as module
+
+    records = {"perturbation": FamilyEstimate.from_dict(_record("perturbation", 1, 0.69, 0.61))}
+    stored = module.judge(records, module.EstimateConfig(), seconds=3.0)
+    monkeypatch.setattr(module, "estimate_before", lambda *a, **k: stored)
+    holdout = Split(torch.rand(8, 4), torch.arange(8) % 3)
+    path = tmp_path / "estimate-before.json"
+    first = module.estimate_cached(path, torch.nn.Linear(4, 3), holdout)
+    assert not first.flagged and path.exists()
+
+    def recompute(*args, **kwargs):
+        raise AssertionError("the searches ran again")
+
+    monkeypatch.setattr(module, "estimate_before", recompute)
+    loose = module.EstimateConfig(radius_ratio=0.7)
+    again = module.estimate_cached(path, torch.nn.Linear(4, 3), holdout, loose)
+    assert again.flagged and again.family == "perturbation" and again.seconds == 3.0
+    with pytest.raises(AssertionError, match="searches ran again"):  # a search setting changed
+        module.estimate_cached(path, torch.nn.Linear(4, 3), holdout, module.EstimateConfig(steps=7))

@@ -28,9 +28,16 @@ labels' sizes, and the estimated ASR the success, on the half of the holdout no 
 fitted on, of the label's trigger shrunk to at most ``radius_budget × min(reference, 1)`` (a radius
 family's trigger is already the smallest that reaches the threshold on the ladder, so shrinking
 it is the capped trigger; the mask family fits its capped trigger as above). **The rule**: a
-backdoor is suspected when any family's estimated ASR is at least :data:`FLAG_ASR`; the verdict
-names the family with the highest estimated ASR and its label (ties: the order of
-:data:`FAMILIES`), and the top-level numbers of :class:`Estimate` are that family's. After
+family suspects a backdoor when its estimated ASR is at least :data:`FLAG_ASR` *and* its label's
+trigger is much smaller than what reaches the other labels — size ratio (size ÷ reference) at
+most ``mask_ratio`` (mask family) or ``radius_ratio`` (radius families), or an outlier among
+the labels' sizes (anomaly index ≥ ``outlier_index``); a working capped
+trigger on a label nearly as far as the others is a natural shortcut (a clean keyword-spotting
+model reaches "stop" with a few clicks), not a backdoor. A backdoor is suspected when any family
+suspects one; the verdict names the suspecting family with the highest estimated ASR (none
+suspecting: the family with the highest estimated ASR) and its label (ties: the order of
+:data:`FAMILIES`), and the top-level numbers of :class:`Estimate` are that family's
+(:func:`judge`). After
 purification every family that suspected a backdoor before re-checks its own label (the verdict's
 family alone when none did; a tenth of a family's cost on ten classes, each), and the highest
 estimate after is the verdict: one family can lose a trigger another still finds (methods.md
@@ -92,6 +99,16 @@ SIZE_UNITS = {"mask": "ℓ1", "perturbation": "radius", "generator": "radius"}
 # top rung (45× the scale with a short ladder), which made a cap of 18 — a false flag on the
 # 28×28 BadNets model of benchmarks/estimate_cost.py. Pending development cells.
 NATURAL_RADIUS = 1.0
+RATIO_SOURCE = (
+    "dev: the estimate before purification of the 12 image development models (configs/"
+    "dev-image-estimate.yaml, seeds 100-102: triggers at size ratio mask 0.07-0.11, radius "
+    "0.14-0.43; clean labels at mask 0.37-0.48, radius 0.61-0.85) and the four kws-cnn of "
+    "configs/dev-audio-sweep.yaml (the clean one's false alarm: mask ratio 0.29-0.47, radius "
+    "0.60-0.61, anomaly index at most 2.44; the pitch-style target an outlier, 4.05), and the "
+    "after-checks of their sweeps, methods.md §12.14"
+)
+# The settings that change the verdict but not the searches (a cached estimate is re-judged).
+VERDICT_SETTINGS = ("mask_ratio", "radius_ratio", "outlier_index")
 SPACE_SOURCE = (
     "dev: configs/dev-audio.yaml seeds 100-102: inverting on log-mel features abstained on all "
     "nine models, false alarms and detections alike (methods.md §12.5)"
@@ -141,6 +158,12 @@ class EstimateConfig:
     ladder_steps: int = default(20, PENDING)
     fit_samples: int = default(256, PENDING)
     mask_steps: int = default(200, PENDING)
+    # The verdict's size test (module docstring; :func:`suspects`): a family suspects a backdoor
+    # only when its label's trigger is at most this fraction of the other labels' median size.
+    # They change the verdict, not the searches: a cached estimate is judged again with them.
+    mask_ratio: float = default(0.2, RATIO_SOURCE)
+    radius_ratio: float = default(0.5, RATIO_SOURCE)
+    outlier_index: float = default(3.0, RATIO_SOURCE)
 
     def __post_init__(self) -> None:
         families = self.families
@@ -176,11 +199,20 @@ class EstimateConfig:
                 f"estimate {name} must be a positive integer, got {value!r}",
             )
         check(0 < self.budget <= 1, f"estimate budget must be in (0, 1], got {self.budget}")
+        for name in ("mask_ratio", "radius_ratio"):
+            value = getattr(self, name)
+            check(0 < value <= 1, f"estimate {name} must be in (0, 1], got {value}")
+        check(self.outlier_index > 0,
+              f"estimate outlier_index must be positive, got {self.outlier_index}")  # fmt: skip
         check(self.space in SPACES, f"estimate space must be one of {', '.join(SPACES)}, "
               f"got {self.space!r}")  # fmt: skip
 
     def to_dict(self) -> dict[str, Any]:
         return {**asdict(self), "families": list(self.families)}  # as JSON reads it back
+
+    def most_ratio(self, family: str) -> float:
+        """The largest size ratio at which ``family`` can suspect a backdoor."""
+        return self.mask_ratio if family == "mask" else self.radius_ratio
 
 
 @dataclass(frozen=True)
@@ -188,7 +220,7 @@ class Estimate:
     """The estimate at one moment (before or after a purification)."""
 
     label: int  # the suspected target: smallest inverted mask before purification
-    flagged: bool  # est_asr ≥ FLAG_ASR
+    flagged: bool  # a backdoor suspected (:func:`suspects`; after: and before)
     nc_target: int | None  # Neural Cleanse's answer: anomaly index > 2 and a working trigger
     anomaly_index: float  # of the label's trigger size among all labels' sizes
     trigger_size: float  # mask ℓ1 of the label's Neural-Cleanse trigger
@@ -243,12 +275,18 @@ class Estimate:
     @property
     def reading(self) -> str:
         """What this estimate's own printed numbers say (methods.md §12.2): ``"backdoor"`` when
-        the estimated ASR is at least :data:`FLAG_ASR`; ``"unclear"`` when it is below but the
-        anomaly index is above :data:`OUTLIER_INDEX` (an outlier label the capped trigger did
-        not confirm); ``"clean"`` when neither. After purification of a model the estimate
-        before did not suspect, an estimated ASR of at least :data:`FLAG_ASR` reads as
-        ``"easier"``: a label the defense made easier to reach, not a trigger."""
+        its family suspects one (a working capped trigger, much smaller than the other labels'
+        triggers: :func:`suspects`); ``"natural"`` when the capped trigger works but the label's
+        trigger is not much smaller than the others' (a natural shortcut); ``"unclear"`` when
+        the estimated ASR is below :data:`FLAG_ASR` but the anomaly index is above
+        :data:`OUTLIER_INDEX` (an outlier label the capped trigger did not confirm); ``"clean"``
+        when none. After purification of a model the estimate before did not suspect, what
+        would read "backdoor" reads ``"easier"``: a label the defense made easier to reach, not
+        a trigger."""
         if self.est_asr >= FLAG_ASR:
+            own = self.families.get(self.family, {}).get("flagged", True)  # old records: True
+            if not own:
+                return "natural"
             return "easier" if self.suspected_before is False else "backdoor"
         return "unclear" if self.anomaly_index > OUTLIER_INDEX else "clean"
 
@@ -257,6 +295,8 @@ class Estimate:
         verdict = {
             "backdoor": "backdoor suspected",
             "easier": "not suspected before, and a defense on clean data plants no trigger",
+            "natural": "no backdoor found (a small trigger works, but this label is nearly as "
+            "easy to reach as the others: a natural shortcut)",
             "unclear": "unclear (an outlier label whose capped trigger does not work)",
             "clean": "no backdoor found",
         }[self.reading]
@@ -284,7 +324,7 @@ class FamilyEstimate:
 
     family: str
     label: int
-    flagged: bool  # est_asr ≥ FLAG_ASR
+    flagged: bool  # this family suspects a backdoor (:func:`suspects`)
     target: int | None
     anomaly_index: float
     size: float
@@ -475,13 +515,45 @@ def _estimate(
         if progress:  # each family's search shows its own bar (one live display at a time)
             console.print(f"estimate: {family} family, {what} ({number} of {len(families)})")
         records[family] = one_family(family, holdout, config, value_range)
-    # The verdict's family: the highest estimated ASR (ties: FAMILIES order, max keeps the first).
-    chosen = max((records[f] for f in FAMILIES if f in records), key=lambda r: r.est_asr)
+    return judge(records, config, seconds=round(time.perf_counter() - started, 2))
+
+
+def suspects(record: FamilyEstimate, config: EstimateConfig) -> bool:
+    """Whether one family's numbers suspect a backdoor (the module docstring's rule): its
+    capped trigger works (estimated ASR ≥ :data:`FLAG_ASR`) and its label's trigger is at most
+    ``config.most_ratio(family)`` of the other labels' median size, or an outlier among them
+    (anomaly index ≥ ``config.outlier_index``)."""
+    if record.est_asr < FLAG_ASR:
+        return False
+    small = record.size_ratio <= config.most_ratio(record.family)
+    return small or record.anomaly_index >= config.outlier_index
+
+
+def judge(
+    records: dict[str, FamilyEstimate], config: EstimateConfig, *, seconds: float, **rest: Any
+) -> Estimate:
+    """The verdict from the families' records (the module docstring's rule): each family's
+    ``flagged`` set by :func:`suspects`; the verdict's family is the suspecting one with the
+    highest estimated ASR, or, when none suspects, the one with the highest estimated ASR (ties:
+    :data:`FAMILIES` order); its numbers are the estimate's top level."""
+    records = {f: dataclasses.replace(r, flagged=suspects(r, config)) for f, r in records.items()}
+    ran = [records[f] for f in FAMILIES if f in records]
+    chosen = max([r for r in ran if r.flagged] or ran, key=lambda r: r.est_asr)
     return chosen.as_estimate(
-        flagged=chosen.est_asr >= FLAG_ASR,
-        seconds=round(time.perf_counter() - started, 2),
-        families={f: records[f].to_dict() for f in FAMILIES if f in records},
+        flagged=chosen.flagged,
+        seconds=seconds,
+        families={r.family: r.to_dict() for r in ran},
+        **rest,
     )
+
+
+def rejudge(estimate: Estimate, config: EstimateConfig) -> Estimate:
+    """A stored estimate before purification judged again with ``config``'s verdict settings
+    (:data:`VERDICT_SETTINGS`; the searches are unchanged)."""
+    records = {f: FamilyEstimate.from_dict(r) for f, r in estimate.families.items()}
+    if not records:  # a record from before the families: the mask family alone
+        records = {"mask": FamilyEstimate.of_mask(estimate)}
+    return judge(records, config, seconds=estimate.seconds)
 
 
 def _shrunk(trigger, cap: float):
@@ -561,10 +633,10 @@ def _radius_result(
     if not (unseen.y != label).any():
         unseen = holdout
     est_asr = trigger_success(model, unseen, label, _shrunk(trigger, cap), device=device)
-    return FamilyEstimate(
+    record = FamilyEstimate(
         family=family,
         label=label,
-        flagged=est_asr >= FLAG_ASR,
+        flagged=False,  # judged below
         target=target,
         anomaly_index=float(radius_anomaly_index(radii)[label]),
         size=float(radii[label]),
@@ -575,6 +647,7 @@ def _radius_result(
         seconds=round(time.perf_counter() - started, 2),
         sizes=[float(r) for r in radii],
     )
+    return dataclasses.replace(record, flagged=suspects(record, config))
 
 
 def _mask_search(config, value_range, device, progress) -> dict[str, Any]:
@@ -636,9 +709,9 @@ def _mask_result(
     if progress:
         console.print(f"estimate: capped trigger for label {label} (ℓ1 ≤ {budget:.1f})")
     est_asr = _capped_asr(model, holdout, label, budget, trigger, config, value_range, device)
-    return Estimate(
+    found = Estimate(
         label=label,
-        flagged=est_asr >= FLAG_ASR,
+        flagged=False,  # judged below
         nc_target=nc_target,
         anomaly_index=float(anomaly_index(norms)[label]),
         trigger_size=float(norms[label]),
@@ -649,6 +722,7 @@ def _mask_result(
         seconds=round(time.perf_counter() - started, 2),
         mask_norms=[float(n) for n in norms],
     )
+    return dataclasses.replace(found, flagged=suspects(FamilyEstimate.of_mask(found), config))
 
 
 def estimate_cached(
@@ -660,16 +734,18 @@ def estimate_cached(
     progress: bool = False,
 ) -> Estimate:
     """:func:`estimate_before`, kept in the JSON file ``path`` (next to the
-    model) and reused while the settings and the holdout are the same: every defense of a grid
-    purifies the same model, and its estimate before purification is computed once."""
+    model) and reused while the searches' settings and the holdout are the same: every defense
+    of a grid purifies the same model, and its estimate before purification is computed once.
+    A reused estimate is judged again with ``config``'s verdict settings (:func:`rejudge`)."""
     config = config or EstimateConfig()
     x = holdout.x.contiguous().numpy().tobytes() + holdout.y.contiguous().numpy().tobytes()
-    key = {"config": config.to_dict(), "holdout_sha256": hashlib.sha256(x).hexdigest()}
+    searches = {k: v for k, v in config.to_dict().items() if k not in VERDICT_SETTINGS}
+    key = {"config": searches, "holdout_sha256": hashlib.sha256(x).hexdigest()}
     path = Path(path)
     try:
         stored = json.loads(path.read_text())
-        if stored.get("key") == key:
-            return Estimate.from_dict(stored["estimate"])
+        if stored.get("key") == key:  # the same searches: judged again with today's rule
+            return rejudge(Estimate.from_dict(stored["estimate"]), config)
     except (OSError, ValueError, KeyError, TypeError):
         pass  # absent or unreadable: compute it again
     estimate = estimate_before(model, holdout, config, progress=progress)
@@ -688,7 +764,7 @@ def compare(before: Estimate, after: Estimate) -> dict[str, Any]:
         "before": before.to_dict(),
         "after": after.to_dict(),
         "size_growth": growth,
-        "removed": before.reading == "backdoor" and after.reading == "clean",
+        "removed": before.reading == "backdoor" and after.reading in ("clean", "natural"),
         "summary": describe_change(before, after),
     }
 
@@ -714,6 +790,17 @@ def verdict(before: Estimate, after: Estimate) -> str:
         return (
             f"unclear: the estimated ASR is below {FLAG_ASR} but the anomaly index is still "
             f"above {OUTLIER_INDEX:g}"
+        )
+    if now == "natural" and was == "backdoor":
+        return (
+            f"the backdoor is likely removed: a small trigger still reaches label {after.label} "
+            f"(estimated ASR {after.est_asr:.3f}), but it is no longer much smaller than what "
+            f"reaches the other labels (size ratio {after.size_ratio:.2f})"
+        )
+    if now == "natural":
+        return (
+            f"no backdoor suspected: label {after.label} is reached by a small trigger, but no "
+            "more easily than the other labels (a natural shortcut)"
         )
     if was == "backdoor":
         return "the backdoor is likely removed"
