@@ -393,19 +393,29 @@ def suspect(
     *,
     value_range: tuple[float, float] | None = None,
     device: torch.device | str | None = None,
-) -> tuple[int, float]:
-    """The suspected label of an every-label ``inversion`` (the smallest mask) and the estimated
-    ASR of its best trigger within ``budget × the other labels' median mask ℓ1`` (measured on
-    holdout samples it was not fitted on): the test of methods.md §12.2, for a defense that has
+) -> FamilyEstimate:
+    """The mask family's record for an every-label ``inversion``: the suspected label (the
+    smallest mask), the estimated ASR of its best trigger within ``budget × the other labels'
+    median mask ℓ1`` (measured on holdout samples it was not fitted on), and ``flagged`` by the
+    verdict's rule (:func:`suspects`: a working capped trigger that is small against the other
+    labels or an outlier among them) — the test of methods.md §12.2, for a defense that has
     already inverted every label and wants to know whether the suspect is a backdoor."""
     config = config or EstimateConfig()
     norms = inversion.mask_norms
     label = inversion.labels[int(norms.argmin())]
     i = inversion.labels.index(label)
-    budget = config.budget * float(torch.cat([norms[:i], norms[i + 1 :]]).median())
+    reference = float(torch.cat([norms[:i], norms[i + 1 :]]).median())
+    budget = config.budget * reference
     value_range = value_range or value_range_of(holdout.x)
     start = inversion.trigger(label)
-    return label, _capped_asr(model, holdout, label, budget, start, config, value_range, device)
+    capped = _capped_asr(model, holdout, label, budget, start, config, value_range, device)
+    record = FamilyEstimate(
+        family="mask", label=label, flagged=False, target=inversion.target,
+        anomaly_index=float(anomaly_index(norms)[i]), size=float(norms[i]),
+        reference_size=reference, success=float(inversion.success[i]), est_asr=capped,
+        budget=budget, seconds=0.0, sizes=[float(n) for n in norms],
+    )  # fmt: skip
+    return dataclasses.replace(record, flagged=suspects(record, config))
 
 
 def estimate_before(

@@ -39,7 +39,7 @@ from torchpurify.defenses.base import Clean, Purified, register_defense
 from torchpurify.defenses.budget import largest_passing
 from torchpurify.defenses.pruning import HoldoutProbe, PruningDefense, prune_first, scaled_count
 from torchpurify.errors import UserError
-from torchpurify.estimate import FLAG_ASR, SPACE_SOURCE, EstimateConfig, suspect
+from torchpurify.estimate import SPACE_SOURCE, EstimateConfig, suspect
 from torchpurify.logs import RoundsLog
 from torchpurify.metrics import accuracy, predict
 from torchpurify.neurons import Inversion, activation_stats, anomaly_index, invert_triggers
@@ -239,19 +239,23 @@ class LinfPruning(PruningDefense):
             value_range=value_range_of(clean.holdout.x), progress=self.progress,
         )  # fmt: skip
         # Whether to act: the backdoor estimate's test (methods.md §12.2) on the smallest-mask
-        # label — does its trigger still work when capped to a small budget? Neural Cleanse's
-        # outlier rule alone both misses backdoors (another label a natural low outlier keeps
-        # the target's anomaly index under 2) and flags clean models (§3).
+        # label — does its trigger still work when capped to a small budget, and is it small
+        # against the other labels' masks (or an outlier among them)? Neural Cleanse's outlier
+        # rule alone both misses backdoors (another label a natural low outlier keeps the
+        # target's anomaly index under 2) and flags clean models (§3); a working capped trigger
+        # alone flags every clean kws-cnn (its "stop", notebook §12.14).
         config = EstimateConfig(seed=self.seed, budget=self.capped_budget)
-        label, capped = suspect(
+        record = suspect(
             model, clean.holdout, inversion, config, value_range=value_range_of(clean.holdout.x)
         )
-        target = label if capped >= FLAG_ASR else None
+        label, capped = record.label, record.est_asr
+        target = label if record.flagged else None
         found = {
             "kind": "inverted",
             "target": target,
             "suspected": label,
             "capped_success": capped,
+            "size_ratio": record.size_ratio,
             "nc_target": inversion.target,
             "anomaly_index": inversion.anomaly_index.tolist(),
         }
