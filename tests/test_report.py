@@ -582,6 +582,30 @@ def test_the_development_rule_ranks_only_settings_run_on_every_model():
     assert [s["label"] for s in sweep_summary(cells)["fst"] if s["chosen"]] == ["b"]
 
 
+def test_when_no_setting_is_admissible_the_least_over_budget_is_marked():
+    """Every setting over the budgets (methods.md §12.12): the complete setting that overshoots
+    least is the pick, marked as over budget; one rolled back too often is never picked."""
+    from torchpurify.report import sweep_section, sweep_summary
+
+    cells = [
+        # 3 points on the backdoored model, 1.5 on the clean one: overshoot 1.0
+        _sweep_cell("a", "bad", _guard(0.90, 0.87), 0.30, False),
+        _sweep_cell("a", "clean", _guard(0.90, 0.885), 0.10, False, asr_before=None),
+        # 2.5 and 1.2: overshoot 0.5, though it leaves the backdoor suspected
+        _sweep_cell("b", "bad", _guard(0.90, 0.875), 0.90, True),
+        _sweep_cell("b", "clean", _guard(0.90, 0.888), 0.10, False, asr_before=None),
+        # rolled back on the backdoored model: half its models, never picked
+        _sweep_cell("c", "bad", _guard(0.90), 0.90, True),
+        _sweep_cell("c", "clean", _guard(0.90, 0.90), 0.10, False, asr_before=None),
+    ]
+    summary = {s["label"]: s for s in sweep_summary(cells)["fst"]}
+    assert not any(s["admissible"] for s in summary.values())
+    assert summary["b"]["chosen"] and summary["b"]["over_budget"]
+    assert not summary["a"]["chosen"] and not summary["c"]["chosen"]
+    rows = {row[0]: row for row in sweep_section(cells)[-1].rows}
+    assert rows["b"][-1] == "✓ (over budget: the least)" and rows["a"][-1] == "inadmissible"
+
+
 def test_a_clean_model_not_suspected_before_counts_no_false_alarm_after():
     """Cells stored before the rule of methods.md §12.2 (a model not suspected before is not
     flagged after) read by it: the clean model's after-flag counts only when it was suspected
