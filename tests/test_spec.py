@@ -291,7 +291,9 @@ def test_auto_is_a_defense_of_a_grid(tmp_path):
 def test_cell_keys_are_those_of_the_stores_written_before_run_settings_moved_apart(tmp_path):
     """The run context and the guard's settings are no longer hyper-parameters (params()), but
     a cell's key hashes them (seed, batch size, max_acc_drop, guard_retries; not the device) as
-    before: these digests of SPEC's 24 cell keys were computed by the code of 2026-12-06."""
+    before: these digests of SPEC's 24 cell keys were computed by the code of 2026-12-06. The
+    estimate's size test (2026-12-07) changes what a cell stores, hence its key; at its neutral
+    thresholds (ratios 1: it never acts) the keys are those of before."""
     import hashlib
 
     run = replace("params: {alpha: 0.5, epochs: 1}", "params: {alpha: 0.5, epochs: 1, "
@@ -300,7 +302,11 @@ def test_cell_keys_are_those_of_the_stores_written_before_run_settings_moved_apa
         SPEC: "343c4e3ccaf3176af3439be110b0559fe59f336629b2f44e6acaa86abb602ac6",
         run: "23e61edad25795f2a549da1b571d7cc4aabeec8feffcb38f2bb3e13cd390ee38",
     }
+    neutral = "estimate: {mask_ratio: 1.0, radius_ratio: 1.0}\n"
     for i, (text, digest) in enumerate(expected.items()):
-        _, cells = keys(tmp_path, text, f"{i}.yaml")
+        _, cells = keys(tmp_path, text + neutral, f"{i}.yaml")
         assert len(cells) == 24
         assert hashlib.sha256("".join(cells).encode()).hexdigest() == digest
+        models, today = keys(tmp_path, text, f"today{i}.yaml")  # the size test at its defaults
+        assert len(today) == 24 and not set(today) & set(cells)
+        assert models == keys(tmp_path, text + neutral, f"{i}.yaml")[0]  # models keep theirs

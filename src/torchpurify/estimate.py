@@ -210,6 +210,17 @@ class EstimateConfig:
     def to_dict(self) -> dict[str, Any]:
         return {**asdict(self), "families": list(self.families)}  # as JSON reads it back
 
+    def keyed(self) -> dict[str, Any]:
+        """The settings a results-store cell's key hashes: all of them, but the verdict's size
+        test only when it can act — at ``mask_ratio`` = ``radius_ratio`` = 1 it never does (the
+        suspected label is the smallest, so its size ratio is at most 1), which keeps the keys
+        of the cells stored before the test existed."""
+        settings = self.to_dict()
+        if self.mask_ratio == 1 and self.radius_ratio == 1:
+            for name in VERDICT_SETTINGS:
+                settings.pop(name)
+        return settings
+
     def most_ratio(self, family: str) -> float:
         """The largest size ratio at which ``family`` can suspect a backdoor."""
         return self.mask_ratio if family == "mask" else self.radius_ratio

@@ -322,7 +322,7 @@ def cell_jobs(spec: ExperimentSpec, models: list[ModelJob] | None = None) -> lis
 
     cells = []
     settings = spec.estimate_config()  # defaults filled in: spelling one out changes no key
-    estimate = None if settings is None else settings.to_dict()
+    estimate = None if settings is None else settings.keyed()
     for job in model_jobs(spec) if models is None else models:
         for defense in spec.defenses:
             params = defense.build(job.seed, spec.device).keyed_settings()
