@@ -75,7 +75,8 @@ def test_each_back_off_moves_its_own_knobs_only(name):
 def test_fst_backs_off_on_alpha_and_steps_not_the_step():
     fst = build_defense("fst")
     gentler = fst.back_off()
-    assert (gentler.alpha, gentler.epochs, gentler.lr) == (0.1, 20, fst.lr)
+    assert (fst.alpha, fst.epochs) == (0.05, 30)  # the development default (methods.md §12.14)
+    assert (gentler.alpha, gentler.epochs, gentler.lr) == (0.025, 60, fst.lr)
 
 
 # --- on the tiny backdoored model: the guard's log shows the method's own change --------------

@@ -40,7 +40,7 @@ from torchpurify.train import Cost
 # at the larger learning rates fail the holdout guard and back off to these.
 TINY = {
     "ft-sam": {"epochs": 10, "lr": 0.05},
-    "fst": {"epochs": 10, "lr": 0.05},
+    "fst": {"epochs": 10, "lr": 0.05, "alpha": 0.2},  # the authors' α (default: 0.05)
     "nad": {"epochs": 10, "lr": 0.05, "teacher_epochs": 10, "beta": 500.0},
     "i-bau": {"rounds": 3, "lr": 0.0025, "batch_size": 128},
     "tsbd": {"epochs": 5, "lr": 0.025, "unlearn_lr": 0.05, "r": 0.5, "alpha": 0.9},

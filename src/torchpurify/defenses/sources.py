@@ -53,7 +53,6 @@ PENDING_RECHOICE: tuple[tuple[str, str], ...] = (
     ("linf-pruning", "inversion_steps"),
     ("linf-pruning", "rounds"),
     ("linf-pruning", "stop_asr"),
-    ("salience-ar", "lr"),
     ("salience-ar", "target"),
     ("sau", "epochs"),
 )
