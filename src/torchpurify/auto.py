@@ -46,18 +46,27 @@ SUMMARY = (
     "run the backdoor estimate; if it suspects a backdoor, try the defenses its trigger family "
     "suggests until it no longer does (clean: the model unchanged)"
 )
-# Which defenses to try, in order, for each family the estimate can suspect. Pending
-# development cells (methods.md §12.2): read off the evaluation grids' means (§12.3 images,
-# seeds 0-2; §12.9 audio), which may not choose a default — patch (mask family): ℓ∞ pruning
-# took BadNets to ASR 0.034 at -0.7 points, Fine-Pruning next (0.124); blend (perturbation
-# family): nothing removed Blended, Fine-Pruning came closest (0.653), GN-FT removed SIG
-# (0.005) and is the best audio default (§12.9); warp (generator family): Fine-Pruning 0.039,
-# GN-FT 0.354.
+# Which defenses to try, in order, for each family the estimate can suspect (methods.md §12.14):
+# chosen on the development cells of configs/dev-image-sweep*.yaml (small-cnn seed 100) and
+# configs/dev-audio-sweep.yaml (kws-cnn seed 100) by what a defender sees — the guard kept the
+# result and the estimate's after-check (size test included) no longer suspects a backdoor —
+# cheapest first, with BTI-DBF(U), the one defense that cleared all three image triggers
+# (BadNets, Blended, WaNet: guard -0.8, -0.8, +0.3 points), as each family's fallback:
+# mask (BadNets) — ℓ∞ pruning cleared it at 0.0 points; perturbation (Blended on images, the
+# pitch-style kws-cnn) — GN-FT cleared the pitch-style one at -1.0 (on the Blended image model
+# the generator family still suspects it after GN-FT, so BTI-DBF follows); generator (WaNet, and
+# the Blended models of seeds 101-102) — FT-SAM cleared WaNet at -0.3 (not Blended: BTI-DBF).
 ORDER: dict[str, tuple[str, ...]] = {
-    "mask": ("linf-pruning", "fine-pruning", "gnft"),
-    "perturbation": ("gnft", "fine-pruning"),
-    "generator": ("fine-pruning", "gnft"),
+    "mask": ("linf-pruning", "bti-dbf"),
+    "perturbation": ("gnft", "bti-dbf"),
+    "generator": ("ft-sam", "bti-dbf"),
 }
+ORDER_SOURCE = (
+    "dev: configs/dev-image-sweep.yaml, -2.yaml and -3.yaml (four small-cnn, seed 100) and "
+    "configs/dev-audio-sweep.yaml (kws-cnn, seed 100): per family the defenses the guard kept "
+    "and the after-check cleared, cheapest first, BTI-DBF(U) last; empty, the family's ORDER "
+    "(methods.md §12.14)"
+)
 ROLLED_BACK = "rolled back to the input model"
 
 
@@ -74,9 +83,7 @@ class Auto(Defense):
     summary: ClassVar[str] = SUMMARY
     estimate_config: ClassVar[EstimateConfig | None] = None  # set per instance by the caller
 
-    order: str = default(
-        "", "pending: development cells (methods.md §12.2): empty, the family's ORDER"
-    )
+    order: str = default("", ORDER_SOURCE)
     settings: dict = field(
         default_factory=dict, metadata={"source": "run setting: each defense at its defaults"}
     )
