@@ -36,8 +36,9 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
-def gratings(n: int, seed: int) -> Split:
-    """Class k: a sinusoidal grating at k·30° (period 4 pixels, random phase) plus noise.
+def gratings(n: int, seed: int, size: int = TINY_SHAPE[1]) -> Split:
+    """Class k: a sinusoidal grating at k·30° (period 4 pixels, random phase) plus noise, on
+    ``size``×``size`` images (12 by default).
 
     Every class covers the whole image, so only a large mask makes an image look like another
     class, while the backdoor needs a 3×3 patch: the separation trigger inversion relies on.
@@ -46,7 +47,7 @@ def gratings(n: int, seed: int) -> Split:
     y = torch.arange(n) % TINY_CLASSES
     angle = y.double() * math.pi / TINY_CLASSES
     phase = torch.rand(n, generator=generator, dtype=torch.float64) * 2 * math.pi
-    grid = torch.arange(TINY_SHAPE[1], dtype=torch.float64)
+    grid = torch.arange(size, dtype=torch.float64)
     rows, cols = torch.meshgrid(grid, grid, indexing="ij")
     along = angle.cos()[:, None, None] * rows + angle.sin()[:, None, None] * cols
     wave = torch.sin(math.pi / 2 * along + phase[:, None, None])
@@ -94,20 +95,22 @@ def tiny_backdoor() -> TinyBackdoor:
     return make_tiny_backdoor()
 
 
-def make_tiny_backdoor() -> TinyBackdoor:
+def make_tiny_backdoor(size: int = TINY_SHAPE[1]) -> TinyBackdoor:
     """The :func:`tiny_backdoor` fixture's model and data, built afresh (also for
-    benchmarks/tiny_defense.py)."""
-    clean = gratings(2000, seed=0)
-    trigger = build_attack("badnets", TINY_SHAPE, size=3)
+    benchmarks/tiny_defense.py); ``size`` 24 gives the same task on 24×24 images, where the
+    3×3 patch is 1.6 % of the image (6 % at 12×12)."""
+    shape = (1, size, size)
+    clean = gratings(2000, seed=0, size=size)
+    trigger = build_attack("badnets", shape, size=3)
     result = poison_split(clean, trigger, rate=0.1, target=0, seed=0)
     unpoisoned = sorted(set(range(len(clean))) - set(result.poisoned.tolist()))
     tune, holdout = defender_holdout(unpoisoned, len(clean))
     torch.manual_seed(0)
-    model = build_model("small-cnn", TINY_SHAPE, TINY_CLASSES)
+    model = build_model("small-cnn", shape, TINY_CLASSES)
     config = TrainConfig(epochs=4, batch_size=64, lr=0.05, progress=False, device="cpu")
     fit(model, result.split, config)
     model.eval()
-    test = gratings(800, seed=1)
+    test = gratings(800, seed=1, size=size)
     metrics = evaluate(model, test, trigger, target=0, num_classes=TINY_CLASSES)
     assert metrics.acc > 0.9 and metrics.asr > 0.9, f"tiny_backdoor did not train: {metrics}"
     return TinyBackdoor(

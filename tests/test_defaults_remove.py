@@ -1,9 +1,15 @@
-"""Defaults, not recipes tuned per test: what a core defense does at its registered defaults on
-the tiny backdoored model (tests/conftest.py: a small-cnn trained on 12×12 gratings with a
-3×3 BadNets patch, ACC and ASR 1.0; 480 tune and 240 holdout samples)."""
+"""Defaults, not recipes tuned per test: what the core defenses do at their registered defaults
+on small but real backdoored models (tests/conftest.py: a small-cnn trained on gratings with a
+3×3 BadNets patch to label 0, ACC and ASR 1.0; 480 tune and 240 holdout samples) — the 12×12
+task, where the patch is 6 % of the image, and the same task on 24×24 images (issue 29 item 5)."""
 
+import pytest
+
+from tests.conftest import make_tiny_backdoor
 from torchpurify.defenses import Clean, build_defense
 from torchpurify.metrics import evaluate
+
+CORE = ("fine-pruning", "linf-pruning", "salience-ar", "gnft")
 
 
 def test_gnft_at_its_defaults_removes_the_tiny_backdoor(tiny_backdoor):
@@ -17,3 +23,27 @@ def test_gnft_at_its_defaults_removes_the_tiny_backdoor(tiny_backdoor):
     after = evaluate(result.model, tiny.test, tiny.trigger, target=0, num_classes=tiny.num_classes)
     assert result.log["guard"]["action"] == "kept"
     assert after.asr < 0.2 < 0.9 < before.asr and after.acc >= before.acc - 0.02, (before, after)
+
+
+@pytest.fixture(scope="module")
+def wide_backdoor():
+    """The tiny task on 24×24 images: the same gratings, the same 3×3 patch to label 0 and the
+    same recipe, but the patch is 1.6 % of the image (6 % at 12×12) — closer to a real BadNets
+    trigger (1.1 % of a 28×28 Fashion-MNIST image), where the core methods' own assumptions
+    (a small trigger, dormant or trigger-peaked neurons) hold."""
+    return make_tiny_backdoor(size=24)
+
+
+@pytest.mark.parametrize("name", CORE)
+def test_each_core_default_lowers_asr_on_a_small_real_backdoor(name, wide_backdoor):
+    """Every field at its default (the guard included), on the 24×24 task: each core defense at
+    least halves the ASR at no real accuracy cost. Measured (one thread, 2026-12-07):
+    Fine-Pruning 1.000 → 0.000, ℓ∞ pruning 0.000, Salience-AR 0.182, GN-FT 0.000; ACC 1.000
+    throughout (methods.md §12.14)."""
+    tiny = wide_backdoor
+    before = evaluate(tiny.model, tiny.test, tiny.trigger, target=0, num_classes=tiny.num_classes)
+    result = build_defense(name, device="cpu").purify(tiny.model, Clean(tiny.tune, tiny.holdout))
+    after = evaluate(result.model, tiny.test, tiny.trigger, target=0, num_classes=tiny.num_classes)
+    assert result.log["guard"]["action"] == "kept" and "abstained" not in result.log
+    assert before.asr > 0.9 and after.asr < 0.5 * before.asr, (name, before, after)
+    assert after.acc >= before.acc - 0.02, (name, before, after)
