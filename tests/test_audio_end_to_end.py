@@ -134,11 +134,13 @@ def test_feature_space_needs_a_fixed_front_end():
         build_defense("linf-pruning", space="log-mel")
 
 
-def test_the_estimate_and_linf_pruning_run_on_log_mel_features(backdoored_kws):
+def test_the_estimate_and_linf_pruning_run_on_log_mel_features(backdoored_kws, monkeypatch):
     """``space="features"``: the same computation as on the front end's features by hand, and
     ℓ∞ pruning's masks land on the waveform model. (Which label the inversion finds is a
     development question, methods.md §11.5: on these tones, class 3's narrow 2.4 kHz line is a
-    smaller time-frequency mask than the noise burst.)"""
+    smaller time-frequency mask than the noise burst — but not small against the other labels'
+    masks, so the size test of §12.2 abstains; the pruning path is then run with the test
+    neutral.)"""
     model, tune, holdout, test, trigger, before = backdoored_kws
     config = EstimateConfig(steps=20, capped_steps=10, budget=0.5, families=("mask",))
     by_space = estimate_backdoor(model, holdout, dataclasses.replace(config, space="features"))
@@ -146,13 +148,31 @@ def test_the_estimate_and_linf_pruning_run_on_log_mel_features(backdoored_kws):
         by_hand = estimate_backdoor(model, features, config)
     assert by_space.mask_norms == by_hand.mask_norms and by_space.est_asr == by_hand.est_asr
     assert by_space.mask_norms != estimate_backdoor(model, holdout, config).mask_norms
-    defense = build_defense(
-        "linf-pruning", device="cpu", space="features", inversion_steps=30, capped_budget=1.0,
-        rounds=1, batch_size=64,
-    )  # fmt: skip
-    purified = defense.purify(model, Clean(tune, holdout))
+
+    def purify():
+        defense = build_defense(
+            "linf-pruning", device="cpu", space="features", inversion_steps=30,
+            capped_budget=1.0, rounds=1, batch_size=64,
+        )  # fmt: skip
+        return defense.purify(model, Clean(tune, holdout))
+
+    abstained = purify().log["trigger"]
+    assert abstained["target"] is None and abstained["suspected"] is not None, str(abstained)
+    assert abstained["size_ratio"] > EstimateConfig().mask_ratio
+    assert max(abstained["anomaly_index"]) < EstimateConfig().outlier_index
+
+    from torchpurify.defenses import linf_pruning
+
+    neutral = linf_pruning.suspect
+
+    def without_size_test(model, holdout, inversion, config=None, **kwargs):
+        config = dataclasses.replace(config or EstimateConfig(), mask_ratio=1.0)
+        return neutral(model, holdout, inversion, config, **kwargs)
+
+    monkeypatch.setattr(linf_pruning, "suspect", without_size_test)
+    purified = purify()
     log = purified.log
-    assert log["space"] == "features" and log["trigger"]["target"] is not None, log["trigger"]
+    assert log["space"] == "features" and log["trigger"]["target"] is not None, str(log["trigger"])
     masks = masked_layers(purified.model)
     assert log["num_pruned"] > 0 and list(masks) == ["block4.2"]
     assert int((masks["block4.2"] == 0).sum()) == log["num_pruned"]
