@@ -2,6 +2,7 @@
 that a real browser renders, and one-line errors for files that are not a results store."""
 
 import copy
+import dataclasses
 import json
 import re
 import shutil
@@ -625,3 +626,31 @@ def test_a_clean_model_not_suspected_before_counts_no_false_alarm_after():
              clean("gnft", 0, 0.81, 0.82)]  # fmt: skip
     counts = false_alarms_after(cells)
     assert counts == {"fine-pruning": (0, 1), "ft": (0, 1), "gnft": (1, 1)}
+
+
+def test_stored_family_records_are_judged_by_the_current_rule():
+    """A cell stored before the size test (methods.md §12.2) flagged a working capped trigger
+    whatever its size; the report judges its family records again: a mask at 0.6 of the other
+    labels' median, no outlier, no longer suspects — unless the cell ran with ``mask_ratio`` 1
+    — and an outlier suspects whatever its size. A record without per-family sizes keeps its
+    ``flagged``."""
+    from torchpurify.estimate import FamilyEstimate
+    from torchpurify.report import _flagged
+
+    def record(ratio, anomaly, est_asr=0.9, flagged=True):
+        family = FamilyEstimate(
+            family="mask", label=0, flagged=flagged, target=None, anomaly_index=anomaly,
+            size=ratio * 10, reference_size=10.0, success=1.0, est_asr=est_asr, budget=0.8,
+            seconds=1.0, sizes=[ratio * 10, 10.0, 10.0],
+        )  # fmt: skip
+        raw = dataclasses.asdict(family)
+        return {"family": "mask", "est_asr": est_asr, "flagged": flagged,
+                "families": {"mask": raw}}  # fmt: skip
+
+    assert not _flagged(record(0.6, 1.0))
+    assert _flagged(record(0.6, 1.0), {"mask_ratio": 1.0, "budget": 0.08})
+    assert _flagged(record(0.6, 3.5))
+    assert _flagged(record(0.1, 0.0))
+    assert not _flagged(record(0.1, 5.0, est_asr=0.3))
+    assert not _flagged({"est_asr": 0.9, "flagged": False})
+    assert _flagged({"est_asr": 0.9})
