@@ -105,7 +105,9 @@ RATIO_SOURCE = (
     "0.14-0.43; clean labels at mask 0.37-0.48, radius 0.61-0.85) and the four kws-cnn of "
     "configs/dev-audio-sweep.yaml (the clean one's false alarm: mask ratio 0.29-0.47, radius "
     "0.60-0.61, anomaly index at most 2.44; the pitch-style target an outlier, 4.05), and the "
-    "after-checks of their sweeps, methods.md §12.14"
+    "after-checks of their sweeps, methods.md §12.14; mask_ratio 0.2 -> 0.27 when the "
+    "noise-burst kws-cnn's estimate came in (its target 0 at mask ratio 0.25, below every "
+    "clean label's 0.29; the midpoint of that gap), methods.md §12.15"
 )
 # The settings that change the verdict but not the searches (a cached estimate is re-judged).
 VERDICT_SETTINGS = ("mask_ratio", "radius_ratio", "outlier_index")
@@ -161,7 +163,7 @@ class EstimateConfig:
     # The verdict's size test (module docstring; :func:`suspects`): a family suspects a backdoor
     # only when its label's trigger is at most this fraction of the other labels' median size.
     # They change the verdict, not the searches: a cached estimate is judged again with them.
-    mask_ratio: float = default(0.2, RATIO_SOURCE)
+    mask_ratio: float = default(0.27, RATIO_SOURCE)
     radius_ratio: float = default(0.5, RATIO_SOURCE)
     outlier_index: float = default(3.0, RATIO_SOURCE)
 
