@@ -183,9 +183,10 @@ class SalienceAR(FineTuneRecipe):
 
     epochs: int = default(10, PAPER)
     target: str = default(
-        "low", "pending: the paper's logic (low benign salience = infected, methods.md §4); "
-        "`high` was refused on evaluation seed 0 (§11.1), and on development seed 100 the "
-        "ranking flips with the defender split (§11.4); to be re-chosen on development cells"
+        "low", "dev: configs/dev-image-sweep-4.yaml (four small-cnn, seed 100) by the development "
+        "rule: `high` costs more on the guard's half (-2.3 / -1.7 points, backdoored / clean, "
+        "against -1.9 / -1.4) and leaves more backdoored models suspected (3 against 2); the "
+        "paper's logic kept (low benign salience = infected, methods.md §4, notebook §12.15)"
     )  # fmt: skip
     # "weight" (the paper's units) stays the default: on the development cells the channel units
     # (BN scale and shift) silence channels but cost more accuracy (methods.md §4, §11.4).

@@ -50,9 +50,6 @@ PENDING_RECHOICE: tuple[tuple[str, str], ...] = (
     ("gnft", "epochs"),
     ("gnft", "lr"),
     ("linf-pruning", "inversion_steps"),
-    ("linf-pruning", "rounds"),
-    ("linf-pruning", "stop_asr"),
-    ("salience-ar", "target"),
     ("sau", "epochs"),
 )
 
