@@ -6,10 +6,11 @@ For each cached development model (a folder of ``runs/dev-*/models`` with its
 ``estimate-before.json``, written by ``torchpurify run`` with ``--cache``) and each setting given,
 it runs the estimate before purification on the defender's holdout of the grid (the card's split,
 ``--defender-fraction``) and prints one JSON line: the setting, the model's attack and target
-(from its card: what a development model is known to be), every family's label, estimated ASR
-and flag, the verdict, the seconds and the sample passes. The stored estimate's config is the
-base every setting changes (so the audio models keep their families). No test data is read; the
-study still refuses models of evaluation seeds (< 100), since it chooses defaults.
+(from its card: what a development model is known to be), every family's label, estimated ASR,
+size ratio, anomaly index and flag, the verdict, the seconds and the sample passes. The stored
+estimate's config is the base every setting changes (so the audio models keep their families).
+No test data is read; the study still refuses models of evaluation seeds (< 100), since it
+chooses defaults.
 
     OMP_NUM_THREADS=1 PYTHONPATH=src python benchmarks/estimate_settings.py \\
         runs/dev-image/models/d7d9f6e85fa1 runs/dev-image/models/287c9cb86cd4 \\
@@ -89,7 +90,14 @@ def main() -> None:
                 "setting": text,
                 "verdict": [found.flagged, found.family, found.label, round(found.est_asr, 3)],
                 "families": {
-                    f: [r["label"], round(r["est_asr"], 3), r["flagged"], round(r["seconds"], 1)]
+                    f: [
+                        r["label"],
+                        round(r["est_asr"], 3),
+                        round(r["size_ratio"], 2),
+                        round(r["anomaly_index"], 2),
+                        r["flagged"],
+                        round(r["seconds"], 1),
+                    ]
                     for f, r in found.families.items()
                 },
                 "seconds": round(time.perf_counter() - started, 1),

@@ -1,7 +1,9 @@
 """Defaults, not recipes tuned per test: what the core defenses do at their registered defaults
 on small but real backdoored models (tests/conftest.py: a small-cnn trained on gratings with a
-3×3 BadNets patch to label 0, ACC and ASR 1.0; 480 tune and 240 holdout samples) — the 12×12
-task, where the patch is 6 % of the image, and the same task on 24×24 images (issue 29 item 5)."""
+3×3 BadNets patch to label 0, ACC and ASR 1.0; 480 tune and 240 holdout samples) on 24×24
+images (issue 29 item 5). On the 12×12 task, where the patch is 6 % of the image, no core
+default removes it since GN-FT's step was halved (1.000 -> 0.899; it was 0.084 at 0.01,
+notebook §12.15)."""
 
 import pytest
 
@@ -10,19 +12,6 @@ from torchpurify.defenses import Clean, build_defense
 from torchpurify.metrics import evaluate
 
 CORE = ("fine-pruning", "linf-pruning", "salience-ar", "gnft")
-
-
-def test_gnft_at_its_defaults_removes_the_tiny_backdoor(tiny_backdoor):
-    """Every field at its default (the guard included): GN-FT takes ASR from 1.0 to below 0.2
-    at no accuracy cost. Measured: 1.000 → 0.084 (the other core defaults leave this model's
-    backdoor in place — Fine-Pruning 0.917, Salience-AR 0.977, FT 1.0, ℓ∞ pruning abstains —
-    methods.md §12.12)."""
-    tiny = tiny_backdoor
-    before = evaluate(tiny.model, tiny.test, tiny.trigger, target=0, num_classes=tiny.num_classes)
-    result = build_defense("gnft", device="cpu").purify(tiny.model, Clean(tiny.tune, tiny.holdout))
-    after = evaluate(result.model, tiny.test, tiny.trigger, target=0, num_classes=tiny.num_classes)
-    assert result.log["guard"]["action"] == "kept"
-    assert after.asr < 0.2 < 0.9 < before.asr and after.acc >= before.acc - 0.02, (before, after)
 
 
 @pytest.fixture(scope="module")
@@ -37,7 +26,8 @@ def wide_backdoor():
 @pytest.mark.parametrize("name", CORE)
 def test_each_core_default_lowers_asr_on_a_small_real_backdoor(name, wide_backdoor):
     """Every field at its default (the guard included), on the 24×24 task: each core defense at
-    least halves the ASR at no real accuracy cost. Measured (one thread, 2026-12-07):
+    least halves the ASR at no real accuracy cost. Measured (one thread, 2026-12-07, at the
+    defaults of notebook §12.15 and before them alike):
     Fine-Pruning 1.000 → 0.000, ℓ∞ pruning 0.000, Salience-AR 0.182, GN-FT 0.000; ACC 1.000
     throughout (methods.md §12.14)."""
     tiny = wide_backdoor

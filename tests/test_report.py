@@ -630,9 +630,9 @@ def test_a_clean_model_not_suspected_before_counts_no_false_alarm_after():
 
 def test_stored_family_records_are_judged_by_the_current_rule():
     """A cell stored before the size test (methods.md §12.2) flagged a working capped trigger
-    whatever its size; the report judges its family records again: a mask at 0.6 of the other
-    labels' median, no outlier, no longer suspects — unless the cell ran with ``mask_ratio`` 1
-    — and an outlier suspects whatever its size. A record without per-family sizes keeps its
+    whatever its size; the report judges its family records again by today's thresholds: a mask
+    at 0.6 of the other labels' median, no outlier, no longer suspects, one at 0.1 does, and an
+    outlier suspects whatever its size. A record without per-family sizes keeps its
     ``flagged``."""
     from torchpurify.estimate import FamilyEstimate
     from torchpurify.report import _flagged
@@ -648,7 +648,7 @@ def test_stored_family_records_are_judged_by_the_current_rule():
                 "families": {"mask": raw}}  # fmt: skip
 
     assert not _flagged(record(0.6, 1.0))
-    assert _flagged(record(0.6, 1.0), {"mask_ratio": 1.0, "budget": 0.08})
+    assert _flagged(record(0.1, 1.0, flagged=False))  # judged again, not read
     assert _flagged(record(0.6, 3.5))
     assert _flagged(record(0.1, 0.0))
     assert not _flagged(record(0.1, 5.0, est_asr=0.3))

@@ -65,7 +65,8 @@ ORDER_SOURCE = (
     "dev: configs/dev-image-sweep.yaml, -2.yaml and -3.yaml (four small-cnn, seed 100) and "
     "configs/dev-audio-sweep.yaml (kws-cnn, seed 100): per family the defenses the guard kept "
     "and the after-check cleared, cheapest first, BTI-DBF(U) last; empty, the family's ORDER "
-    "(methods.md §12.14)"
+    "(methods.md §12.14); re-read at the defaults re-chosen in §12.15 (images parts 4-5, "
+    "audio part 2): the same order"
 )
 ROLLED_BACK = "rolled back to the input model"
 

@@ -639,19 +639,18 @@ def modality(row: dict) -> str:
     return "audio" if audio else "images"
 
 
-def _flagged(record: dict, config: dict | None = None) -> bool:
-    """The verdict of one moment's estimate under the current rule (methods.md §12.2): its
-    family records judged again with the verdict thresholds the cell ran with (``config``; the
-    defaults where it names none — a cell stored before the size test), so cells written by
-    different versions read alike; a record without per-family sizes keeps its ``flagged``,
-    else est. ASR ≥ 0.5 (the oldest cells)."""
-    from torchpurify.estimate import VERDICT_SETTINGS, EstimateConfig, FamilyEstimate, suspects
+def _flagged(record: dict) -> bool:
+    """The verdict of one moment's estimate under today's rule (methods.md §12.2): its family
+    records judged again with the default verdict thresholds, so cells written by different
+    versions — before the size test, or under an earlier threshold — read alike (what a cell's
+    own run acted on stays in its stored ``flagged``); a record without per-family sizes keeps
+    its ``flagged``, else est. ASR ≥ 0.5 (the oldest cells)."""
+    from torchpurify.estimate import EstimateConfig, FamilyEstimate, suspects
 
     families = list((record.get("families") or {}).values())
     fields = set(FamilyEstimate.__dataclass_fields__)
     if families and all(fields <= set(family) for family in families):
-        stored = {k: v for k, v in (config or {}).items() if k in VERDICT_SETTINGS}
-        rule = EstimateConfig(**stored)
+        rule = EstimateConfig()
         return any(suspects(FamilyEstimate.from_dict(family), rule) for family in families)
     flagged = record.get("flagged")
     return bool(record["est_asr"] >= HIGH_ASR if flagged is None else flagged)
@@ -661,8 +660,7 @@ def _flagged_after(estimate: dict) -> bool:
     """The verdict after purification: flagged after *and* before — a model nobody suspected is
     not flagged after (``Estimate.suspected_before``, methods.md §12.2); applied here too to
     cells stored before that rule."""
-    config = estimate.get("config")
-    return _flagged(estimate["after"], config) and _flagged(estimate["before"], config)
+    return _flagged(estimate["after"]) and _flagged(estimate["before"])
 
 
 def _family_estimates(record: dict) -> dict[str, float]:
@@ -721,8 +719,7 @@ def false_alarms(cells: list[dict], of: str | None = None) -> tuple[int, int]:
     before = {}
     for cell in cells:
         if cell["attack"] == "none" and cell.get("estimate") and of in (None, modality(cell)):
-            estimate = cell["estimate"]
-            before[cell["model_key"]] = _flagged(estimate["before"], estimate.get("config"))
+            before[cell["model_key"]] = _flagged(cell["estimate"]["before"])
     return sum(before.values()), len(before)
 
 

@@ -33,23 +33,12 @@ KINDS = ("paper:", "dev:", "protocol:", "pending:", "run setting")
 # nothing (issue 29). A source that names an evaluation spec or seed is allowed only here; when
 # a default is re-chosen on development cells, its source changes and its entry goes.
 PENDING_RECHOICE: tuple[tuple[str, str], ...] = (
-    ("bti-dbf", "generator_epochs"),
-    ("bti-dbf", "mask_epochs"),
-    ("bti-dbf", "rounds"),
     ("bti-dbf", "target_rule"),
-    ("bti-dbf", "unlearn_epochs"),
     ("estimate", "fit_samples"),
     ("estimate", "ladder_start"),
     ("estimate", "ladder_steps"),
     ("estimate", "mask_steps"),
     ("estimate", "radius_budget"),
-    ("fine-pruning", "epochs"),
-    ("fine-pruning", "lr"),
-    ("ft", "epochs"),
-    ("ft", "lr"),
-    ("gnft", "epochs"),
-    ("gnft", "lr"),
-    ("linf-pruning", "inversion_steps"),
     ("sau", "epochs"),
 )
 
