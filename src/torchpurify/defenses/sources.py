@@ -34,12 +34,8 @@ KINDS = ("paper:", "dev:", "protocol:", "pending:", "run setting")
 # a default is re-chosen on development cells, its source changes and its entry goes.
 PENDING_RECHOICE: tuple[tuple[str, str], ...] = (
     ("bti-dbf", "target_rule"),
-    ("estimate", "fit_samples"),
-    ("estimate", "ladder_start"),
     ("estimate", "ladder_steps"),
-    ("estimate", "mask_steps"),
     ("estimate", "radius_budget"),
-    ("sau", "epochs"),
 )
 
 ESTIMATE = "estimate"  # the owner name of the backdoor estimate's settings in the table
