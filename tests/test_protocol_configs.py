@@ -102,3 +102,53 @@ def test_the_baselines_run_on_the_evaluation_models_and_every_defense_is_evaluat
         }
         assert evaluated | AWAITING_EVALUATION == set(DEFENSES.names()), dataset
         assert not evaluated & AWAITING_EVALUATION, dataset
+
+
+CONFIRM = sorted(CONFIGS.glob("confirm-*.yaml"))
+CORE_AND_AUTO = {"fine-pruning", "linf-pruning", "salience-ar", "gnft", "auto"}
+
+
+def test_the_confirmation_grid_reads_only_fresh_seeds_and_covers_every_attack():
+    """Issue 27 item 6: seeds 3–5, which no development or evaluation spec names; on images every
+    attack, the all-to-all and 1 % BadNets and a clean control per seed; on audio the kws-cnn's
+    seven attacks and a clean control per seed and res8's on seed 3; the development recipe and
+    defender share; the core defenses and auto on every model; the baselines' parts on the
+    models of the core parts (same keys: nothing trained twice)."""
+    from torchpurify.spec import cell_jobs
+
+    confirm = jobs(CONFIRM)
+    assert {job.seed for job in confirm} == {3, 4, 5}
+    assert not {job.key for job in confirm} & {job.key for job in jobs(DEV + EVAL)}
+    for seed in (3, 4, 5):
+        image = [j for j in confirm if j.seed == seed and j.dataset.name == "fashion-mnist"]
+        assert {attack_name(j.attack) for j in image if j.attack} == IMAGE_ATTACKS
+        badnets = [j.attack for j in image if attack_name(j.attack) == "badnets"]
+        assert any(a.target_mode == "all-to-all" for a in badnets)
+        assert any(a.poison_rate == 0.01 for a in badnets)
+        for model in ("kws-cnn", "res8") if seed == 3 else ("kws-cnn",):
+            audio = [j for j in confirm if j.seed == seed and j.model == model]
+            assert {attack_name(j.attack) for j in audio if j.attack} == AUDIO_ATTACKS, model
+            assert any(j.attack is None for j in audio) and any(j.attack is None for j in image)
+    assert {j.model for j in confirm if j.dataset.name == "speech-synth" and j.seed > 3} == {
+        "kws-cnn"
+    }
+
+    def recipes(paths):
+        return {
+            (job.dataset.name, job.dataset.train_size, tuple(sorted(job.recipe.items())))
+            for job in jobs(paths)
+            if job.model in ("small-cnn", "kws-cnn")
+        }
+
+    assert recipes(CONFIRM) == recipes(DEV) == recipes(EVAL)
+    assert {load_spec(p).defender_fraction for p in CONFIRM + DEV} == {0.1}
+    core = [p for p in CONFIRM if "baselines" not in p.name]
+    for path in core:
+        spec = load_spec(path)
+        names = {cell.defense.name for cell in cell_jobs(spec, model_jobs(spec))}
+        assert CORE_AND_AUTO | {"ft"} <= names, path.name
+    for path in sorted(CONFIGS.glob("confirm-image-baselines-seed*.yaml")):
+        seed = path.stem.rsplit("seed", 1)[1]
+        assert {j.key for j in jobs([path])} == {
+            j.key for j in jobs([CONFIGS / f"confirm-image-seed{seed}.yaml"])
+        }
