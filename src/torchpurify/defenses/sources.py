@@ -35,7 +35,6 @@ KINDS = ("paper:", "dev:", "protocol:", "pending:", "run setting")
 PENDING_RECHOICE: tuple[tuple[str, str], ...] = (
     ("bti-dbf", "target_rule"),
     ("estimate", "ladder_steps"),
-    ("estimate", "radius_budget"),
 )
 
 ESTIMATE = "estimate"  # the owner name of the backdoor estimate's settings in the table
