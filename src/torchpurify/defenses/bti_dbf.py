@@ -125,9 +125,12 @@ class BackdoorTriggerInversionUnlearning(Defense):
         16, "protocol: the estimate's generator width (neurons/generator.py, methods.md §7.2)"
     )
     target_rule: str = default(
-        "search", "pending: development cells (methods.md §6.12); the authors' vote ('vote') "
-        "named label 3 of the tiny test task, whose backdoor targets 0; the estimate's "
-        "generator search (methods.md §7.2) named 0"
+        "search", "dev: configs/dev-image-sweep-7.yaml against -5.yaml (four small-cnn, seed "
+        "100, one round) by the development rule: the authors' vote is as cheap on the guard's "
+        "half (-0.4 / -0.3 points against -0.5 / -0.3) and leaves as many backdoored models "
+        "suspected (1), but a higher estimated ASR after (0.597 against 0.473), at 88 s a cell "
+        "against 228 s; on the tiny test task the vote named label 3, the search the target 0 "
+        "(methods.md §6.12, notebook §12.15)"
     )  # fmt: skip
 
     def validate(self) -> None:

@@ -33,7 +33,6 @@ KINDS = ("paper:", "dev:", "protocol:", "pending:", "run setting")
 # nothing (issue 29). A source that names an evaluation spec or seed is allowed only here; when
 # a default is re-chosen on development cells, its source changes and its entry goes.
 PENDING_RECHOICE: tuple[tuple[str, str], ...] = (
-    ("bti-dbf", "target_rule"),
     ("estimate", "ladder_steps"),
 )
 
