@@ -32,7 +32,7 @@ KINDS = ("paper:", "dev:", "protocol:", "pending:", "run setting")
 # The defaults whose only evidence is an evaluation cell (seed 0 of methods.md §11.1) or
 # nothing (issue 29). A source that names an evaluation spec or seed is allowed only here; when
 # a default is re-chosen on development cells, its source changes and its entry goes.
-PENDING_RECHOICE: tuple[tuple[str, str], ...] = (("estimate", "ladder_steps"),)
+PENDING_RECHOICE: tuple[tuple[str, str], ...] = ()
 
 ESTIMATE = "estimate"  # the owner name of the backdoor estimate's settings in the table
 
