@@ -645,13 +645,13 @@ def _flagged(record: dict) -> bool:
     versions — before the size test, or under an earlier threshold — read alike (what a cell's
     own run acted on stays in its stored ``flagged``); a record without per-family sizes keeps
     its ``flagged``, else est. ASR ≥ 0.5 (the oldest cells)."""
-    from torchpurify.estimate import EstimateConfig, FamilyEstimate, suspects
+    from torchpurify.estimate import EstimateConfig, FamilyEstimate, judge
 
-    families = list((record.get("families") or {}).values())
+    families = record.get("families") or {}
     fields = set(FamilyEstimate.__dataclass_fields__)
-    if families and all(fields <= set(family) for family in families):
-        rule = EstimateConfig()
-        return any(suspects(FamilyEstimate.from_dict(family), rule) for family in families)
+    if families and all(fields <= set(family) for family in families.values()):
+        records = {name: FamilyEstimate.from_dict(family) for name, family in families.items()}
+        return judge(records, EstimateConfig(), seconds=0.0).flagged
     flagged = record.get("flagged")
     return bool(record["est_asr"] >= HIGH_ASR if flagged is None else flagged)
 
