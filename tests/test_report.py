@@ -654,3 +654,30 @@ def test_stored_family_records_are_judged_by_the_current_rule():
     assert not _flagged(record(0.1, 5.0, est_asr=0.3))
     assert not _flagged({"est_asr": 0.9, "flagged": False})
     assert _flagged({"est_asr": 0.9})
+
+
+def test_the_guard_section_counts_rollbacks_and_guard_cost_per_modality():
+    """Per modality and defense: rollbacks of the cells with a guard record, and the mean
+    guard-half cost on backdoored and on clean models; cells without a guard are not counted."""
+    from torchpurify.report import guard_section
+
+    def cell(label, key, guard, dataset, asr_before=1.0):
+        row = _sweep_cell(label, key, guard, 0.1, False, asr_before=asr_before)
+        row.update(dataset=dataset, model="kws-cnn" if dataset == "speech-synth" else "small-cnn")
+        if guard is None:
+            row["log"] = {}
+        return row
+
+    cells = [
+        cell("gnft", "img-bad", _guard(0.90, 0.88), "fashion-mnist"),
+        cell("gnft", "img-bad2", _guard(0.90), "fashion-mnist"),
+        cell("gnft", "img-clean", _guard(0.90, 0.895), "fashion-mnist", asr_before=None),
+        cell("ft", "img-bad", None, "fashion-mnist"),
+        cell("gnft", "kws-bad", _guard(0.80, 0.79), "speech-synth"),
+    ]
+    blocks = guard_section(cells)
+    tables = [b for b in blocks if hasattr(b, "rows")]
+    audio, images = tables  # modalities in name order
+    assert images.rows == [["gnft", "3", "1 of 3 (33 %)", "-1.0", "-0.5"]]  # ft: no guard
+    assert audio.rows == [["gnft", "1", "0 of 1 (0 %)", "-1.0", "–"]]
+    assert guard_section([cell("ft", "img-bad", None, "fashion-mnist")]) == []

@@ -962,6 +962,7 @@ def _write_pages(db: Path, out: Path, models: list[dict], cells: list[dict]) -> 
         *defense_section(settings, out),
         *overview_section(settings),
         *estimate_section(cells, out),
+        *guard_section(cells),
         *sweep_section(cells),
         *pruning_section(settings, out),
         *identification_section(settings),
@@ -1107,6 +1108,62 @@ def sweep_section(cells: list[dict]) -> list:
                 _sweep_mark(s),
             ])  # fmt: skip
         blocks += [Heading(defense, 3), table]
+    return blocks
+
+
+def guard_rows(cells: list[dict]) -> dict[str, list[dict]]:
+    """Modality → one row per defense label (latest run of each model and label, labels in the
+    order first seen): cells, cells with a guard record, rollbacks, and the mean accuracy lost
+    on the guard's samples (points) on backdoored and on clean models."""
+    latest: dict[tuple, dict] = {}
+    for row in sorted(cells, key=lambda r: r["finished_at"]):
+        latest[row["label"], row["model_key"]] = row
+    by: dict[str, dict[str, list[dict]]] = {}
+    for row in latest.values():
+        by.setdefault(modality(row), {}).setdefault(row["label"], []).append(row)
+    out: dict[str, list[dict]] = {}
+    for of, labels in sorted(by.items()):
+        out[of] = []
+        for label, rows in labels.items():
+            costs = [(guard_cost(r), r["asr_before"] is not None) for r in rows]
+            guarded = [(c, bad) for c, bad in costs if c[0] is not None]
+            out[of].append({
+                "label": label, "cells": len(rows), "guarded": len(guarded),
+                "rolled_back": sum(c[1] for c, _ in guarded),
+                "cost": _mean([c[0] for c, bad in guarded if bad]),
+                "clean_cost": _mean([c[0] for c, bad in guarded if not bad]),
+            })  # fmt: skip
+    return out
+
+
+def guard_section(cells: list[dict]) -> list:
+    """How often each defense's guard rolled it back, and what the kept results cost on the
+    guard's own samples — per modality, defender-side numbers only."""
+    rows = guard_rows(cells)
+    if not any(r["guarded"] for table in rows.values() for r in table):
+        return []
+    blocks = [
+        Heading("The guard: rollbacks and cost on its own samples", 2),
+        Text(
+            "Per modality and defense, on the latest run of each model: the cells whose guard "
+            "rolled the defense back to the model it was given (of the cells with a guard "
+            "record), and the mean accuracy change on the guard's half of the holdout, which no "
+            "selection read (points; a rolled-back cell counts 0), on backdoored and on clean "
+            "models. The test set's change is in the tables above."
+        ),
+    ]
+    header = ["defense", "cells", "rolled back", "guard Δ backdoored", "guard Δ clean"]
+    for of, table_rows in rows.items():
+        table = Table(header, [])
+        for r in table_rows:
+            if not r["guarded"]:
+                continue
+            table.rows.append([
+                r["label"], str(r["cells"]), rate(r["rolled_back"], r["guarded"]),
+                _points(r["cost"]), _points(r["clean_cost"]),
+            ])  # fmt: skip
+        if table.rows:
+            blocks += [Heading(f"The guard: {of}", 3), table]
     return blocks
 
 
