@@ -10,6 +10,8 @@
 - each modality: no default rolled back by its guard on more than a quarter of its cells; on
   the clean models every default costs ≤ 1 test point; the estimate's false all-clears ≤ 5 % of
   the backdoored cells, false alarms on clean models ≤ 1, Spearman ρ ≥ 0.7 (methods.md §12.2);
+- the estimate before purification at most the median defense's seconds on the same model
+  (methods.md §12.2), and the check after against its defense;
 - ``auto``: per attack its mean DER at least the best single default's; on clean models it
   costs nothing; its mean seconds; each run that left ASR > 0.10, with its choice and why.
 
@@ -235,6 +237,38 @@ def modality_targets(of: str, settings, cells: list[dict]) -> list[Target]:
     return out
 
 
+def cost_targets(of: str, cells: list[dict]) -> list[Target]:
+    """The estimate's cost against the defenses': per model, the estimate before purification
+    ÷ the median seconds of the defenses run on it (``auto`` left out, as it runs the estimate
+    itself), and per cell the check after ÷ that defense's seconds; medians over models and
+    cells."""
+    by_model: dict[str, list[dict]] = {}
+    for c in cells:
+        if c["label"] != AUTO and c.get("estimate") and c["seconds"]:
+            by_model.setdefault(c["model_key"], []).append(c)
+    before, after = [], []
+    for rows in by_model.values():
+        spent = [(r["estimate"].get("before") or {}).get("seconds") for r in rows]
+        spent = [v for v in spent if v is not None]
+        defense = statistics.median(r["seconds"] for r in rows)
+        if spent and defense > 0:
+            before.append(statistics.median(spent) / defense)
+        for r in rows:
+            seconds = (r["estimate"].get("after") or {}).get("seconds")
+            if seconds is not None:
+                after.append(seconds / r["seconds"])
+    if not before:
+        return []
+    return [
+        Target(of, "the estimate before ÷ the median defense on the same model ≤ 1",
+               f"median {statistics.median(before):.2f} (range {min(before):.2f}–"
+               f"{max(before):.2f}) over {len(before)} models",
+               statistics.median(before) <= 1.0),
+        Target(of, "the check after ÷ its defense", f"median {statistics.median(after):.2f} "
+               f"over {len(after)} cells", None),
+    ]  # fmt: skip
+
+
 def auto_targets(of: str, settings) -> list[Target]:
     out, seconds = [], []
     for s in settings:
@@ -279,6 +313,7 @@ def targets(models: list[dict], cells: list[dict]) -> list[Target]:
         mine = [s for s in settings if s.cells and modality(s.cells[0]) == of]
         out += image_targets(mine) if of == "images" else audio_targets(mine)
         out += modality_targets(of, mine, [c for c in cells if modality(c) == of])
+        out += cost_targets(of, [c for c in cells if modality(c) == of])
         out += auto_targets(of, mine)
     return out
 

@@ -106,3 +106,18 @@ def test_targets_read_a_store_by_its_rules():
     assert best.value.startswith("gnft")
     auto = next(t for t in targets([], cells) if "auto's mean DER" in t.name)
     assert auto.met
+
+
+def test_targets_compare_the_estimate_with_the_median_defense_of_its_model():
+    """The estimate before ÷ the median defense seconds on its model (auto left out)."""
+    module = _targets_module()
+    cells = []
+    for label, seconds in (("ft", 10.0), ("gnft", 30.0), ("linf-pruning", 50.0), ("auto", 900.0)):
+        cell = _cell("badnets", 0, label, -1.0, 0.1, est=(0.9, 0.1))
+        cell["seconds"] = seconds
+        cell["estimate"]["before"]["seconds"] = 60.0
+        cell["estimate"]["after"]["seconds"] = 3.0
+        cells.append(cell)
+    before, after = module.cost_targets("images", cells)
+    assert before.value.startswith("median 2.00") and not before.met  # 60 s ÷ median 30 s
+    assert after.value == "median 0.10 over 3 cells"
