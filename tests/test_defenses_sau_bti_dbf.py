@@ -14,6 +14,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from tests.conftest import make_tiny_backdoor
 from torchpurify.data.base import Split
 from torchpurify.defenses import Clean, build_defense
 from torchpurify.defenses.bti_dbf import BackdoorTriggerInversionUnlearning
@@ -25,19 +26,31 @@ from torchpurify.train import TrainConfig, fit
 
 # Recipes sized for the tiny task (480 tune images, 7 steps an epoch at batch 64), from runs on
 # it (methods.md §6.11, §6.12). SAU at its defaults (lr 1e-4, 20 epochs) leaves ASR 0.95 there.
+# BTI-DBF runs on the 24×24 task (tests/conftest.py), where the 3×3 patch is 1.6 % of the image:
+# on 12×12 (6 %) label 0's generator radius is ~0.51 of the others' median, at the search's
+# threshold, so whether it names the target varies with the machine's arithmetic (1 of 4 seeds
+# on one machine, every seed on another); at 24×24 it names label 0 on every seed tried (0-3)
+# with every recipe tried, ASR ≤ 0.003 after.
 TINY = {
     "sau": {"epochs": 3, "lr": 0.001},
     "bti-dbf": {"rounds": 1, "mask_epochs": 2, "generator_epochs": 2, "unlearn_epochs": 5},
 }
+WIDE = {"bti-dbf"}
+
+
+@pytest.fixture(scope="module")
+def wide_backdoor():
+    return make_tiny_backdoor(size=24)
 
 
 @pytest.mark.parametrize("name", sorted(TINY))
-def test_removes_the_tiny_backdoor(name, tiny_backdoor):
+def test_removes_the_tiny_backdoor(name, request):
+    tiny = request.getfixturevalue("wide_backdoor" if name in WIDE else "tiny_backdoor")
     defense = build_defense(name, device="cpu", batch_size=64, **TINY[name])
-    result = defense.purify(tiny_backdoor.model, Clean(tiny_backdoor.tune, tiny_backdoor.holdout))
+    result = defense.purify(tiny.model, Clean(tiny.tune, tiny.holdout))
     before, after = (
-        evaluate(m, tiny_backdoor.test, tiny_backdoor.trigger, target=0, num_classes=6)
-        for m in (tiny_backdoor.model, result.model)
+        evaluate(m, tiny.test, tiny.trigger, target=0, num_classes=tiny.num_classes)
+        for m in (tiny.model, result.model)
     )
     assert before.asr > 0.9 and after.asr < 0.2, (before, after)
     assert after.acc > before.acc - 0.03 and result.log["guard"]["action"] == "kept"
