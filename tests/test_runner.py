@@ -137,6 +137,49 @@ def test_a_cell_never_attaches_to_weights_with_another_hash(finished, tmp_path, 
     assert stored == [(2,)]  # only the two cells of the first run: none on the changed weights
 
 
+def test_retire_moves_the_results_of_lost_weights_aside_and_the_grid_reruns_them(
+    finished, tmp_path
+):
+    """Weights lost (a model folder gone, another one's hash changed): `torchpurify retire
+    --cache` moves exactly those models and their cells to the archive, every column kept; the
+    same spec then retrains them under their keys and runs their cells afresh."""
+    import shutil
+
+    spec, folder, _ = finished
+    results, cache, archive = tmp_path / "results.db", tmp_path / "cache", tmp_path / "old.db"
+    results.write_bytes((folder / "results.db").read_bytes())
+    shutil.copytree(folder / "cache", cache)
+    keys = [k for (k,) in read(results, "SELECT key FROM models ORDER BY key")]
+    shutil.rmtree(cache / keys[0])  # lost
+    weights = cache / keys[1] / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-4] + b"\0\0\0\0")  # another hash
+    before = {r[0]: r for r in read(results, "SELECT * FROM cells")}
+    cli = CliRunner()
+    dry = cli.invoke(app, ["retire", "--results", str(results), "--archive", str(archive),
+                           "--cache", str(cache), "--dry-run"])  # fmt: skip
+    assert dry.exit_code == 0 and "dry run: 2 models and 4 cells" in dry.output
+    assert not archive.exists() and len(read(results, "SELECT key FROM cells")) == 8
+    done = cli.invoke(app, ["retire", "--results", str(results), "--archive", str(archive),
+                            "--cache", str(cache)])  # fmt: skip
+    assert done.exit_code == 0, done.output
+    assert "moved 2 models and 4 cells" in done.output and "another hash" in done.output
+    moved = {r[0]: r for r in read(archive, "SELECT * FROM cells")}
+    assert {r[2] for r in moved.values()} == {keys[0], keys[1]}  # model_key
+    assert all(moved[k] == before[k] for k in moved)  # every column as it was
+    assert sorted(k for (k,) in read(results, "SELECT key FROM models")) == keys[2:]
+    again = cli.invoke(app, ["retire", "--results", str(results), "--archive", str(archive),
+                             "--cache", str(cache)])  # fmt: skip
+    assert "nothing to retire" in again.output
+    unknown = cli.invoke(app, ["retire", "--results", str(results), "--archive", str(archive),
+                               "--model", "nope"])  # fmt: skip
+    assert unknown.exit_code != 0 and "has no model nope" in unknown.output
+    shutil.rmtree(cache / keys[1])  # the changed folder goes too, so the runner retrains it
+    rows = runner.run_experiment(spec, results, cache, progress=False)
+    assert len(rows) == 8 and len(read(results, "SELECT key FROM cells")) == 8
+    fresh = {k for (k,) in read(results, "SELECT model_key FROM cells")}
+    assert fresh == set(keys)
+
+
 def test_training_gives_one_hash_whatever_the_callers_thread_count(tmp_path):
     """The runner trains with a fixed thread count and deterministic algorithms: the same job
     gives bit-identical weights when the caller runs 1 or 2 intra-op threads."""

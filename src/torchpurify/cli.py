@@ -1239,6 +1239,58 @@ def run_spec(
     out.print(f"results: {results}")
 
 
+@command()
+def retire(
+    results: Annotated[Path, typer.Option(help="The results store to retire models from.")],
+    archive: Annotated[
+        Path, typer.Option(help="The store that receives them (created on first use).")
+    ],
+    cache: Annotated[
+        Path | None,
+        typer.Option(
+            help="Retire every model whose weights this cache lacks or holds with "
+            "another hash than the store recorded."
+        ),
+    ] = None,
+    model: Annotated[
+        list[str] | None, typer.Option(help="A model key to retire (repeatable).")
+    ] = None,
+    dry_run: Annotated[bool, typer.Option(help="Say what would move; change nothing.")] = False,
+) -> None:
+    """Move models and every cell measured on them from a results store into an archive store,
+    so `run` can train them afresh under the same keys: for results whose weights are lost
+    (another machine's arithmetic gives other weights, and a cell never attaches to weights
+    with another hash). Nothing is deleted that the archive does not hold."""
+    from torchpurify.runner import lost_models
+    from torchpurify.store import Store
+
+    if not results.is_file():
+        raise UserError(f"{results} does not exist; give the results store the runner wrote")
+    if cache is None and not model:
+        raise UserError("name the models to retire: --model KEY, or --cache DIR for the lost ones")
+    with Store(results) as store:
+        chosen = {key: "named" for key in model or []}
+        if cache is not None:
+            chosen.update(lost_models(store, cache))
+        known = {row["key"] for row in store.models()}
+        unknown = sorted(set(chosen) - known)
+        if unknown:
+            raise UserError(f"{results} has no model {unknown[0]}")
+        cells = [c for c in store.cells() if c["model_key"] in chosen]
+        for key, why in sorted(chosen.items()):
+            count = sum(c["model_key"] == key for c in cells)
+            print(f"{key[:12]}…  {count} cells  ({why})")
+        if not chosen:
+            print(f"nothing to retire: every model of {results} has its weights in {cache}")
+            return
+        if dry_run:
+            print(f"dry run: {len(chosen)} models and {len(cells)} cells would move to {archive}")
+            return
+        with Store(archive) as target:
+            moved = store.retire(chosen, target)
+    print(f"moved {moved[0]} models and {moved[1]} cells from {results} to {archive}")
+
+
 @command("make-speech")
 def make_speech(
     out_dir: Annotated[

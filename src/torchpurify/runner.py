@@ -32,7 +32,7 @@ from torchpurify.data import load_dataset
 from torchpurify.errors import UserError, check
 from torchpurify.experiment import defender_data, purify_model, train_model, trigger_of
 from torchpurify.models import build_model
-from torchpurify.models.io import CARD, load_model, versions, weights_sha256
+from torchpurify.models.io import CARD, WEIGHTS, load_model, versions, weights_sha256
 from torchpurify.outputs import check_writable, sweep_staging
 from torchpurify.report import fmt, mean_std
 from torchpurify.spec import CellJob, ExperimentSpec, ModelJob, attack_name, cell_jobs, model_jobs
@@ -242,8 +242,23 @@ def check_same_weights(row: dict[str, Any] | None, digest: str, name: str) -> No
         raise UserError(
             f"{name}: the model's weights (sha256 {digest[:12]}…) are not those the results "
             f"store recorded (sha256 {recorded[:12]}…), so its stored cells were measured on "
-            "other weights; restore the cached model folder, or give a new --results store"
+            "other weights; restore the cached model folder, give a new --results store, or "
+            "move its results aside with `torchpurify retire`"
         )
+
+
+def lost_models(store: Store, cache: str | Path) -> dict[str, str]:
+    """Model key → why: the store's models whose weights the cache no longer holds (no folder)
+    or holds with another hash than the store recorded — the models whose stored cells no
+    cached weights can reproduce (``torchpurify retire``)."""
+    lost = {}
+    for row in store.models():
+        folder = Path(cache) / row["key"]
+        if not (folder / WEIGHTS).is_file():
+            lost[row["key"]] = f"no weights under {folder}"
+        elif row.get("weights_sha256") and weights_sha256(folder) != row["weights_sha256"]:
+            lost[row["key"]] = f"the weights under {folder} have another hash"
+    return lost
 
 
 def model_row(job: ModelJob, folder: Path, card: dict[str, Any]) -> dict[str, Any]:

@@ -25,7 +25,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from torchpurify.errors import UserError
+from torchpurify.errors import UserError, check
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS models (
@@ -248,6 +248,28 @@ class Store:
             cursor = self.connection.execute(f"{verb} INTO {table} ({names}) VALUES ({marks})", row)
             self.connection.execute("DELETE FROM leases WHERE key = ?", (lease,))
         return cursor.rowcount == 1
+
+    def retire(self, model_keys: Iterable[str], archive: Store) -> tuple[int, int]:
+        """Move the rows of the models ``model_keys`` and of every cell measured on them into
+        ``archive`` (another store), then delete them here, so the runner can train those
+        models afresh under the same keys (their weights were lost, and a retrained model with
+        another hash may not inherit their cells). Nothing is dropped: the archive keeps every
+        column. Returns (models, cells) moved."""
+        keys = sorted(set(model_keys))
+        check(bool(keys), "name at least one model to retire")
+        check(archive.path.resolve() != self.path.resolve(),
+              "the archive must be another store than the one retired from")  # fmt: skip
+        models = self.models(keys)
+        cells = [c for c in self.cells() if c["model_key"] in set(keys)]
+        for row in models:
+            archive.add_model(row)
+        for row in cells:
+            archive.add_cell(row)
+        marks = ", ".join("?" * len(keys))
+        with self.connection:  # the archive holds them: delete here in one transaction
+            self.connection.execute(f"DELETE FROM cells WHERE model_key IN ({marks})", keys)
+            self.connection.execute(f"DELETE FROM models WHERE key IN ({marks})", keys)
+        return len(models), len(cells)
 
     # ------------------------------------------------------------------------- leases
 
