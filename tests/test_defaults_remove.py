@@ -7,20 +7,10 @@ notebook §12.15)."""
 
 import pytest
 
-from tests.conftest import make_tiny_backdoor
 from torchpurify.defenses import Clean, build_defense
 from torchpurify.metrics import evaluate
 
 CORE = ("fine-pruning", "linf-pruning", "salience-ar", "gnft")
-
-
-@pytest.fixture(scope="module")
-def wide_backdoor():
-    """The tiny task on 24×24 images: the same gratings, the same 3×3 patch to label 0 and the
-    same recipe, but the patch is 1.6 % of the image (6 % at 12×12) — closer to a real BadNets
-    trigger (1.1 % of a 28×28 Fashion-MNIST image), where the core methods' own assumptions
-    (a small trigger, dormant or trigger-peaked neurons) hold."""
-    return make_tiny_backdoor(size=24)
 
 
 @pytest.mark.parametrize("name", CORE)

@@ -53,9 +53,15 @@ REMOVES = {
 }
 
 
+# Fine-Pruning on the 24×24 task: on 12×12 its cut, read on the selection half, decides the
+# result, and the seed decides the cut (ASR after 0.002 / 0.485 / 0.746 / 0.824 for seeds 0-3 at
+# this recipe); on 24×24 0.000 on each of them.
+WIDE = {"fine-pruning"}
+
+
 @pytest.mark.parametrize(("name", "extra"), sorted(REMOVES.items()))
-def test_defense_lowers_asr_keeps_acc_and_leaves_the_input_alone(name, extra, tiny_backdoor):
-    tiny = tiny_backdoor
+def test_defense_lowers_asr_keeps_acc_and_leaves_the_input_alone(name, extra, request):
+    tiny = request.getfixturevalue("wide_backdoor" if name in WIDE else "tiny_backdoor")
     original = copy.deepcopy(tiny.model)
     before = measure(tiny.model, tiny)
     defense = build_defense(name, device="cpu", batch_size=64, **{**TINY[name], **extra})

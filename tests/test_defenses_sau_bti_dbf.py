@@ -14,7 +14,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from tests.conftest import make_tiny_backdoor
 from torchpurify.data.base import Split
 from torchpurify.defenses import Clean, build_defense
 from torchpurify.defenses.bti_dbf import BackdoorTriggerInversionUnlearning
@@ -36,11 +35,6 @@ TINY = {
     "bti-dbf": {"rounds": 1, "mask_epochs": 2, "generator_epochs": 2, "unlearn_epochs": 5},
 }
 WIDE = {"bti-dbf"}
-
-
-@pytest.fixture(scope="module")
-def wide_backdoor():
-    return make_tiny_backdoor(size=24)
 
 
 @pytest.mark.parametrize("name", sorted(TINY))
