@@ -159,6 +159,12 @@ def test_retire_moves_the_results_of_lost_weights_aside_and_the_grid_reruns_them
                            "--cache", str(cache), "--dry-run"])  # fmt: skip
     assert dry.exit_code == 0 and "dry run: 2 models and 4 cells" in dry.output
     assert not archive.exists() and len(read(results, "SELECT key FROM cells")) == 8
+    with Store(results) as store:  # a runner at work: nothing moves under it
+        assert store.claim("some-cell", "another-runner")
+        busy = cli.invoke(app, ["retire", "--results", str(results), "--archive", str(archive),
+                                "--cache", str(cache)])  # fmt: skip
+        assert busy.exit_code != 0 and "a runner is working on" in busy.output
+        store.release("some-cell", "another-runner")
     done = cli.invoke(app, ["retire", "--results", str(results), "--archive", str(archive),
                             "--cache", str(cache)])  # fmt: skip
     assert done.exit_code == 0, done.output

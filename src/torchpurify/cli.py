@@ -1286,6 +1286,11 @@ def retire(
         if dry_run:
             print(f"dry run: {len(chosen)} models and {len(cells)} cells would move to {archive}")
             return
+        if store.live_leases():  # a runner at work would train or store under these keys
+            raise UserError(
+                f"a runner is working on {results} ({len(store.live_leases())} live leases); "
+                "retire when it has stopped"
+            )
         with Store(archive) as target:
             moved = store.retire(chosen, target)
     print(f"moved {moved[0]} models and {moved[1]} cells from {results} to {archive}")
