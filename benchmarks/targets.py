@@ -36,6 +36,7 @@ from torchpurify.errors import UserError
 from torchpurify.logs import AutoLog, parse_log
 from torchpurify.report import (
     _latest_runs,
+    _mean,
     _paired,
     estimate_points,
     false_alarms,
@@ -63,11 +64,6 @@ class Target:
     def line(self) -> str:
         mark = {True: "met", False: "MISSED", None: "n/a"}[self.met]
         return f"[{mark:>6}] {self.modality}: {self.name}: {self.value}"
-
-
-def _mean(values: list) -> float | None:
-    present = [v for v in values if v is not None]
-    return statistics.fmean(present) if present else None
 
 
 def seed_means(setting, label: str) -> dict | None:

@@ -178,7 +178,17 @@ def test_retire_moves_the_results_of_lost_weights_aside_and_the_grid_reruns_them
     assert "nothing to retire" in again.output
     unknown = cli.invoke(app, ["retire", "--results", str(results), "--archive", str(archive),
                                "--model", "nope"])  # fmt: skip
-    assert unknown.exit_code != 0 and "has no model nope" in unknown.output
+    assert unknown.exit_code == 2 and "has no model nope" in unknown.output
+    typo = cli.invoke(app, ["retire", "--results", str(results), "--archive", str(archive),
+                            "--cache", str(tmp_path / "cahce")])  # fmt: skip
+    assert typo.exit_code == 2 and "is not a folder" in typo.output  # not "all of it is lost"
+    # an archive that already holds a model (retired before) takes nothing: no row of it would
+    # be replaced, and no cell dropped by INSERT OR IGNORE and then deleted here
+    with Store(archive) as source, Store(tmp_path / "twice.db") as twice:
+        twice.add_model(source.model(keys[0]))
+        with pytest.raises(UserError, match="already holds"):
+            source.retire([keys[0]], twice)
+        assert source.model(keys[0]) is not None and len(source.cells()) == 4
     shutil.rmtree(cache / keys[1])  # the changed folder goes too, so the runner retrains it
     rows = runner.run_experiment(spec, results, cache, progress=False)
     assert len(rows) == 8 and len(read(results, "SELECT key FROM cells")) == 8

@@ -1268,6 +1268,8 @@ def retire(
         raise UserError(f"{results} does not exist; give the results store the runner wrote")
     if cache is None and not model:
         raise UserError("name the models to retire: --model KEY, or --cache DIR for the lost ones")
+    if cache is not None and not cache.is_dir():
+        raise UserError(f"--cache {cache} is not a folder; give the cache the runner trained into")
     with Store(results) as store:
         chosen = {key: "named" for key in model or []}
         if cache is not None:
@@ -1286,9 +1288,10 @@ def retire(
         if dry_run:
             print(f"dry run: {len(chosen)} models and {len(cells)} cells would move to {archive}")
             return
-        if store.live_leases():  # a runner at work would train or store under these keys
+        leases = store.live_leases()  # a runner at work would train or store under these keys
+        if leases:
             raise UserError(
-                f"a runner is working on {results} ({len(store.live_leases())} live leases); "
+                f"a runner is working on {results} ({len(leases)} live leases); "
                 "retire when it has stopped"
             )
         with Store(archive) as target:

@@ -1003,17 +1003,23 @@ def _mean(values: list) -> float | None:
     return float(statistics.mean(present)) if present else None
 
 
+def _latest_per_model(cells: list[dict]) -> list[dict]:
+    """The latest run of each defense label on each model: a repeated run replaces its earlier
+    record."""
+    latest: dict[tuple, dict] = {}
+    for row in sorted(cells, key=lambda r: r["finished_at"]):
+        latest[row["label"], row["model_key"]] = row
+    return list(latest.values())
+
+
 def sweep_summary(cells: list[dict]) -> dict[str, list[dict]]:
     """Defense → one summary per label (in the order first seen) of the latest cells: models,
     rollbacks, mean guard-half cost on backdoored and clean models, backdoored models suspected
     after, mean estimated ASR after, mean seconds; ``complete`` says whether the label ran on
     every model of its defense (only complete labels are ranked); ``chosen`` marks the rule's
     pick."""
-    latest: dict[tuple, dict] = {}  # a repeated run replaces its earlier record
-    for row in sorted(cells, key=lambda r: r["finished_at"]):
-        latest[row["label"], row["model_key"]] = row
     by: dict[str, dict[str, list[dict]]] = {}
-    for row in latest.values():
+    for row in _latest_per_model(cells):
         by.setdefault(row["defense"], {}).setdefault(row["label"], []).append(row)
     out: dict[str, list[dict]] = {}
     for defense, labels in by.items():
@@ -1115,11 +1121,8 @@ def guard_rows(cells: list[dict]) -> dict[str, list[dict]]:
     """Modality → one row per defense label (latest run of each model and label, labels in the
     order first seen): cells, cells with a guard record, rollbacks, and the mean accuracy lost
     on the guard's samples (points) on backdoored and on clean models."""
-    latest: dict[tuple, dict] = {}
-    for row in sorted(cells, key=lambda r: r["finished_at"]):
-        latest[row["label"], row["model_key"]] = row
     by: dict[str, dict[str, list[dict]]] = {}
-    for row in latest.values():
+    for row in _latest_per_model(cells):
         by.setdefault(modality(row), {}).setdefault(row["label"], []).append(row)
     out: dict[str, list[dict]] = {}
     for of, labels in sorted(by.items()):

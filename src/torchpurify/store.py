@@ -261,6 +261,14 @@ class Store:
               "the archive must be another store than the one retired from")  # fmt: skip
         models = self.models(keys)
         cells = [c for c in self.cells() if c["model_key"] in set(keys)]
+        taken = [r["key"] for r in archive.models(keys)] + sorted(
+            archive.cell_keys() & {c["key"] for c in cells}
+        )
+        if taken:
+            raise UserError(
+                f"{archive.path} already holds {taken[0][:12]}… (retired before?): give another "
+                "archive, so no retired row replaces or drops another"
+            )
         for row in models:
             archive.add_model(row)
         for row in cells:
