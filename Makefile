@@ -5,7 +5,8 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 FASHION := /usr/share/datasets/fashion-mnist
 
-.PHONY: demo test lint bench data clean dev-image dev-audio eval-image eval-audio docs docs-pages
+.PHONY: demo test lint bench data clean dev-image dev-audio eval-image eval-audio confirm-image \
+	confirm-audio docs docs-pages
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -44,6 +45,19 @@ eval-audio: $(STAMP) data
 			--cache runs/eval-audio/models || exit 1; \
 	done
 	$(BIN)/torchpurify report docs/results/eval-audio/results.db --out docs/results/eval-audio/report --force
+
+# The confirmation grid on seeds 3-5 (methods.md §12.1): resumable parts, models cached (and
+# committed) beside the store so every cell's weights can be re-read; then the report.
+CONFIRM_IMAGE = confirm-image-seed3 confirm-image-baselines-seed3 confirm-image-seed4 \
+	confirm-image-baselines-seed4 confirm-image-seed5 confirm-image-baselines-seed5
+CONFIRM_AUDIO = confirm-audio-seed3a confirm-audio-seed3b confirm-audio-seed4a confirm-audio-seed4b \
+	confirm-audio-seed5a confirm-audio-seed5b confirm-audio-res8a confirm-audio-res8b
+confirm-image confirm-audio: $(STAMP) data
+	for part in $(if $(filter confirm-image,$@),$(CONFIRM_IMAGE),$(CONFIRM_AUDIO)); do \
+		$(RUN_GRID) configs/$$part.yaml --results docs/results/$@/results.db \
+			--cache docs/results/$@/models || exit 1; \
+	done
+	$(BIN)/torchpurify report docs/results/$@/results.db --out docs/results/$@/report --force
 
 test: $(STAMP) data
 	$(BIN)/python -m pytest
