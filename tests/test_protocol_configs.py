@@ -152,3 +152,18 @@ def test_the_confirmation_grid_reads_only_fresh_seeds_and_covers_every_attack():
         assert {j.key for j in jobs([path])} == {
             j.key for j in jobs([CONFIGS / f"confirm-image-seed{seed}.yaml"])
         }
+
+
+def test_the_make_targets_run_every_confirmation_part():
+    """`make confirm-image` / `make confirm-audio` loop over spec names written in the Makefile:
+    a confirmation spec left out would silently leave its cells unrun."""
+    text = (CONFIGS.parent / "Makefile").read_text().replace("\\\n", " ")
+    listed = {}
+    for line in text.splitlines():
+        name, sep, value = line.partition(" = ")
+        if sep and name in ("CONFIRM_IMAGE", "CONFIRM_AUDIO"):
+            listed[name] = value.split()
+    for name, modality in (("CONFIRM_IMAGE", "image"), ("CONFIRM_AUDIO", "audio")):
+        parts = listed[name]
+        assert len(parts) == len(set(parts)), name
+        assert set(parts) == {p.stem for p in CONFIGS.glob(f"confirm-{modality}-*.yaml")}, name
